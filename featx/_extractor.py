@@ -1,0 +1,412 @@
+"""PretrainedFeatureExtractor: frozen pretrained CNN layers as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ._backbones import DEFAULT_MODEL, build_backbone, resolve_preprocess
+from ._device import autocast, load_device, resolve_device, resolve_precision
+from ._exceptions import ImageLoadError, ModelLoadError
+from ._layers import LayerCapture, probe, resolve_layers
+from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
+from ._preprocess import ImageDataset, as_items, collate, item_path, normalize_batch
+
+__all__ = ["PretrainedFeatureExtractor"]
+
+
+class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
+    """Embed images with the frozen layers of a pretrained CNN.
+
+    ``transform`` maps a sequence of images (file paths, PIL images, arrays or
+    tensors) to a float32 matrix of shape ``(n_images, n_features_out_)``, ready
+    for any scikit-learn estimator. The backbone is built in ``fit`` (never in
+    ``__init__``), so the estimator clones, pickles and grid-searches like any
+    other.
+
+    Parameters
+    ----------
+    model : str or torch.nn.Module, default="efficientnet_lite0"
+        The backbone. ``"efficientnet_lite0"`` (the default, also ``_lite1`` and
+        ``_lite2`` when their packages are installed) runs offline with
+        ImageNet weights shipped on PyPI. Other names are looked up in
+        torchvision, then timm (``"resnet50"``, ``"convnext_tiny"``,
+        ``"resnet50.a1_in1k"``); prefix ``"timm:"`` or ``"torchvision:"`` to
+        choose the source. An ``nn.Module`` is used as given (a copy of it).
+    weights : str, path or None, default="DEFAULT"
+        ``"DEFAULT"``: the model's pretrained weights (the packaged ones for the
+        offline models, torchvision's ``DEFAULT`` enum member, timm's weights
+        for the tag in the name, or the module's own weights). A torchvision
+        enum member name such as ``"IMAGENET1K_V2"``. ``None``: random
+        initialisation. A path to a local ``.pt``/``.pth``/``.safetensors``
+        state_dict, loaded with ``torch.load(..., weights_only=True)``.
+    layers : str, list of str or None, default=None
+        Which layers to read. None is ``"pre_logits"``: the global-pooled
+        penultimate features (the input of the classifier head). Otherwise
+        module names as ``model.named_modules()`` reports them, the aliases
+        ``"stage1"`` ... ``"stageK"`` for the backbone's stages, or
+        ``"output"``. Several layers are concatenated in the order given. See
+        :func:`featx.list_layers`.
+    pooling : {"avg", "max", "avgmax", "gem", "flatten"}, default="avg"
+        How a spatial map ``C x H x W`` becomes a vector: global average,
+        global max, both concatenated (``2C``), generalised mean with exponent
+        ``gem_p``, or all ``C*H*W`` values (refused beyond
+        262,144 values per image). Layers that already output vectors are left
+        as they are.
+    gem_p : float, default=3.0
+        Exponent of GeM pooling (1 is average pooling; large values approach max).
+    preprocess : dict or None, default=None
+        Overrides of the model's own preprocessing, with keys ``input_size``
+        (int or (height, width)), ``resize_size`` (shorter side before the
+        center crop), ``mean``, ``std`` and ``interpolation``
+        (``"bilinear"``, ``"bicubic"``, ``"nearest"``). Changing
+        ``input_size`` alone keeps the model's crop ratio. None uses the
+        weights' metadata (torchvision), timm's resolved data config, or
+        ImageNet defaults (224 px crop of a 256 px resize) for an ``nn.Module``.
+    device : str or torch.device, default="auto"
+        ``"auto"`` picks CUDA, then Apple MPS, then the CPU, when ``fit`` runs.
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
+        older ones) and fp32 on the CPU.
+    batch_size : int or "auto", default="auto"
+        Images per forward pass. ``"auto"`` is 64 on CUDA and 8 on the CPU.
+        Results do not depend on it (within 1e-5).
+    num_workers : int or "auto", default="auto"
+        DataLoader worker processes that decode and resize images while the
+        model runs. ``"auto"`` uses up to 8 on CUDA, 1 on the CPU, and none for
+        inputs of less than two batches.
+    progress : bool or None, default=None
+        Show a tqdm progress bar; None shows it when stderr is a terminal.
+
+    Attributes
+    ----------
+    backbone_ : torch.nn.Module
+        The frozen backbone, in ``eval()`` mode, on ``device_``.
+    device_ : torch.device
+        The resolved device.
+    autocast_dtype_ : torch.dtype or None
+        The autocast dtype, or None for fp32.
+    preprocess_ : dict
+        The resolved preprocessing (``input_size``, ``resize_size``, ``mean``,
+        ``std``, ``interpolation``).
+    layers_ : list of str
+        The resolved layer names, in output order.
+    layer_shapes_ : dict
+        Per-image output shape of each layer in ``layers_``.
+    n_features_out_ : int
+        Number of output columns.
+    model_id_ : str
+        The backbone's identity (``"featx:efficientnet_lite0"``,
+        ``"torchvision:resnet50"``, ...).
+    weights_id_ : str or None
+        Where the weights came from.
+    weights_digest_ : str
+        A digest of the weights' values; checked when a pickled extractor
+        rebuilds its backbone.
+    batch_size_ : int
+        The resolved batch size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featx import PretrainedFeatureExtractor
+    >>> images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    >>> ext = PretrainedFeatureExtractor(progress=False).fit(images)
+    >>> ext.transform(images).shape
+    (2, 1280)
+    >>> ext.get_feature_names_out()[:2]
+    array(['pre_logits_0', 'pre_logits_1'], dtype=object)
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = DEFAULT_MODEL,
+        *,
+        weights: Any = "DEFAULT",
+        layers: str | list[str] | None = None,
+        pooling: str = "avg",
+        gem_p: float = 3.0,
+        preprocess: dict | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        batch_size: int | str = "auto",
+        num_workers: int | str = "auto",
+        progress: bool | None = None,
+    ):
+        self.model = model
+        self.weights = weights
+        self.layers = layers
+        self.pooling = pooling
+        self.gem_p = gem_p
+        self.preprocess = preprocess
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    # ------------------------------------------------------------- validation
+
+    def _validate_params(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is invalid. It must be one of {list(POOLINGS)}.")
+        if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or not self.gem_p > 0:
+            raise ValueError(f"gem_p={self.gem_p!r} is invalid. It must be a positive number.")
+        if self.batch_size != "auto" and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size={self.batch_size!r} is invalid. Use 'auto' or a positive int.")
+        if self.num_workers != "auto" and (
+            isinstance(self.num_workers, bool) or not isinstance(self.num_workers, (int, np.integer)) or self.num_workers < 0
+        ):
+            raise ValueError(f"num_workers={self.num_workers!r} is invalid. Use 'auto' or an int >= 0.")
+        if self.progress not in (None, True, False):
+            raise ValueError(f"progress={self.progress!r} is invalid. Use True, False or None (auto).")
+
+    # -------------------------------------------------------------------- fit
+
+    def fit(self, X: Any = None, y: Any = None) -> "PretrainedFeatureExtractor":
+        """Build the backbone, resolve layers and preprocessing.
+
+        The extractor learns nothing from the data: ``X`` and ``y`` are
+        accepted for Pipeline compatibility and ignored.
+
+        Parameters
+        ----------
+        X : ignored
+        y : ignored
+
+        Returns
+        -------
+        self : PretrainedFeatureExtractor
+        """
+        self._validate_params()
+        device = resolve_device(self.device)
+        dtype = resolve_precision(self.precision, device)
+        bb = build_backbone(self.model, self.weights)
+        cfg = resolve_preprocess(bb.preprocess, self.preprocess)
+        module = self._place(bb.module, device)
+        with autocast(device, dtype):
+            pr = probe(module, cfg["input_size"], device, bb.classifier, bb.stages)
+        targets = resolve_layers(self.layers, pr)
+        names: list[str] = []
+        for t in targets:
+            width = pooled_width(t.shape, self.pooling)
+            if self.pooling == "flatten" and width > FLATTEN_MAX_FEATURES:
+                raise ValueError(
+                    f"pooling='flatten' on layer {t.display!r} (output {t.shape}) gives {width:,} features per "
+                    f"image, over the limit of {FLATTEN_MAX_FEATURES:,}. Use pooling='avg' or 'gem', a deeper "
+                    "layer, or a smaller preprocess={'input_size': ...}."
+                )
+            names.extend(column_names(t.display, t.shape, self.pooling))
+
+        self.device_ = device
+        self.autocast_dtype_ = dtype
+        self.preprocess_ = cfg
+        self.model_id_ = bb.identity
+        self.weights_id_ = bb.weights
+        self.weights_digest_ = bb.digest
+        self.layers_ = [t.display for t in targets]
+        self.layer_shapes_ = {t.display: t.shape for t in targets}
+        self.n_features_out_ = len(names)
+        self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else (64 if device.type == "cuda" else 8)
+        self._targets = targets
+        self._feature_names = np.asarray(names, dtype=object)
+        self.backbone_ = module
+        self._capture = LayerCapture(module, targets, self.pooling, float(self.gem_p))
+        return self
+
+    @staticmethod
+    def _place(module: nn.Module, device: torch.device) -> nn.Module:
+        module = module.to(device)
+        if device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        return module.eval()
+
+    def _ensure_backbone(self) -> None:
+        """Rebuild the backbone after unpickling (it is not stored in the pickle)."""
+        if self.backbone_ is not None:
+            return
+        bb = build_backbone(self.model, self.weights)
+        if bb.digest != self.weights_digest_:
+            raise ModelLoadError(
+                f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor was "
+                "fitted with (their digest changed). Refit the extractor, or restore the original weights."
+            )
+        module = self._place(bb.module, self.device_)
+        self.backbone_ = module
+        self._capture = LayerCapture(module, self._targets, self.pooling, float(self.gem_p))
+
+    # -------------------------------------------------------------- transform
+
+    def _resolve_workers(self, n: int) -> int:
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if n < 2 * self.batch_size_:
+            return 0
+        cores = os.cpu_count() or 1
+        if self.device_.type == "cuda":
+            return max(1, min(8, cores - 1))
+        return 1 if cores >= 2 else 0
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Embed the images in ``X``.
+
+        Parameters
+        ----------
+        X : sequence of images, or an image batch
+            File paths (str or PathLike), image-file bytes, PIL images, numpy
+            arrays (H x W or H x W x C each) or torch tensors (C x H x W each),
+            in a list, tuple, 1-D array, pandas Series or one-column DataFrame;
+            or a numpy batch N x H x W x C, or a torch batch N x C x H x W.
+
+        Returns
+        -------
+        features : ndarray of shape (n_images, n_features_out_), dtype float32
+
+        Raises
+        ------
+        featx.ImageLoadError
+            When an item cannot be read; the message names its index and path.
+        """
+        check_is_fitted(self, "n_features_out_")
+        items = as_items(X)
+        self._ensure_backbone()
+        n = len(items)
+        out = np.empty((n, self.n_features_out_), dtype=np.float32)
+        self._run(items, np.arange(n), out)
+        return out
+
+    def _run(self, items: Any, indices: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out[indices]`` with the features of ``items[indices]``."""
+        cfg = self.preprocess_
+        device = self.device_
+        workers = self._resolve_workers(len(indices))
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(items, indices, cfg),
+            batch_size=self.batch_size_,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+        channels_last = device.type == "cuda"
+        bar = self._progress_bar(len(indices))
+        try:
+            with torch.inference_mode():
+                for idx, batch, errors in loader:
+                    if errors:
+                        i, reason = errors[0]
+                        raise ImageLoadError(i, item_path(items[i]), reason)
+                    x = batch.to(device, non_blocking=True)
+                    x = normalize_batch(x, mean, std)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast(device, self.autocast_dtype_):
+                        feats = self._capture(x)
+                    out[idx.numpy()] = feats.float().cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _progress_bar(self, total: int):
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="img", desc="featx", leave=False)
+
+    # --------------------------------------------------------- sklearn glue
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Column names: ``{layer}_{pooling}_{i}`` (``{layer}_{i}`` for vector layers).
+
+        Parameters
+        ----------
+        input_features : ignored
+            Present for API compatibility; images have no input feature names.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self, "n_features_out_")
+        return self._feature_names.copy()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # X is a collection of images, not a feature matrix
+        tags.input_tags.three_d_array = True  # N x H x W grayscale batches
+        tags.input_tags.string = True  # file paths
+        tags.target_tags.required = False
+        tags.transformer_tags.preserves_dtype = ["float32"]  # output is always float32
+        tags.non_deterministic = False
+        return tags
+
+    # ------------------------------------------------------------- pickling
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        # The backbone is rebuilt from model + weights after loading (and its
+        # digest checked), so the weights are never duplicated in the pickle.
+        if "backbone_" in state:
+            state["backbone_"] = None
+        state.pop("_capture", None)
+        if isinstance(state.get("model"), nn.Module):
+            state["model"] = _ModuleState(state["model"])
+        if isinstance(state.get("device_"), torch.device):
+            state["device_"] = str(state["device_"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("model"), _ModuleState):
+            state["model"] = state["model"].module
+        if isinstance(state.get("device_"), str):
+            state["device_"] = load_device(state["device_"])
+            if state["device_"].type != "cuda" and state.get("autocast_dtype_") == torch.float16:
+                state["autocast_dtype_"] = None
+        super().__setstate__(state)
+
+
+class _ModuleState:
+    """Pickles an ``nn.Module`` as a weight-less skeleton plus its tensors on the CPU.
+
+    The tensors go through the state of every parameter and buffer (persistent
+    or not), so a module on a GPU loads on a CPU-only machine.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __reduce__(self):
+        skeleton = copy.deepcopy(self.module).to("meta")
+        tensors = {
+            name: t.detach().cpu()
+            for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers())
+        }
+        return (_restore_module, (skeleton, tensors))
+
+
+def _restore_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor]) -> _ModuleState:
+    module = skeleton.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            target = getattr(sub, attr)
+            target.copy_(value)
+    return _ModuleState(module)

@@ -1,0 +1,45 @@
+"""featx.list_layers: what a backbone offers to ``layers=``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._backbones import DEFAULT_MODEL, build_backbone, resolve_preprocess
+from ._layers import LayerInfo, layer_table, probe
+
+__all__ = ["list_layers"]
+
+
+def list_layers(model: Any = DEFAULT_MODEL, *, weights: Any = None, preprocess: dict | None = None) -> list[LayerInfo]:
+    """The layers of ``model`` that ``layers=`` accepts, with their output shapes.
+
+    Parameters
+    ----------
+    model : str or torch.nn.Module, default="efficientnet_lite0"
+        As for :class:`PretrainedFeatureExtractor`.
+    weights : str, path or None, default=None
+        Shapes do not depend on the weights, so the default builds the
+        architecture with random weights and never downloads anything.
+    preprocess : dict or None, default=None
+        Preprocessing overrides; ``input_size`` changes the spatial shapes.
+
+    Returns
+    -------
+    layers : list of LayerInfo
+        ``(name, alias, shape)`` per layer, in execution order, starting with
+        ``pre_logits`` when the model has a classifier head. ``alias`` is
+        ``"stageK"``, ``"pre_logits"``, ``"output"`` or None; ``shape`` is the
+        per-image output shape (``(C, H, W)`` for maps).
+
+    Examples
+    --------
+    >>> from featx import list_layers
+    >>> [(l.name, l.shape) for l in list_layers("resnet18") if l.alias and l.alias.startswith("stage")][-1]
+    ('layer4', (512, 7, 7))
+    """
+    bb = build_backbone(model, weights)
+    cfg = resolve_preprocess(bb.preprocess, preprocess)
+    pr = probe(bb.module, cfg["input_size"], torch.device("cpu"), bb.classifier, bb.stages)
+    return layer_table(pr)

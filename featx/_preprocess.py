@@ -1,0 +1,348 @@
+"""Inputs to model-ready batches.
+
+Accepted inputs (``X``):
+
+- a sequence (list, tuple, 1-D object array, pandas Series, one-column
+  DataFrame) of items, each a file path (str or PathLike), the bytes of an
+  image file, a PIL image, a numpy array (H x W or H x W x C, C in 1/3/4) or a
+  torch tensor (H x W or C x H x W);
+- a numpy batch ``N x H x W x C`` (or ``N x H x W`` grayscale);
+- a torch batch ``N x C x H x W`` (or ``N x H x W``).
+
+Pixel values: uint8 (0-255), uint16 (0-65535, scaled) or float in [0, 1].
+
+Every image becomes RGB by one rule:
+
+- L, 1, I;16, I, F (grayscale): replicated to three channels; 16-bit values are
+  scaled by 1/65535, never clipped to 255;
+- P without transparency, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB;
+- RGBA, LA, PA, P with transparency: alpha-composited onto a white background
+  (what an image viewer shows);
+- EXIF orientation is applied; an animated image gives its first frame.
+
+Then: resize so that the shorter side is ``resize_size`` (antialiased, the
+model's interpolation), center-crop to ``input_size``. Decoding and resizing run
+in the DataLoader's workers; the batch travels as uint8 (or float32 for float
+inputs) and is normalised on the compute device.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["as_items", "Items", "ImageDataset", "collate", "normalize_batch", "item_path"]
+
+_INTERP = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+#: An image whose long side, once resized, would exceed this many times the
+#: crop is first cropped around its centre (bounds memory for 10000x3 strips).
+_MAX_ASPECT_BEFORE_PRECROP = 8
+
+
+class _BadItem(Exception):
+    """An item cannot be turned into an image; carries the reason only."""
+
+
+# ------------------------------------------------------------------- X -> items
+
+
+class Items:
+    """Random access to the items of ``X`` without copying a numpy/torch batch."""
+
+    def __init__(self, data: Any, kind: str):
+        self.data = data
+        self.kind = kind  # "list", "np_batch", "torch_batch"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[i]
+
+
+def _is_path(item: Any) -> bool:
+    return isinstance(item, (str, os.PathLike))
+
+
+def item_path(item: Any) -> str | None:
+    """The file path of an item, or None."""
+    return os.fspath(item) if _is_path(item) else None
+
+
+def as_items(X: Any) -> Items:
+    """Normalise ``X`` to :class:`Items`, rejecting what is clearly not a collection of images."""
+    if _is_path(X) or isinstance(X, (bytes, Image.Image)):
+        raise ValueError(
+            f"X must be a sequence of images, got a single {type(X).__name__}. Wrap it in a list: [X]."
+        )
+    mod = type(X).__module__
+    if mod.startswith("pandas"):
+        if hasattr(X, "columns"):  # DataFrame
+            if X.shape[1] != 1:
+                raise ValueError(
+                    f"X is a DataFrame with {X.shape[1]} columns {list(X.columns)[:5]}; featx expects one "
+                    "column of images (e.g. file paths). Select it (X['path']) or use a ColumnTransformer."
+                )
+            X = X.iloc[:, 0]
+        X = X.to_numpy(dtype=object)
+    if isinstance(X, torch.Tensor):
+        X = X.detach()
+        if X.ndim == 4 or X.ndim == 3:
+            items = Items(X, "torch_batch")
+        else:
+            raise ValueError(
+                f"a torch tensor X must be a batch N x C x H x W (or N x H x W), got shape {tuple(X.shape)}."
+            )
+    elif isinstance(X, np.ndarray):
+        if X.dtype == object or X.dtype.kind in "US":
+            if X.ndim == 2 and X.shape[1] == 1:
+                X = X[:, 0]
+            if X.ndim != 1:
+                raise ValueError(
+                    f"X is an array of objects with shape {X.shape}; featx expects a 1-D sequence of images."
+                )
+            items = Items(list(X), "list")
+        elif X.ndim in (3, 4):
+            items = Items(X, "np_batch")
+        elif X.ndim == 2:
+            raise ValueError(
+                f"X is a 2-D numeric array of shape {X.shape}, which looks like a feature matrix. featx "
+                "expects images: a list of file paths, PIL images or arrays, or a batch N x H x W x C. "
+                "To pass a single grayscale image, use [X]."
+            )
+        else:
+            raise ValueError(
+                f"X is a {X.ndim}-D numeric array of shape {X.shape}; featx expects images: a list of "
+                "paths/PIL images/arrays, or a batch N x H x W x C."
+            )
+    else:
+        try:
+            items = Items(list(X), "list")
+        except TypeError as exc:
+            raise ValueError(
+                f"X must be a sequence of images (paths, PIL images, arrays), got {type(X).__name__}."
+            ) from exc
+    if len(items) == 0:
+        raise ValueError("X is empty: featx needs at least one image.")
+    return items
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _to_rgb_pil(img: Image.Image) -> np.ndarray:
+    """Apply featx's image-mode rule; return H x W x 3 uint8, or float32 in [0, 1] for > 8-bit modes."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float32)
+        if mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+            arr /= 255.0  # an 8-bit image stored as 32-bit ints
+        else:
+            arr /= 65535.0
+        arr = np.clip(arr, 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return np.repeat(_check_float(arr)[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _check_float(arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise _BadItem("the array contains NaN or infinite values")
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < 0.0 or hi > 1.0:
+        raise _BadItem(
+            f"float pixel values must lie in [0, 1], got min {lo:.4g}, max {hi:.4g}; "
+            "divide by 255 (or pass uint8)"
+        )
+    return arr.astype(np.float32, copy=False)
+
+
+def _open_image(src: Any, draft_size: int | None) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(src) as img:
+                if draft_size is not None and img.format == "JPEG":
+                    # Decode at a reduced DCT scale when that still leaves at least
+                    # twice the resize target: near-identical after antialiasing.
+                    img.draft("RGB", (draft_size, draft_size))
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb_pil(img)
+        except FileNotFoundError:
+            raise _BadItem("file not found") from None
+        except IsADirectoryError:
+            raise _BadItem("is a directory, not an image file") from None
+        except PermissionError:
+            raise _BadItem("permission denied") from None
+        except UnidentifiedImageError:
+            raise _BadItem("not a recognised image format (is it really an image?)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _BadItem(f"image too large (decompression bomb guard): {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+            raise _BadItem(f"corrupt or truncated image data ({exc})") from None
+
+
+def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise _BadItem(f"an image array must be H x W or H x W x C, got shape {arr.shape}")
+    c = arr.shape[2]
+    if c not in (1, 3, 4):
+        if arr.shape[0] in (1, 3, 4):
+            raise _BadItem(
+                f"array of shape {arr.shape} looks channels-first; featx expects numpy images as "
+                "H x W x C (transpose with arr.transpose(1, 2, 0))"
+            )
+        raise _BadItem(f"an image array needs 1, 3 or 4 channels, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        pass
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif arr.dtype.kind == "f":
+        arr = _check_float(np.asarray(arr, dtype=np.float32))
+    else:
+        raise _BadItem(f"unsupported pixel dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif c == 4:  # RGBA: composite onto white, like images read from files
+        alpha = arr[..., 3:4].astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
+        rgb = arr[..., :3].astype(np.float32)
+        white = 255.0 if arr.dtype == np.uint8 else 1.0
+        out = rgb * alpha + white * (1.0 - alpha)
+        arr = np.round(out).astype(np.uint8) if arr.dtype == np.uint8 else out.astype(np.float32)
+    return arr
+
+
+def load_item(item: Any, draft_size: int | None = None) -> torch.Tensor:
+    """One item -> a C x H x W tensor, uint8 or float32 in [0, 1], RGB."""
+    if item is None:
+        raise _BadItem("item is None")
+    if _is_path(item):
+        arr = _open_image(os.fspath(item), draft_size)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        arr = _open_image(io.BytesIO(bytes(item)), draft_size)
+    elif isinstance(item, Image.Image):
+        arr = _to_rgb_pil(ImageOps.exif_transpose(item))
+    elif isinstance(item, np.ndarray):
+        if item.dtype.kind not in "uif":
+            raise _BadItem(f"unsupported array dtype {item.dtype}")
+        arr = _array_to_hwc(item)
+    elif isinstance(item, torch.Tensor):
+        t = item.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        elif t.ndim == 3:
+            raise _BadItem(f"a torch image must be C x H x W (C in 1/3/4) or H x W, got shape {tuple(t.shape)}")
+        if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
+            t = t.float()
+        arr = _array_to_hwc(t.numpy())
+    else:
+        raise _BadItem(
+            f"unsupported item type {type(item).__name__}; use a path, image bytes, a PIL image, "
+            "a numpy array or a torch tensor"
+        )
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def resize_crop(img: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Resize the shorter side to ``resize_size`` and center-crop ``input_size``."""
+    h, w = img.shape[-2:]
+    rs = cfg["resize_size"]
+    ch, cw = cfg["input_size"]
+    short, long_ = min(h, w), max(h, w)
+    if long_ * rs / short > _MAX_ASPECT_BEFORE_PRECROP * max(ch, cw):
+        # Keep only the centre that survives the crop (plus margin), so a
+        # 10000 x 3 strip is not blown up to millions of pixels.
+        keep = int(np.ceil(max(ch, cw) * short / rs)) + 2 * int(np.ceil(short / rs)) + 2
+        if h > w:
+            top = (h - keep) // 2
+            img = img[..., top:top + keep, :]
+        else:
+            left = (w - keep) // 2
+            img = img[..., :, left:left + keep]
+    interp = _INTERP[cfg["interpolation"]]
+    out = TF.resize(img, [rs], interpolation=interp, antialias=True)
+    out = TF.center_crop(out, [ch, cw])
+    if out.dtype.is_floating_point:
+        out = out.clamp_(0.0, 1.0)
+    return out
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items at ``indices`` of ``items``, decoded and resized; errors are returned, not raised.
+
+    Each element is ``(index, tensor or None, reason or None)``, so that a bad
+    item inside a worker process reaches the main process as data and becomes
+    one clear :class:`featx.ImageLoadError` there.
+    """
+
+    def __init__(self, items: Items, indices: np.ndarray, cfg: dict[str, Any]):
+        self.items = items
+        self.indices = indices
+        self.cfg = cfg
+        self.draft_size = 2 * cfg["resize_size"] if cfg.get("draft", True) else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = int(self.indices[k])
+        try:
+            item = self.items[i]
+            if self.items.kind == "np_batch":
+                img = load_item(np.asarray(item))
+            elif self.items.kind == "torch_batch":
+                img = load_item(item)
+            else:
+                img = load_item(item, self.draft_size)
+            return i, resize_crop(img, self.cfg), None
+        except _BadItem as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # anything else still names the item in the main process
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
+    """Stack a batch; uint8 stays uint8 unless mixed with float inputs."""
+    idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
+    errors = [(b[0], b[2]) for b in batch if b[2] is not None]
+    imgs = [b[1] for b in batch if b[1] is not None]
+    if errors:
+        idx = torch.tensor([b[0] for b in batch if b[1] is not None], dtype=torch.long)
+    if not imgs:
+        return idx, None, errors
+    if all(t.dtype == torch.uint8 for t in imgs):
+        return idx, torch.stack(imgs), errors
+    imgs = [t.float().div_(255.0) if t.dtype == torch.uint8 else t.float() for t in imgs]
+    return idx, torch.stack(imgs), errors
+
+
+def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float N x 3 x H x W -> normalised float32."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    else:
+        x = x.float()
+    return x.sub_(mean).div_(std)
