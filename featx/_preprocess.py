@@ -263,7 +263,10 @@ def load_item(item: Any, draft_size: int | None = None) -> torch.Tensor:
             f"unsupported item type {type(item).__name__}; use a path, image bytes, a PIL image, "
             "a numpy array or a torch tensor"
         )
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch cannot wrap read-only memory safely
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def resize_crop(img: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
