@@ -34,8 +34,16 @@ def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
 
     Examples
     --------
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
     >>> from featx import load_image_folder
-    >>> paths, y, class_names = load_image_folder("photos/")  # doctest: +SKIP
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for cls in ("cats", "dogs"):
+    ...     (root / cls).mkdir()
+    ...     Image.new("RGB", (8, 8)).save(root / cls / "a.jpg")
+    >>> paths, y, class_names = load_image_folder(root)
+    >>> y.tolist(), class_names
+    ([0, 1], ['cats', 'dogs'])
     """
     root = Path(root)
     if not root.is_dir():

@@ -142,6 +142,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_checkpoint_with_code_is_refused_and_code_does_not_run(tmp_path, tiny_cnn):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"

@@ -1,0 +1,297 @@
+"""scikit-learn conformance, pipelines, determinism, pickling, devices."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+from unittest import mock
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import FeatureUnion, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from sklearn.utils import estimator_checks as ec
+
+from featx import DeviceWarning, ModelLoadError, PretrainedFeatureExtractor
+from featx._device import resolve_device, resolve_precision
+
+from .conftest import SMALL, TinyCNN
+
+SKLEARN_CHECKS = [
+    ec.check_no_attributes_set_in_init,
+    ec.check_parameters_default_constructible,
+    ec.check_get_params_invariance,
+    ec.check_set_params,
+    ec.check_dont_overwrite_parameters,
+    ec.check_estimators_overwrite_params,
+    ec.check_estimator_cloneable,
+    ec.check_estimator_repr,
+    ec.check_mixin_order,
+    ec.check_valid_tag_types,
+    ec.check_estimator_tags_renamed,
+    ec.check_transformers_unfitted,
+    ec.check_fit_check_is_fitted,
+    ec.check_estimators_fit_returns_self,
+    ec.check_do_not_raise_errors_in_init_or_set_params,
+    ec.check_get_feature_names_out_error,
+]
+
+
+@pytest.mark.parametrize("check", SKLEARN_CHECKS, ids=lambda c: c.__name__)
+def test_sklearn_check(check):
+    check("PretrainedFeatureExtractor", PretrainedFeatureExtractor(progress=False))
+
+
+def test_tags_are_honest():
+    tags = PretrainedFeatureExtractor().__sklearn_tags__()
+    assert tags.input_tags.two_d_array is False and tags.input_tags.string is True
+    assert tags.target_tags.required is False and tags.requires_fit is True
+    assert tags.transformer_tags.preserves_dtype == ["float32"]
+
+
+def test_init_is_cheap_and_verbatim():
+    with mock.patch("featx._extractor.build_backbone") as build:
+        ext = PretrainedFeatureExtractor("no_such_model", layers="x", device="cuda:7", batch_size=0)
+    build.assert_not_called()
+    assert ext.get_params()["model"] == "no_such_model" and ext.get_params()["batch_size"] == 0
+    with pytest.raises(TypeError):
+        PretrainedFeatureExtractor("resnet18", None)  # everything after model is keyword-only
+
+
+def test_clone_gives_an_unbuilt_estimator(tiny_cnn):
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL).fit()
+    c = clone(ext)
+    assert not hasattr(c, "backbone_") and c.get_params()["preprocess"] == SMALL
+    with pytest.raises(NotFittedError):
+        c.transform(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_set_params_then_fit_rebuilds(tiny_cnn):
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
+    assert ext.n_features_out_ == 16
+    ext.set_params(layers="stem", pooling="avgmax").fit()
+    assert ext.n_features_out_ == 16 and ext.layers_ == ["stem"]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"batch_size": 0}, "batch_size=0"), ({"num_workers": -1}, "num_workers=-1"), ({"progress": "yes"}, "progress='yes'"),
+     ({"precision": "int8"}, "precision='int8'"), ({"device": "tpu"}, "device='tpu'"), ({"preprocess": {"size": 3}}, "unknown key"),
+     ({"preprocess": {"input_size": 64, "resize_size": 32}}, "smaller than input_size")],
+)
+def test_bad_params_fail_in_fit(tiny_cnn, kw, match):
+    ext = PretrainedFeatureExtractor(tiny_cnn, **kw)
+    with pytest.raises(ValueError, match=match):
+        ext.fit()
+
+
+# ------------------------------------------------------------- pipelines
+
+
+@pytest.fixture
+def small_ext(tiny_cnn):
+    return PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, num_workers=0)
+
+
+@pytest.mark.parametrize("clf", [SVC(), RandomForestClassifier(n_estimators=20, random_state=0), LogisticRegression(max_iter=500)])
+def test_pipelines_learn_from_paths(small_ext, image_paths, clf):
+    paths, y = image_paths
+    pipe = make_pipeline(small_ext, StandardScaler(), clf)
+    scores = cross_val_score(pipe, paths, y, cv=3)
+    assert scores.mean() > 0.6, scores  # three colour-coded classes: chance is 1/3
+
+
+def test_grid_search_over_extractor_and_classifier_params(small_ext, image_paths):
+    paths, y = image_paths
+    pipe = make_pipeline(small_ext, StandardScaler(), LogisticRegression(max_iter=500))
+    grid = {"pretrainedfeatureextractor__layers": ["stem", ["stage1", "stage2"]],
+            "pretrainedfeatureextractor__pooling": ["avg", "gem"], "logisticregression__C": [0.1, 1.0]}
+    search = GridSearchCV(pipe, grid, cv=3).fit(paths, y)
+    assert len(search.cv_results_["params"]) == 8
+    assert search.best_score_ > 0.6
+    assert search.predict(paths[:4]).shape == (4,)
+
+
+def test_feature_union_of_two_extractors(small_ext, image_paths):
+    paths, _ = image_paths
+    union = FeatureUnion([("a", small_ext), ("b", clone(small_ext).set_params(layers="stem", pooling="max"))])
+    out = union.fit_transform(paths[:5])
+    assert out.shape == (5, 16 + 8)
+    names = union.get_feature_names_out()
+    assert names[0] == "a__pre_logits_0" and names[-1] == "b__stem_max_7"
+
+
+def test_column_transformer_over_dataframe(small_ext, image_paths):
+    paths, y = image_paths
+    df = pd.DataFrame({"path": paths, "age": np.arange(len(paths), dtype=float)})
+    ct = ColumnTransformer([("img", small_ext, "path"), ("num", StandardScaler(), ["age"])])
+    out = ct.fit_transform(df)
+    assert out.shape == (len(paths), 17)
+    ct_list = ColumnTransformer([("img", clone(small_ext), ["path"])])
+    np.testing.assert_allclose(ct_list.fit_transform(df), out[:, :16])
+    model = make_pipeline(ct, LogisticRegression(max_iter=500)).fit(df, y)
+    assert model.score(df, y) > 0.6
+
+
+def test_set_output_pandas(small_ext, image_paths):
+    paths, _ = image_paths
+    s = pd.Series(paths[:4], index=[10, 11, 12, 13])
+    out = small_ext.set_output(transform="pandas").fit_transform(s)
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.columns) == list(small_ext.get_feature_names_out())
+    assert list(out.index) == [10, 11, 12, 13]
+    assert (out.dtypes == np.float32).all()
+
+
+# ------------------------------------------------------------ determinism
+
+
+def test_deterministic_and_batch_size_invariant(image_paths):
+    paths = image_paths[0][:10]
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 64}, num_workers=0, progress=False).fit()
+    a = ext.transform(paths)
+    np.testing.assert_array_equal(ext.transform(paths), a)
+    for bs, nw in [(1, 0), (3, 0), (4, 2)]:
+        b = clone(ext).set_params(batch_size=bs, num_workers=nw).fit().transform(paths)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    assert a.dtype == np.float32 and np.isfinite(a).all()
+
+
+def test_progress_bar(small_ext, image_paths, capsys):
+    small_ext.set_params(progress=True).fit().transform(image_paths[0][:3])
+    assert "img" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- pickling
+
+
+def test_pickle_does_not_embed_named_backbone_weights(tmp_path):
+    ext = PretrainedFeatureExtractor(progress=False).fit()
+    blob = pickle.dumps(ext)
+    assert len(blob) < 200_000, f"pickle holds {len(blob):,} bytes: the weights were embedded"
+    back = pickle.loads(blob)
+    assert back.backbone_ is None
+    x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(back.transform(x), ext.transform(x))
+
+
+def test_module_model_pickled_through_its_tensors(tiny_cnn):
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
+    back = pickle.loads(pickle.dumps(ext))
+    assert isinstance(back.model, TinyCNN)
+    for k, v in tiny_cnn.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v)
+    x = np.random.default_rng(0).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(back.transform(x), ext.transform(x))
+
+
+def test_pipeline_loads_in_a_fresh_process_and_predicts_identically(tmp_path, image_paths):
+    paths, y = image_paths
+    pipe = make_pipeline(
+        PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 48}, progress=False),
+        LogisticRegression(max_iter=300),
+    )
+    torch.manual_seed(0)
+    # random-init weights cannot be rebuilt from a name: save them as a checkpoint the pipeline points to
+    import torchvision
+
+    ckpt = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    pipe.set_params(pretrainedfeatureextractor__weights=str(ckpt)).fit(paths, y)
+    joblib.dump(pipe, tmp_path / "pipe.joblib")
+    np.save(tmp_path / "expected.npy", pipe.predict_proba(paths))
+    code = textwrap.dedent(f"""
+        import joblib, numpy as np, sys
+        pipe = joblib.load({str(tmp_path / 'pipe.joblib')!r})
+        got = pipe.predict_proba({list(paths)!r})
+        np.testing.assert_array_equal(got, np.load({str(tmp_path / 'expected.npy')!r}))
+        print("identical")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "identical" in res.stdout
+
+
+def test_changed_weights_detected_after_unpickling(tmp_path, tiny_cnn):
+    ckpt = tmp_path / "w.pth"
+    torch.save(tiny_cnn.state_dict(), ckpt)
+    ext = PretrainedFeatureExtractor(TinyCNN(), weights=ckpt, preprocess=SMALL, progress=False).fit()
+    blob = pickle.dumps(ext)
+    sd = tiny_cnn.state_dict()
+    sd["fc.bias"] = sd["fc.bias"] + 1
+    torch.save(sd, ckpt)
+    back = pickle.loads(blob)
+    with pytest.raises(ModelLoadError, match="differ from those this extractor was fitted with"):
+        back.transform(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_gpu_fitted_extractor_loads_on_cpu_only_machine(tiny_cnn):
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
+    state = ext.__getstate__()
+    state["device_"] = "cuda:0"
+    state["autocast_dtype_"] = torch.float16
+    blob = pickle.dumps(state)
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        new = PretrainedFeatureExtractor.__new__(PretrainedFeatureExtractor)
+        with pytest.warns(DeviceWarning, match="run on the CPU"):
+            new.__setstate__(pickle.loads(blob))
+    assert new.device_ == torch.device("cpu") and new.autocast_dtype_ is None
+    x = np.zeros((2, 40, 40, 3), np.uint8)
+    np.testing.assert_array_equal(new.transform(x), ext.transform(x))
+
+
+# ----------------------------------------------------------------- devices
+
+
+def test_resolve_device():
+    with mock.patch("torch.cuda.is_available", return_value=False), mock.patch("featx._device._mps_available", return_value=False):
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="MPS is not available"):
+            resolve_device("mps")
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
+        assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+
+
+def test_bf16_on_cpu_close_to_fp32(tiny_cnn):
+    x = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    a = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit().transform(x)
+    b = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, precision="bf16", progress=False).fit().transform(x)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no cuda device")
+def test_cuda_matches_cpu(image_paths):
+    paths = image_paths[0][:6]
+    kw = dict(model="resnet18", weights=None, preprocess={"input_size": 64}, progress=False)
+    torch.manual_seed(0)
+    cpu = PretrainedFeatureExtractor(**kw, device="cpu").fit()
+    gpu = PretrainedFeatureExtractor(**kw, device="cuda", precision="fp32").fit()
+    gpu.backbone_.load_state_dict(cpu.backbone_.state_dict())
+    np.testing.assert_allclose(gpu.transform(paths), cpu.transform(paths), rtol=1e-3, atol=1e-3)
