@@ -7,7 +7,7 @@ from ._exceptions import CacheWarning, DeviceWarning, FeatxWarning, ImageLoadErr
 from ._extractor import PretrainedFeatureExtractor
 from ._inspect import list_layers
 from ._layers import LayerInfo
-from .datasets import load_image_folder
+from .datasets import load_image_folder, make_demo_folder
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "list_layers",
     "LayerInfo",
     "load_image_folder",
+    "make_demo_folder",
     "ImageLoadError",
     "ModelLoadError",
     "FeatxWarning",

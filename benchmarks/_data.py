@@ -1,0 +1,43 @@
+"""Real JPEG photos for the benchmarks, made offline from scikit-image's bundled photographs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "motorcycle_left")
+
+
+def make_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[str]:
+    """Write ``n`` JPEG files of ``size`` (width, height): random crops of real photographs."""
+    from skimage import data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for name in PHOTOS:
+        loader = getattr(data, name, None)
+        if loader is None:
+            continue
+        img = np.asarray(loader())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        sources.append(Image.fromarray(img[..., :3].astype(np.uint8)))
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i:05d}.jpg"
+        paths.append(str(path))
+        if path.exists():
+            continue
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img.save(path, quality=90)
+    return paths
