@@ -33,6 +33,8 @@ from ._exceptions import ModelLoadError
 __all__ = [
     "Backbone",
     "build_backbone",
+    "get_template",
+    "instantiate",
     "weights_digest",
     "DEFAULT_MODEL",
     "OFFLINE_MODELS",
@@ -88,6 +90,9 @@ class Backbone:
     stages: list[str] | None = None
     classifier: str | None = None
     digest: str = field(default="", repr=False)
+    shared: bool = field(default=False, repr=False)
+    #: probe results per input size (shapes and call counts do not depend on device or weights)
+    probes: dict = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------- names
@@ -505,10 +510,12 @@ def _template_key(model: str, weights: Any) -> tuple:
     return (model, weights)
 
 
-def build_backbone(model: Any, weights: Any = "DEFAULT") -> Backbone:
-    """Build the backbone for ``model`` and ``weights`` (a deep copy the caller owns).
+def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
+    """The backbone for ``model`` and ``weights``, on the CPU, frozen, in ``eval()`` mode.
 
-    The returned module is on the CPU, in ``eval()`` mode, with gradients off.
+    For model names the result is shared within the process (do not mutate
+    it: :func:`instantiate` gives a private copy). For an ``nn.Module`` it is a
+    fresh copy of the user's module.
     """
     if isinstance(model, nn.Module):
         bb = _build_module(model, weights)
@@ -530,21 +537,38 @@ def build_backbone(model: Any, weights: Any = "DEFAULT") -> Backbone:
         template = _TEMPLATES.get(key)
         if template is not None:
             _TEMPLATES.move_to_end(key)
-    if template is None:
-        source, name = _parse_name(model)
-        builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision}[source]
-        if source == "featx" and name not in OFFLINE_MODELS:
-            raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
-        template = builder(name, weights)
-        _freeze(template.module)
-        template.digest = weights_digest(template.module)
-        with _TEMPLATES_LOCK:
-            _TEMPLATES[key] = template
-            while len(_TEMPLATES) > _TEMPLATES_MAX:
-                _TEMPLATES.popitem(last=False)
+            return template
+    source, name = _parse_name(model)
+    if source == "featx" and name not in OFFLINE_MODELS:
+        raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
+    builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision}[source]
+    template = builder(name, weights)
+    _freeze(template.module)
+    template.digest = weights_digest(template.module)
+    template.shared = True
+    with _TEMPLATES_LOCK:
+        _TEMPLATES[key] = template
+        while len(_TEMPLATES) > _TEMPLATES_MAX:
+            _TEMPLATES.popitem(last=False)
+    return template
+
+
+def instantiate(template: Backbone) -> nn.Module:
+    """A private copy of a template's module (the template itself when it is not shared)."""
+    if not template.shared:
+        return template.module
+    with _TEMPLATES_LOCK:
+        return copy.deepcopy(template.module)
+
+
+def build_backbone(model: Any, weights: Any = "DEFAULT") -> Backbone:
+    """A backbone whose module the caller owns (on the CPU, frozen, ``eval()``)."""
+    template = get_template(model, weights)
     bb = copy.copy(template)
-    bb.module = copy.deepcopy(template.module)
+    bb.module = instantiate(template)
     bb.preprocess = dict(template.preprocess)
+    bb.shared = False
+    bb.probes = {}
     return bb
 
 

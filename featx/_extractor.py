@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +13,14 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import DEFAULT_MODEL, build_backbone, resolve_preprocess
-from ._device import autocast, load_device, resolve_device, resolve_precision
-from ._exceptions import ImageLoadError, ModelLoadError
-from ._layers import LayerCapture, probe, resolve_layers
+from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
+from ._cache import EmbeddingCache, resolve_cache_dir
+from ._device import load_device, resolve_device, resolve_precision
+from ._exceptions import ModelLoadError
+from ._layers import resolve_layers
 from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
-from ._preprocess import ImageDataset, as_items, collate, item_path, normalize_batch
+from ._preprocess import as_items
+from ._runner import Plan, RunOptions, Runner, begin_run, probe_template, transform_cached
 
 __all__ = ["PretrainedFeatureExtractor"]
 
@@ -84,6 +86,18 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         DataLoader worker processes that decode and resize images while the
         model runs. ``"auto"`` uses up to 8 on CUDA, 1 on the CPU, and none for
         inputs of less than two batches.
+    cache : None, True or path, default=None
+        Per-image embedding cache. None: off. A directory: an SQLite database
+        there (created if needed). True: ``$FEATX_CACHE_DIR``, else the user
+        cache directory (``~/.cache/featx`` on Linux). Entries are keyed by the
+        image's content (a file's bytes, an array's pixels) and by everything
+        that changes the numbers (model, weights digest, preprocessing,
+        precision, layer, pooling), so a renamed file hits and an edited one
+        misses. With a cache, a miss runs the backbone through every stage and
+        stores all stage outputs and ``pre_logits`` with avg and max pooling
+        too, so a later grid over ``layers`` and ``pooling`` runs the backbone
+        once per image in all. Cache faults warn (:class:`featx.CacheWarning`)
+        and never change results.
     progress : bool or None, default=None
         Show a tqdm progress bar; None shows it when stderr is a terminal.
 
@@ -114,6 +128,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         rebuilds its backbone.
     batch_size_ : int
         The resolved batch size.
+    cache_dir_ : str or None
+        The resolved cache directory.
 
     Examples
     --------
@@ -140,6 +156,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         precision: str = "auto",
         batch_size: int | str = "auto",
         num_workers: int | str = "auto",
+        cache: Any = None,
         progress: bool | None = None,
     ):
         self.model = model
@@ -152,6 +169,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.precision = precision
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache = cache
         self.progress = progress
 
     # ------------------------------------------------------------- validation
@@ -175,10 +193,13 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     # -------------------------------------------------------------------- fit
 
     def fit(self, X: Any = None, y: Any = None) -> "PretrainedFeatureExtractor":
-        """Build the backbone, resolve layers and preprocessing.
+        """Resolve the backbone, layers, preprocessing, device and cache.
 
         The extractor learns nothing from the data: ``X`` and ``y`` are
-        accepted for Pipeline compatibility and ignored.
+        accepted for Pipeline compatibility and ignored. Building a named
+        backbone's weights happens once per process (later fits, e.g. inside
+        ``GridSearchCV``, reuse them); the private copy that runs is made on
+        the first transform that needs it.
 
         Parameters
         ----------
@@ -192,11 +213,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self._validate_params()
         device = resolve_device(self.device)
         dtype = resolve_precision(self.precision, device)
-        bb = build_backbone(self.model, self.weights)
-        cfg = resolve_preprocess(bb.preprocess, self.preprocess)
-        module = self._place(bb.module, device)
-        with autocast(device, dtype):
-            pr = probe(module, cfg["input_size"], device, bb.classifier, bb.stages)
+        cache_dir = resolve_cache_dir(self.cache)
+        template = get_template(self.model, self.weights)
+        cfg = resolve_preprocess(template.preprocess, self.preprocess)
+        pr = probe_template(template, cfg["input_size"])
         targets = resolve_layers(self.layers, pr)
         names: list[str] = []
         for t in targets:
@@ -212,50 +232,44 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.device_ = device
         self.autocast_dtype_ = dtype
         self.preprocess_ = cfg
-        self.model_id_ = bb.identity
-        self.weights_id_ = bb.weights
-        self.weights_digest_ = bb.digest
+        self.model_id_ = template.identity
+        self.weights_id_ = template.weights
+        self.weights_digest_ = template.digest
         self.layers_ = [t.display for t in targets]
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)
         self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else (64 if device.type == "cuda" else 4)
-        self._targets = targets
+        self.cache_dir_ = None if cache_dir is None else str(cache_dir)
         self._feature_names = np.asarray(names, dtype=object)
-        self.backbone_ = module
-        self._capture = LayerCapture(module, targets, self.pooling, float(self.gem_p))
+        self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))
+        self._runner = None
+        # an nn.Module template is already a private copy: keep it rather than copy again
+        self._template = None if template.shared else template
         return self
 
-    @staticmethod
-    def _place(module: nn.Module, device: torch.device) -> nn.Module:
-        # channels_last is faster for convolutions on CUDA and on x86 CPUs
-        # (oneDNN), e.g. 79 vs 49 img/s for efficientnet_lite0 on 2 AVX2 cores.
-        return module.to(device).to(memory_format=torch.channels_last).eval()
+    @property
+    def backbone_(self) -> nn.Module:
+        """The frozen backbone on ``device_`` (built on first use after ``fit`` or unpickling)."""
+        if "n_features_out_" not in self.__dict__:
+            raise AttributeError("backbone_ exists once the extractor is fitted")
+        return self._get_runner().module
 
-    def _ensure_backbone(self) -> None:
-        """Rebuild the backbone after unpickling (it is not stored in the pickle)."""
-        if self.backbone_ is not None:
-            return
-        bb = build_backbone(self.model, self.weights)
-        if bb.digest != self.weights_digest_:
-            raise ModelLoadError(
-                f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor was "
-                "fitted with (their digest changed). Refit the extractor, or restore the original weights."
-            )
-        module = self._place(bb.module, self.device_)
-        self.backbone_ = module
-        self._capture = LayerCapture(module, self._targets, self.pooling, float(self.gem_p))
+    def _get_runner(self) -> Runner:
+        if self._runner is None:
+            template = self._template
+            if template is None:
+                template = get_template(self.model, self.weights)
+                if template.digest != self.weights_digest_:
+                    raise ModelLoadError(
+                        f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor "
+                        "was fitted with (their digest changed). Refit the extractor, or restore the original weights."
+                    )
+            module = instantiate(template)
+            self._template = None
+            self._runner = Runner(module, self._plan, self.device_, self.autocast_dtype_, self.preprocess_)
+        return self._runner
 
     # -------------------------------------------------------------- transform
-
-    def _resolve_workers(self, n: int) -> int:
-        if self.num_workers != "auto":
-            return int(self.num_workers)
-        if n < 2 * self.batch_size_:
-            return 0
-        cores = os.cpu_count() or 1
-        if self.device_.type == "cuda":
-            return max(1, min(8, cores - 1))
-        return 1 if cores >= 2 else 0
 
     def transform(self, X: Any) -> np.ndarray:
         """Embed the images in ``X``.
@@ -276,57 +290,23 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ------
         featx.ImageLoadError
             When an item cannot be read; the message names its index and path.
+            Embeddings computed before it in the same call are already in the
+            cache.
         """
         check_is_fitted(self, "n_features_out_")
         items = as_items(X)
-        self._ensure_backbone()
-        n = len(items)
-        out = np.empty((n, self.n_features_out_), dtype=np.float32)
-        self._run(items, np.arange(n), out)
+        out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
+        cache = EmbeddingCache.open(Path(self.cache_dir_)) if self.cache_dir_ is not None else None
+        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress())
+        begin_run(len(items))
+        if cache is None:
+            self._get_runner().run(items, np.arange(len(items)), out, opts)
+        else:
+            transform_cached(self, items, out, cache, opts)
         return out
 
-    def _run(self, items: Any, indices: np.ndarray, out: np.ndarray) -> None:
-        """Fill ``out[indices]`` with the features of ``items[indices]``."""
-        cfg = self.preprocess_
-        device = self.device_
-        workers = self._resolve_workers(len(indices))
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(items, indices, cfg),
-            batch_size=self.batch_size_,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
-        std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
-        bar = self._progress_bar(len(indices))
-        try:
-            with torch.inference_mode():
-                for idx, batch, errors in loader:
-                    if errors:
-                        i, reason = errors[0]
-                        raise ImageLoadError(i, item_path(items[i]), reason)
-                    x = batch.to(device, non_blocking=True)
-                    x = normalize_batch(x, mean, std)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, self.autocast_dtype_):
-                        feats = self._capture(x)
-                    out[idx.numpy()] = feats.float().cpu().numpy()
-                    if bar is not None:
-                        bar.update(len(idx))
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _progress_bar(self, total: int):
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not show:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, unit="img", desc="featx", leave=False)
+    def _show_progress(self) -> bool:
+        return bool(self.progress) if self.progress is not None else sys.stderr.isatty()
 
     # --------------------------------------------------------- sklearn glue
 
@@ -361,9 +341,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())
         # The backbone is rebuilt from model + weights after loading (and its
         # digest checked), so the weights are never duplicated in the pickle.
-        if "backbone_" in state:
-            state["backbone_"] = None
-        state.pop("_capture", None)
+        state["_runner"] = None
+        state["_template"] = None
         if isinstance(state.get("model"), nn.Module):
             state["model"] = _ModuleState(state["model"])
         if isinstance(state.get("device_"), torch.device):

@@ -229,14 +229,21 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
 
 
 class LayerCapture:
-    """Runs a backbone on a batch and returns the pooled, concatenated outputs of its targets."""
+    """Runs a backbone on a batch and returns the pooled outputs of its targets.
 
-    def __init__(self, module: nn.Module, targets: list[Target], pooling: str, gem_p: float):
+    ``parts[i]`` lists the elementary poolings (``avg``, ``max``, ``gem``,
+    ``flatten``) to compute for target ``i``; a target whose output is already
+    a vector gets the single part ``vec``. Pooling happens inside the hook, so
+    no full-size map outlives its layer and in-place ops after it cannot
+    change it.
+    """
+
+    def __init__(self, module: nn.Module, targets: list[Target], parts: list[tuple[str, ...]], gem_p: float):
         self.module = module
         self.targets = targets
-        self.pooling = pooling
+        self.parts = [("vec",) if len(t.shape) == 1 else tuple(p) for t, p in zip(targets, parts)]
         self.gem_p = gem_p
-        self._results: list[torch.Tensor | None] = []
+        self._results: list[dict[str, torch.Tensor] | None] = []
         self._counts: list[int] = []
         self._missing = 0
         self._active = False
@@ -256,7 +263,7 @@ class LayerCapture:
         if self._counts[i] != self.targets[i].calls:
             return
         t = _first_tensor(value)
-        self._results[i] = pool(t, self.pooling, self.gem_p)
+        self._results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p) for p in self.parts[i]}
         self._missing -= 1
         if self._missing == 0:
             raise _StopForward
@@ -273,7 +280,8 @@ class LayerCapture:
 
         return hook
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Pooled outputs per target: ``[{part: (N, d) float32 tensor}]``."""
         n = len(self.targets)
         self._results = [None] * n
         self._counts = [0] * n
@@ -288,9 +296,14 @@ class LayerCapture:
         if self._missing:
             missing = [t.display for t, r in zip(self.targets, self._results) if r is None]
             raise RuntimeError(f"layer(s) {missing} produced no output in this forward pass.")
-        out = torch.cat(self._results, dim=1) if n > 1 else self._results[0]
-        self._results = []
-        return out
+        results, self._results = self._results, []
+        return results
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The targets' parts, concatenated in order: ``(N, D)``."""
+        results = self.run(x)
+        cols = [r[p] for r, ps in zip(results, self.parts) for p in ps]
+        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
     def remove(self) -> None:
         for h in self._handles:

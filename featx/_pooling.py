@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POOLINGS", "pool", "pooled_width", "column_names", "FLATTEN_MAX_FEATURES"]
+__all__ = ["POOLINGS", "pool", "pool_parts", "pooled_width", "column_names", "FLATTEN_MAX_FEATURES"]
 
 POOLINGS = ("avg", "max", "avgmax", "gem", "flatten")
 
@@ -20,6 +20,11 @@ POOLINGS = ("avg", "max", "avgmax", "gem", "flatten")
 FLATTEN_MAX_FEATURES = 262_144
 
 _GEM_EPS = 1e-6
+
+
+def pool_parts(pooling: str) -> list[str]:
+    """The elementary poolings a pooling is made of (``avgmax`` is ``avg`` then ``max``)."""
+    return ["avg", "max"] if pooling == "avgmax" else [pooling]
 
 
 def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +12,20 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_quickstart_runs_and_learns():
-    res = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=600)
+def _env(tmp_path):
+    return dict(os.environ, FEATX_CACHE_DIR=str(tmp_path / "cache"))
+
+
+def test_quickstart_runs_and_learns(tmp_path):
+    res = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=600, env=_env(tmp_path))
     assert res.returncode == 0, res.stderr
     line = [l for l in res.stdout.splitlines() if "cross-validated accuracy" in l][0]
     acc = float(line.split("accuracy ")[1].split()[0])
     assert acc > 0.5, res.stdout  # six classes: chance is 0.167
 
 
-def test_quickstart_on_a_users_folder(image_folder):
-    res = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), str(image_folder)], capture_output=True, text=True, timeout=600)
+def test_quickstart_on_a_users_folder(image_folder, tmp_path):
+    res = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), str(image_folder)], capture_output=True, text=True, timeout=600, env=_env(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "24 images, 3 classes: cat, dog, fox" in res.stdout
 

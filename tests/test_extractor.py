@@ -63,7 +63,7 @@ def test_tags_are_honest():
 
 
 def test_init_is_cheap_and_verbatim():
-    with mock.patch("featx._extractor.build_backbone") as build:
+    with mock.patch("featx._extractor.get_template") as build:
         ext = PretrainedFeatureExtractor("no_such_model", layers="x", device="cuda:7", batch_size=0)
     build.assert_not_called()
     assert ext.get_params()["model"] == "no_such_model" and ext.get_params()["batch_size"] == 0
@@ -183,7 +183,7 @@ def test_pickle_does_not_embed_named_backbone_weights(tmp_path):
     blob = pickle.dumps(ext)
     assert len(blob) < 200_000, f"pickle holds {len(blob):,} bytes: the weights were embedded"
     back = pickle.loads(blob)
-    assert back.backbone_ is None
+    assert back._runner is None  # rebuilt lazily, on first use
     x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     np.testing.assert_array_equal(back.transform(x), ext.transform(x))
 

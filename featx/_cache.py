@@ -1,0 +1,452 @@
+"""The per-image embedding cache: SQLite (standard library) in WAL mode.
+
+One database file, ``<cache dir>/featx-cache.sqlite``, holds:
+
+- ``namespaces``: one row per fingerprint of everything that changes the
+  numbers (backbone identity, weights digest, preprocessing, precision, the
+  feature-format version and the major.minor versions of torch and of the
+  model library), with a JSON provenance record;
+- ``embeddings``: one row per (namespace, image content key, field), where a
+  field is one layer's output under one elementary pooling
+  (``output:blocks.4|avg``); the vector is float32 bytes with a blake2b
+  checksum, verified on every read;
+- ``files``: path + size + mtime -> content hash, so unchanged files are not
+  re-read on warm calls (like git's index; entries younger than the clock's
+  racy window are re-hashed).
+
+Writes are transactions (atomic: a process killed at any instant leaves the
+previous state); WAL lets readers and one writer at a time work concurrently
+from several processes. Any cache failure degrades to a warning
+(:class:`featx.CacheWarning`): the transform still returns correct results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ._exceptions import CacheWarning
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DB_NAME",
+    "default_cache_dir",
+    "resolve_cache_dir",
+    "EmbeddingCache",
+    "content_key",
+]
+
+#: Bump when the meaning of stored vectors changes; old entries are then never read.
+FORMAT_VERSION = 1
+DB_NAME = "featx-cache.sqlite"
+_SCHEMA_VERSION = "1"
+_RACY_NS = 2_000_000_000  # files modified this recently before hashing are re-hashed
+_CHUNK = 400  # SQLite host parameters per IN (...) list
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS namespaces(ns TEXT PRIMARY KEY, info TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS embeddings(
+    ns TEXT NOT NULL, item TEXT NOT NULL, field TEXT NOT NULL,
+    vec BLOB NOT NULL, digest BLOB NOT NULL, atime REAL NOT NULL,
+    UNIQUE(ns, item, field));
+CREATE INDEX IF NOT EXISTS embeddings_atime ON embeddings(atime);
+CREATE TABLE IF NOT EXISTS files(
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    hashed_ns INTEGER NOT NULL, hash TEXT NOT NULL);
+"""
+
+
+def default_cache_dir() -> Path:
+    """``$FEATX_CACHE_DIR``, else the platform's user cache directory + ``/featx``."""
+    env = os.environ.get("FEATX_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "featx"
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "featx" / "Cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "featx"
+
+
+def resolve_cache_dir(cache: Any) -> Path | None:
+    """The ``cache`` parameter (None, True/False, or a directory) as a directory or None."""
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return default_cache_dir()
+    if isinstance(cache, (str, os.PathLike)):
+        return Path(cache).expanduser()
+    raise ValueError(
+        f"cache={cache!r} is invalid. Use None (no cache), True (the default location: "
+        "$FEATX_CACHE_DIR or the user cache directory) or a directory path."
+    )
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def content_key(item: Any) -> str | None:
+    """Content hash of an in-memory item (arrays, tensors, PIL images, bytes); None for paths.
+
+    Paths are hashed by :meth:`EmbeddingCache.path_keys`, which remembers the
+    hashes of unchanged files.
+    """
+    import torch
+    from PIL import Image
+
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        h.update(item)
+        return "f:" + h.hexdigest()  # the same key as a file with these bytes
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        if item.dtype == torch.bfloat16:
+            item = item.float()
+        item = item.numpy()
+    if isinstance(item, np.ndarray):
+        arr = np.ascontiguousarray(item)
+        h.update(f"{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(memoryview(arr).cast("B"))
+        return "a:" + h.hexdigest()
+    if isinstance(item, Image.Image):
+        orientation = item.getexif().get(0x0112, 1)
+        h.update(f"{item.mode}|{item.size}|{orientation}|{item.info.get('transparency')!r}|".encode())
+        h.update(item.tobytes())
+        if item.mode == "P":
+            h.update(bytes(item.getpalette() or []))
+        return "p:" + h.hexdigest()
+    return None
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "f:" + h.hexdigest()
+
+
+class EmbeddingCache:
+    """A handle on one cache directory's database, shared per process.
+
+    Use :meth:`open`, which returns None (after a warning) when the directory
+    cannot hold a cache.
+    """
+
+    _registry: dict[tuple[int, str], "EmbeddingCache"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / DB_NAME
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self.writable = True
+        self._connect()
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, root: Path) -> "EmbeddingCache | None":
+        """The process's handle on ``root``, or None with a :class:`CacheWarning`."""
+        key = (os.getpid(), str(Path(root).resolve()))
+        with cls._registry_lock:
+            cache = cls._registry.get(key)
+            if cache is not None:
+                return cache
+            try:
+                cache = cls(root)
+            except (OSError, sqlite3.Error) as exc:
+                warnings.warn(
+                    f"featx cache at {str(root)!r} is unusable ({type(exc).__name__}: {exc}); "
+                    "continuing without a cache.",
+                    CacheWarning,
+                    stacklevel=3,
+                )
+                return None
+            cls._registry[key] = cache
+            return cache
+
+    def _connect(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = self._open_db()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self._quarantine(exc)
+            self._conn = self._open_db()
+
+    def _open_db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row[0] != _SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"cache schema {row[0]!r}, expected {_SCHEMA_VERSION!r}")
+            conn.execute("PRAGMA quick_check(1)").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """Move a corrupt database aside (kept for inspection) so a fresh one can start."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}-{os.getpid()}")
+        warnings.warn(
+            f"featx cache database {str(self.path)!r} is corrupt ({exc}); moved it to {aside.name!r} "
+            "and started a new one. Embeddings will be recomputed.",
+            CacheWarning,
+            stacklevel=4,
+        )
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, str(aside) + suffix)
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """Called when a query finds the database malformed."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._quarantine(exc)
+            self._conn = self._open_db()
+
+    def _write(self, fn, *args) -> bool:
+        """Run ``fn(conn, *args)`` in a write transaction; False (with a warning) if it fails."""
+        if not self.writable:
+            return False
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    fn(conn, *args)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return True
+            except sqlite3.DatabaseError as exc:
+                if not isinstance(exc, sqlite3.OperationalError):
+                    self._recover(exc)
+                    return False
+                self.writable = False
+                warnings.warn(
+                    f"featx cache at {str(self.root)!r} cannot be written ({exc}); results are correct "
+                    "but new embeddings are not saved.",
+                    CacheWarning,
+                    stacklevel=4,
+                )
+                return False
+
+    def _read(self, sql: str, params: Sequence) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    warnings.warn(f"featx cache read failed ({exc}); recomputing.", CacheWarning, stacklevel=4)
+                    return []
+                self._recover(exc)
+                return []
+
+    # ------------------------------------------------------------- content
+
+    def path_keys(self, paths: Sequence[str]) -> list[str | None]:
+        """Content keys of files, re-hashing only new or changed ones. None where unreadable."""
+        stats: list[os.stat_result | None] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                stats.append(st if os.path.isfile(p) else None)
+            except OSError:
+                stats.append(None)
+        known: dict[str, tuple] = {}
+        wanted = [os.path.abspath(p) for p in paths]
+        for chunk in _chunks(sorted(set(wanted))):
+            rows = self._read(
+                f"SELECT path, size, mtime_ns, hashed_ns, hash FROM files WHERE path IN ({_qs(chunk)})", chunk
+            )
+            known.update({r[0]: r[1:] for r in rows})
+        keys: list[str | None] = []
+        fresh = []
+        for p, ap, st in zip(paths, wanted, stats):
+            if st is None:
+                keys.append(None)
+                continue
+            row = known.get(ap)
+            if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns and st.st_mtime_ns < row[2] - _RACY_NS:
+                keys.append(row[3])
+                continue
+            now = time.time_ns()
+            try:
+                key = _hash_file(p)
+            except OSError:
+                keys.append(None)
+                continue
+            keys.append(key)
+            fresh.append((ap, st.st_size, st.st_mtime_ns, now, key))
+        if fresh:
+            self._write(lambda c, rows: c.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", rows), fresh)
+        return keys
+
+    # --------------------------------------------------------- namespaces
+
+    def register_namespace(self, ns: str, info: dict) -> None:
+        if self._read("SELECT 1 FROM namespaces WHERE ns=?", (ns,)):
+            return
+        self._write(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO namespaces VALUES (?,?,?)", (ns, json.dumps(info, sort_keys=True), time.time())
+            )
+        )
+
+    # ----------------------------------------------------------- vectors
+
+    def lookup(self, ns: str, keys: Iterable[str], widths: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+        """``{item key: {field: vector}}`` for the stored, intact entries among ``keys`` x ``widths``.
+
+        A corrupt entry (bad checksum or length) is reported with a
+        :class:`CacheWarning` and left out, so it is recomputed and replaced.
+        """
+        keys = sorted(set(keys))
+        fields = sorted(widths)
+        found: dict[str, dict[str, np.ndarray]] = {}
+        bad: list[tuple[str, str]] = []
+        hit_rows: list[int] = []
+        for chunk in _chunks(keys, _CHUNK - len(fields) - 1):
+            rows = self._read(
+                f"SELECT rowid, item, field, vec, digest FROM embeddings WHERE ns=? "
+                f"AND item IN ({_qs(chunk)}) AND field IN ({_qs(fields)})",
+                [ns, *chunk, *fields],
+            )
+            for rowid, item, field, vec, digest in rows:
+                if len(vec) != 4 * widths[field] or _digest(vec) != digest:
+                    bad.append((item, field))
+                    continue
+                found.setdefault(item, {})[field] = np.frombuffer(vec, dtype=np.float32)
+                hit_rows.append(rowid)
+        if bad:
+            warnings.warn(
+                f"featx cache: {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'} in {str(self.path)!r} "
+                f"(checksum or length mismatch, first: field {bad[0][1]!r}); recomputing them.",
+                CacheWarning,
+                stacklevel=3,
+            )
+        if hit_rows:
+            now = time.time()
+            self._write(
+                lambda c: [
+                    c.execute(f"UPDATE embeddings SET atime=? WHERE rowid IN ({_qs(ch)})", [now, *ch])
+                    for ch in _chunks(hit_rows)
+                ]
+            )
+        return found
+
+    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]]) -> bool:
+        """Write ``(item key, field, vector)`` rows in one transaction."""
+        now = time.time()
+        payload = []
+        for item, field, vec in rows:
+            data = np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+            payload.append((ns, item, field, data, _digest(data), now))
+        return self._write(lambda c: c.executemany("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?,?,?)", payload))
+
+    # --------------------------------------------------------- management
+
+    def info(self) -> dict:
+        """Size on disk, entry counts and a per-namespace breakdown with provenance."""
+        size = sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
+        per_ns = self._read(
+            "SELECT n.ns, n.info, n.created, COUNT(e.rowid), COALESCE(SUM(LENGTH(e.vec)), 0), "
+            "COUNT(DISTINCT e.item), MAX(e.atime) FROM namespaces n LEFT JOIN embeddings e ON e.ns = n.ns "
+            "GROUP BY n.ns ORDER BY n.created",
+            (),
+        )
+        files = self._read("SELECT COUNT(*) FROM files", ())[0][0]
+        namespaces = []
+        for ns, info, created, n_rows, nbytes, n_items, last in per_ns:
+            namespaces.append(
+                {"namespace": ns, "entries": n_rows, "images": n_items, "vector_bytes": nbytes,
+                 "created": created, "last_used": last, "provenance": json.loads(info)}
+            )
+        return {
+            "path": str(self.path),
+            "size_bytes": size,
+            "entries": sum(n["entries"] for n in namespaces),
+            "files_indexed": files,
+            "namespaces": namespaces,
+        }
+
+    def clear(self) -> None:
+        """Delete every entry, namespace and file hash, and shrink the file."""
+        self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")])
+        self._vacuum()
+
+    def prune(self, max_bytes: int) -> int:
+        """Evict least-recently-used entries until the database is at most ``max_bytes``; return how many."""
+        removed = 0
+        for _ in range(8):
+            size = self.info()["size_bytes"]
+            n_rows = self._read("SELECT COUNT(*) FROM embeddings", ())[0][0]
+            if size <= max_bytes or n_rows == 0:
+                break
+            per_row = size / n_rows
+            excess = int(np.ceil((size - max_bytes) / per_row)) + 1
+            n = min(n_rows, max(excess, 1))
+            self._write(
+                lambda c: c.execute(
+                    "DELETE FROM embeddings WHERE rowid IN (SELECT rowid FROM embeddings ORDER BY atime LIMIT ?)", (n,)
+                )
+            )
+            removed += n
+            self._write(lambda c: c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"))
+            self._vacuum()
+        return removed
+
+    def _vacuum(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._conn.execute("VACUUM")
+            except sqlite3.OperationalError as exc:  # another process holds the database
+                warnings.warn(f"featx cache: could not compact the database ({exc}).", CacheWarning, stacklevel=3)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        with self._registry_lock:
+            for k, v in list(self._registry.items()):
+                if v is self:
+                    del self._registry[k]
+
+
+def _qs(seq: Sequence) -> str:
+    return ",".join("?" * len(seq))
+
+
+def _chunks(seq: Sequence, size: int = _CHUNK):
+    seq = list(seq)
+    for i in range(0, len(seq), max(1, size)):
+        yield seq[i:i + size]
