@@ -91,6 +91,7 @@ class Backbone:
     classifier: str | None = None
     digest: str = field(default="", repr=False)
     shared: bool = field(default=False, repr=False)
+    code: str | None = None  # digest of a user module's source code
     #: probe results per input size (shapes and call counts do not depend on device or weights)
     probes: dict = field(default_factory=dict, repr=False)
 
@@ -485,10 +486,30 @@ def _build_module(module: nn.Module, weights: Any) -> Backbone:
     return Backbone(
         module=module,
         preprocess=dict(DEFAULT_PREPROCESS),
-        identity=f"module:{cls.__module__}.{cls.__qualname__}",
+        # The class name, not its import path: the same class imported as
+        # `mypkg.net` or run from `__main__` is the same model. The source code
+        # digest (in `code`) tells edited classes apart.
+        identity=f"module:{cls.__qualname__}",
         weights=weights_id or "module",
         classifier=_timm_classifier_name(module),
+        code=_source_digest(module),
     )
+
+
+def _source_digest(module: nn.Module) -> str | None:
+    """Digest of the source of every module class used inside ``module`` (None if unavailable)."""
+    import inspect
+
+    h = hashlib.blake2b(digest_size=16)
+    for cls in sorted({type(m) for m in module.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+        if cls.__module__.startswith(("torch.", "torchvision.", "timm.")):
+            h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+            continue
+        try:
+            h.update(inspect.getsource(cls).encode())
+        except (OSError, TypeError):
+            return None
+    return h.hexdigest()
 
 
 # Built backbones are kept per process (a few at most) so that GridSearchCV,

@@ -235,6 +235,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.model_id_ = template.identity
         self.weights_id_ = template.weights
         self.weights_digest_ = template.digest
+        self._code_digest = template.code
         self.layers_ = [t.display for t in targets]
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)

@@ -251,6 +251,7 @@ def namespace_of(est: Any) -> tuple[str, dict]:
         "format": FORMAT_VERSION,
         "model": est.model_id_,
         "weights_digest": est.weights_digest_,
+        "code": getattr(est, "_code_digest", None),
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(est.preprocess_.items())},
         "precision": str(est.autocast_dtype_ or "fp32"),
         "torch": _major_minor(torch.__version__),
