@@ -1,15 +1,28 @@
 """featx: pretrained CNN features for scikit-learn.
 
 >>> from featx import PretrainedFeatureExtractor, load_image_folder
+
+Public names are imported on first use (PEP 562), so ``import featx`` and
+``featx --help`` stay fast; torch, torchvision and timm load when an
+extractor, a backbone or a layer listing is first needed.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._exceptions import CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ModelLoadError
-from ._extractor import PretrainedFeatureExtractor
-from ._inspect import list_layers
-from ._layers import LayerInfo
-from .datasets import load_image_folder, make_demo_folder
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "PretrainedFeatureExtractor": "._extractor",
+    "list_layers": "._inspect",
+    "LayerInfo": "._layers",
+    "load_image_folder": ".datasets",
+    "make_demo_folder": ".datasets",
+}
 
 __all__ = [
     "PretrainedFeatureExtractor",
@@ -24,3 +37,23 @@ __all__ = [
     "CacheWarning",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._extractor import PretrainedFeatureExtractor
+    from ._inspect import list_layers
+    from ._layers import LayerInfo
+    from .datasets import load_image_folder, make_demo_folder

@@ -125,7 +125,7 @@ def _parse_name(name: str) -> tuple[str, str]:
         return "timm", name
     import timm
 
-    known = list(OFFLINE_MODELS) + _torchvision_names() + list(timm.list_models())
+    known = list(dict.fromkeys(list(OFFLINE_MODELS) + _torchvision_names() + list(timm.list_models())))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ValueError(

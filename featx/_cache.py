@@ -403,31 +403,43 @@ class EmbeddingCache:
         self._vacuum()
 
     def prune(self, max_bytes: int) -> int:
-        """Evict least-recently-used entries until the database is at most ``max_bytes``; return how many."""
+        """Evict least-recently-used entries until the database is at most ``max_bytes``; return how many.
+
+        Like ccache, it evicts down to 90% of the limit, so that the next few
+        writes do not immediately exceed it again.
+        """
         removed = 0
-        for _ in range(8):
-            size = self.info()["size_bytes"]
-            n_rows = self._read("SELECT COUNT(*) FROM embeddings", ())[0][0]
-            if size <= max_bytes or n_rows == 0:
-                break
-            per_row = size / n_rows
-            excess = int(np.ceil((size - max_bytes) / per_row)) + 1
-            n = min(n_rows, max(excess, 1))
-            self._write(
-                lambda c: c.execute(
-                    "DELETE FROM embeddings WHERE rowid IN (SELECT rowid FROM embeddings ORDER BY atime LIMIT ?)", (n,)
-                )
-            )
-            removed += n
-            self._write(lambda c: c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"))
+        for _ in range(10):
             self._vacuum()
+            size = self.info()["size_bytes"]
+            if size <= max_bytes:
+                break
+            rows = self._read("SELECT rowid, LENGTH(vec) FROM embeddings ORDER BY atime", ())
+            if not rows:
+                break
+            # bytes per entry on disk beyond its vector (keys, index, page slack), from the current file
+            overhead = max(0.0, (size - sum(n for _, n in rows)) / len(rows))
+            excess, freed, victims = size - 0.9 * max_bytes, 0.0, []
+            for rowid, n in rows:
+                if freed >= excess:
+                    break
+                victims.append(rowid)
+                freed += n + overhead
+            self._write(lambda c: [c.execute(f"DELETE FROM embeddings WHERE rowid IN ({_qs(ch)})", ch)
+                                   for ch in _chunks(victims)])
+            self._write(lambda c: [
+                c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"),
+                c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
+            ])
+            removed += len(victims)
+        self._vacuum()
         return removed
 
     def _vacuum(self) -> None:
         with self._lock:
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._conn.execute("VACUUM")
+                self._conn.execute("VACUUM")  # in WAL mode the compacted pages land in the WAL...
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # ...so fold it back into the file
             except sqlite3.OperationalError as exc:  # another process holds the database
                 warnings.warn(f"featx cache: could not compact the database ({exc}).", CacheWarning, stacklevel=3)
 

@@ -1,0 +1,240 @@
+"""The ``featx`` command: inspect layers, extract features, manage the cache.
+
+Exit codes: 0 on success, 2 on usage errors, 1 on a runtime error (bad path,
+unknown model, unreadable image), reported as one line unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "parse_size"]
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``"500M"``, ``"1.5GiB"``, ``"200kB"``, ``"1048576"`` -> bytes (binary multiples)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 500M, 2G, 1.5GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class _CliError(Exception):
+    """A runtime error shown as one line (exit code 1)."""
+
+
+# ------------------------------------------------------------------- layers
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from . import list_layers
+
+    pre = {"input_size": args.input_size} if args.input_size else None
+    rows = list_layers(args.model, weights=None, preprocess=pre)
+    if not args.all:
+        rows = [r for r in rows if r.alias is not None or r.name.count(".") <= 1]
+    width = max(len(r.name) for r in rows)
+    print(f"{'layer':<{width}}  {'alias':<10}  {'channels':>8}  output shape")
+    for r in rows:
+        channels = r.shape[0]
+        print(f"{r.name:<{width}}  {r.alias or '':<10}  {channels:>8}  {tuple(r.shape)}")
+    return 0
+
+
+# ------------------------------------------------------------------ extract
+
+
+def _sources(source: str) -> list[str]:
+    from .datasets import IMAGE_EXTENSIONS
+
+    p = Path(source)
+    if p.is_dir():
+        found = [str(q) for q in sorted(p.rglob("*")) if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in q.relative_to(p).parts)]
+    elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
+        found = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    elif any(ch in source for ch in "*?["):
+        found = sorted(glob.glob(source, recursive=True))
+    elif p.is_file():
+        found = [str(p)]
+    else:
+        raise _CliError(f"{source!r} is not a folder, a text file of paths, an image or a glob that matches files")
+    if not found:
+        raise _CliError(f"no images found in {source!r}")
+    return found
+
+
+def _write_features(path: Path, feats, paths: list[str], names) -> None:
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, feats)
+    elif suffix == ".npz":
+        np.savez(path, features=feats, paths=np.asarray(paths), feature_names=np.asarray(names, dtype=str))
+    elif suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        df = pd.DataFrame(feats, columns=list(names))
+        df.insert(0, "path", paths)
+        if suffix == ".csv":
+            df.to_csv(path, index=False)
+        else:
+            df.to_parquet(path, index=False)
+    else:
+        raise _CliError(f"output {str(path)!r}: use a .npy, .npz, .csv or .parquet file name")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from . import PretrainedFeatureExtractor
+    from ._runner import last_run
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".npy", ".npz", ".csv", ".parquet"):
+        raise _CliError(f"output {str(out)!r}: use a .npy, .npz, .csv or .parquet file name")
+    paths = _sources(args.source)
+    weights = None if args.weights in ("none", "None") else args.weights
+    layers = args.layers.split(",") if args.layers else None
+    cache = args.cache_dir if args.cache_dir else (True if args.cache else None)
+    ext = PretrainedFeatureExtractor(
+        args.model, weights=weights, layers=layers, pooling=args.pooling, device=args.device,
+        batch_size=args.batch_size if args.batch_size else "auto", cache=cache,
+        progress=False if args.no_progress else None,
+    )
+    start = time.perf_counter()
+    feats = ext.fit_transform(paths)
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_features(out, feats, paths, ext.get_feature_names_out())
+    stats = last_run()
+    print(f"{len(paths)} images, {feats.shape[1]} features, {seconds:.1f} s, "
+          f"{len(paths) / max(seconds, 1e-9):.1f} images/s, cache hits {stats.cache_hits} -> {out}")
+    return 0
+
+
+# -------------------------------------------------------------------- cache
+
+
+def _open_cache(args: argparse.Namespace):
+    from ._cache import DB_NAME, EmbeddingCache, resolve_cache_dir
+
+    root = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(True)
+    if not (root / DB_NAME).exists():
+        return root, None
+    return root, EmbeddingCache.open(root)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    root, cache = _open_cache(args)
+    if cache is None:
+        print(f"no featx cache at {root}")
+        return 0
+    if args.cache_cmd == "info":
+        info = cache.info()
+        print(f"cache      {info['path']}")
+        print(f"size       {_human(info['size_bytes'])}")
+        print(f"entries    {info['entries']} in {len(info['namespaces'])} namespace(s); {info['files_indexed']} files indexed")
+        for ns in info["namespaces"]:
+            prov = ns["provenance"]
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(ns["last_used"])) if ns["last_used"] else "never"
+            print(f"- {prov['model']}  weights={prov.get('weights')}  images={ns['images']}  entries={ns['entries']}  "
+                  f"vectors={_human(ns['vector_bytes'])}  last used {used}")
+            print(f"    namespace {ns['namespace']}: featx {prov.get('featx')}, torch {prov.get('torch_full')}, "
+                  f"{'/'.join(prov.get('library_full') or ['-'])}, precision {prov.get('precision')}, "
+                  f"input {prov['preprocess'].get('input_size')}")
+    elif args.cache_cmd == "clear":
+        n = cache.info()["entries"]
+        cache.clear()
+        print(f"removed {n} entries from {cache.path}")
+    elif args.cache_cmd == "prune":
+        before = cache.info()["size_bytes"]
+        removed = cache.prune(args.max_size)
+        after = cache.info()["size_bytes"]
+        print(f"evicted {removed} least-recently-used entries: {_human(before)} -> {_human(after)} "
+              f"(limit {_human(args.max_size)})")
+    return 0
+
+
+# --------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.")
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("layers", help="list a model's selectable layers with output shapes",
+                       description="List the layers PretrainedFeatureExtractor(layers=...) accepts, with output shapes.")
+    p.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name (default: efficientnet_lite0)")
+    p.add_argument("--input-size", type=int, help="input size in pixels (default: the model's own)")
+    p.add_argument("--all", action="store_true", help="every module, not only stages and top-level blocks")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser("extract", help="embed images into a feature file",
+                       description="Embed the images of SOURCE (a folder, searched recursively; a text file of "
+                                   "paths; or a glob) and write the features to OUT (.npy, .npz, .csv, .parquet).")
+    p.add_argument("source")
+    p.add_argument("-o", "--output", required=True, help="output file: .npy, .npz (features + paths), .csv or .parquet")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
+    p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
+    p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem", "flatten"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
+    p.add_argument("--cache-dir", help="use a cache in this directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("cache", help="inspect and manage the embedding cache",
+                       description="Inspect and manage the embedding cache.")
+    p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or the user cache directory)")
+    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
+    csub.add_parser("info", help="size, entries and a per-model breakdown with provenance",
+                    description="Show the cache's size, entries and a per-model breakdown with provenance.")
+    csub.add_parser("clear", help="delete every entry", description="Delete every cache entry.")
+    pr = csub.add_parser("prune", help="evict least-recently-used entries down to a size",
+                         description="Evict least-recently-used entries until the cache is at most --max-size.")
+    pr.add_argument("--max-size", type=parse_size, required=True, help="e.g. 500M, 2G")
+    p.set_defaults(func=_cmd_cache)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (_CliError, ValueError, RuntimeError, OSError, ImportError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"featx {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The featx command, run for real in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from featx.cli import main, parse_size
+
+
+def featx(*args, env_extra=None, cwd=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("cmd", [[], ["layers"], ["extract"], ["cache"], ["cache", "info"], ["cache", "prune"]])
+def test_help_everywhere(cmd):
+    res = featx(*cmd, "--help")
+    assert res.returncode == 0 and "usage: featx" in res.stdout
+
+
+def test_layers():
+    res = featx("layers", "resnet18", "--input-size", "64")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["layer", "alias", "channels", "output", "shape"]
+    assert any(line.split()[:3] == ["layer4", "stage5", "512"] and "(512, 2, 2)" in line for line in lines)
+
+
+def test_extract_and_cache_commands_for_real(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "f.npz"
+    res = featx("extract", image_folder, "-o", out, "--cache-dir", cache, "--layers", "stage4,pre_logits")
+    assert res.returncode == 0, res.stderr
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.startswith("24 images, 1392 features") and "images/s" in summary and "cache hits 0" in summary
+    z = np.load(out)
+    assert z["features"].shape == (24, 1392) and len(z["paths"]) == 24 and z["feature_names"][0] == "stage4_avg_0"
+    info = featx("cache", "--cache-dir", cache, "info")
+    assert info.returncode == 0 and "featx:efficientnet_lite0" in info.stdout and "images=24" in info.stdout
+    pruned = featx("cache", "--cache-dir", cache, "prune", "--max-size", "50K")
+    assert pruned.returncode == 0 and "evicted" in pruned.stdout
+    assert (cache / "featx-cache.sqlite").stat().st_size <= 50 * 1024
+    cleared = featx("cache", "--cache-dir", cache, "clear")
+    assert cleared.returncode == 0 and "removed" in cleared.stdout
+
+
+def test_extract_formats(image_folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    outs = {}
+    for i, ext in enumerate(["npz", "npy", "csv", "parquet"]):
+        out = tmp_path / f"f.{ext}"
+        assert main(["extract", str(image_folder), "-o", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+        assert f"cache hits {0 if i == 0 else 24}" in capsys.readouterr().out
+        outs[ext] = out
+    z = np.load(outs["npz"])
+    np.testing.assert_array_equal(np.load(outs["npy"]), z["features"])
+    for ext in ("csv", "parquet"):
+        df = pd.read_csv(outs[ext]) if ext == "csv" else pd.read_parquet(outs[ext])
+        assert list(df.columns[:2]) == ["path", "pre_logits_0"] and df.shape == (24, 1281)
+        assert df["path"].tolist() == z["paths"].tolist()
+        np.testing.assert_allclose(df.iloc[:, 1:].to_numpy(np.float32), z["features"], rtol=1e-6)
+
+
+def test_extract_from_list_file_and_glob(image_folder, tmp_path, capsys):
+    lst = tmp_path / "paths.txt"
+    files = sorted(str(p) for p in image_folder.rglob("*.png"))
+    lst.write_text("# my list\n" + "\n".join(files) + "\n")
+    assert main(["extract", str(lst), "-o", str(tmp_path / "a.npy"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"{len(files)} images")
+    assert main(["extract", f"{image_folder}/cat/*.jpg", "-o", str(tmp_path / "b.npy"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("6 images")
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["extract", "/no/such/folder", "-o", "x.npy"], 1, "is not a folder"),
+        (["extract", ".", "-o", "x.txt"], 1, "use a .npy, .npz, .csv or .parquet"),
+        (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet5O"], 1, "Did you mean 'resnet50'"),
+        (["extract", "IMAGES", "-o", "x.npy", "--layers", "stage9"], 1, "layer 'stage9' not found"),
+        (["extract", "BROKEN", "-o", "x.npy"], 1, "cannot load item 0"),
+        (["cache", "prune"], 2, "--max-size"),
+        (["cache", "prune", "--max-size", "lots"], 2, "invalid size"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(args, code, message, image_folder, tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_text("<html>")
+    monkeypatch.chdir(tmp_path)
+    args = [str(image_folder) if a == "IMAGES" else str(broken) if a == "BROKEN" else a for a in args]
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == code
+    assert message in err
+    assert "Traceback" not in err
+    if code == 1:
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_image_exit_code_in_a_real_process(tmp_path):
+    (tmp_path / "a.jpg").write_text("<html>")
+    res = featx("extract", tmp_path, "-o", tmp_path / "x.npy")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [f"featx extract: error: cannot load item 0 ('{tmp_path / 'a.jpg'}'): not a recognised image format (is it really an image?)"]
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = featx("--debug", "extract", "/no/such/folder", "-o", tmp_path / "x.npy")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_cache_info_without_cache(tmp_path):
+    res = featx("cache", "--cache-dir", tmp_path / "none", "info")
+    assert res.returncode == 0 and "no featx cache" in res.stdout
+
+
+@pytest.mark.parametrize("text,value", [("1048576", 1048576), ("500K", 500 * 1024), ("2M", 2 * 1024**2), ("1.5GiB", int(1.5 * 1024**3)), ("3gb", 3 * 1024**3)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
