@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._exceptions import CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ModelLoadError
+from ._exceptions import CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "load_image_folder",
     "make_demo_folder",
     "ImageLoadError",
+    "ImageLoadWarning",
     "ModelLoadError",
     "FeatxWarning",
     "DeviceWarning",

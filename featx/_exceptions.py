@@ -10,6 +10,7 @@ __all__ = [
     "FeatxWarning",
     "DeviceWarning",
     "CacheWarning",
+    "ImageLoadWarning",
     "ImageLoadError",
     "ModelLoadError",
 ]
@@ -25,6 +26,10 @@ class DeviceWarning(FeatxWarning):
 
 class CacheWarning(FeatxWarning):
     """The embedding cache could not be read or written; work goes on without it."""
+
+
+class ImageLoadWarning(FeatxWarning):
+    """Some items could not be read and became rows of NaN (``on_error="nan"``)."""
 
 
 class ImageLoadError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ from torch import nn
 from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
 from ._cache import EmbeddingCache, resolve_cache_dir
 from ._device import load_device, resolve_device, resolve_precision
-from ._exceptions import ModelLoadError
+from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import resolve_layers
 from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
-from ._preprocess import as_items
+from ._preprocess import as_items, item_path
 from ._runner import Plan, RunOptions, Runner, begin_run, probe_template, transform_cached
 
 __all__ = ["PretrainedFeatureExtractor"]
@@ -98,6 +99,13 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         too, so a later grid over ``layers`` and ``pooling`` runs the backbone
         once per image in all. Cache faults warn (:class:`featx.CacheWarning`)
         and never change results.
+    on_error : {"raise", "nan"}, default="raise"
+        What an unreadable item does. ``"raise"``: :class:`featx.ImageLoadError`
+        (a ``ValueError``) naming the item's index, path and the cause, raised
+        after the good images before it have been computed (and cached).
+        ``"nan"``: its row is NaN, one :class:`featx.ImageLoadWarning` lists
+        the count and the first few, and ``failed_indices_`` records them, so a
+        ``SimpleImputer`` or a mask can follow.
     progress : bool or None, default=None
         Show a tqdm progress bar; None shows it when stderr is a terminal.
 
@@ -130,6 +138,9 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         The resolved batch size.
     cache_dir_ : str or None
         The resolved cache directory.
+    failed_indices_ : ndarray of int
+        Indices of the items the last ``transform`` could not read
+        (``on_error="nan"``); empty when all were read.
 
     Examples
     --------
@@ -157,6 +168,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         batch_size: int | str = "auto",
         num_workers: int | str = "auto",
         cache: Any = None,
+        on_error: str = "raise",
         progress: bool | None = None,
     ):
         self.model = model
@@ -170,6 +182,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache = cache
+        self.on_error = on_error
         self.progress = progress
 
     # ------------------------------------------------------------- validation
@@ -187,6 +200,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             isinstance(self.num_workers, bool) or not isinstance(self.num_workers, (int, np.integer)) or self.num_workers < 0
         ):
             raise ValueError(f"num_workers={self.num_workers!r} is invalid. Use 'auto' or an int >= 0.")
+        if self.on_error not in ("raise", "nan"):
+            raise ValueError(f"on_error={self.on_error!r} is invalid. Use 'raise' or 'nan'.")
         if self.progress not in (None, True, False):
             raise ValueError(f"progress={self.progress!r} is invalid. Use True, False or None (auto).")
 
@@ -298,12 +313,23 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         items = as_items(X)
         out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
         cache = EmbeddingCache.open(Path(self.cache_dir_)) if self.cache_dir_ is not None else None
-        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress())
+        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress(), self.on_error)
         begin_run(len(items))
         if cache is None:
-            self._get_runner().run(items, np.arange(len(items)), out, opts)
+            failed = self._get_runner().run(items, np.arange(len(items)), out, opts)
         else:
-            transform_cached(self, items, out, cache, opts)
+            failed = transform_cached(self, items, out, cache, opts)
+        self.failed_indices_ = np.asarray([i for i, _ in failed], dtype=np.intp)
+        if failed:
+            shown = "; ".join(
+                f"{i} ({item_path(items[i]) or type(items[i]).__name__}): {reason}" for i, reason in failed[:3]
+            )
+            warnings.warn(
+                f"{len(failed)} of {len(items)} images could not be read; their rows are NaN "
+                f"(indices in failed_indices_). First: {shown}",
+                ImageLoadWarning,
+                stacklevel=2,
+            )
         return out
 
     def _show_progress(self) -> bool:

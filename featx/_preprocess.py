@@ -46,6 +46,9 @@ _INTERP = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+#: Pillow formats featx decodes; anything else (EPS, PSD, ICO, PDF, ...) is refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG includes MPO (multi-picture phone photos)
+
 #: An image whose long side, once resized, would exceed this many times the
 #: crop is first cropped around its centre (bounds memory for 10000x3 strips).
 _MAX_ASPECT_BEFORE_PRECROP = 8
@@ -182,11 +185,12 @@ def _open_image(src: Any, draft_size: int | None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(src) as img:
+            with Image.open(src, formats=ALLOWED_FORMATS) as img:
                 if draft_size is not None and img.format == "JPEG":
                     # Decode at a reduced DCT scale when that still leaves at least
                     # twice the resize target: near-identical after antialiasing.
                     img.draft("RGB", (draft_size, draft_size))
+                img.load()  # decode now: truncated data fails here, inside this error handling
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb_pil(img)
         except FileNotFoundError:
@@ -196,7 +200,9 @@ def _open_image(src: Any, draft_size: int | None) -> np.ndarray:
         except PermissionError:
             raise _BadItem("permission denied") from None
         except UnidentifiedImageError:
-            raise _BadItem("not a recognised image format (is it really an image?)") from None
+            raise _BadItem(
+                f"not a recognised image format (featx reads {', '.join(ALLOWED_FORMATS)}; is it really an image?)"
+            ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _BadItem(f"image too large (decompression bomb guard): {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data

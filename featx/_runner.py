@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from torch import nn
 from ._backbones import Backbone
 from ._cache import FORMAT_VERSION, EmbeddingCache, content_key
 from ._device import autocast
-from ._exceptions import ImageLoadError
+from ._exceptions import DeviceWarning, ImageLoadError
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
 from ._pooling import pool_parts
 from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
@@ -98,6 +99,7 @@ class RunOptions:
     batch_size: int
     num_workers: Any  # int or "auto"
     progress: bool
+    on_error: str = "raise"
 
 
 @dataclass
@@ -146,6 +148,7 @@ class Runner:
         self.dtype = dtype
         self.cfg = cfg
         self._captures: dict[bool, LayerCapture] = {}
+        self.max_chunk: int | None = None  # set after an out-of-memory error
         self.mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
 
@@ -168,12 +171,42 @@ class Runner:
         return 1 if cores >= 2 else 0
 
     def forward(self, batch: torch.Tensor, store_all: bool) -> dict[str, torch.Tensor]:
-        """Fields of one decoded batch."""
+        """Fields of one decoded batch.
+
+        On an out-of-memory error the batch is run in halves (recursively, down
+        to one image), and later batches are split the same way; every image's
+        features are the same as in an unsplit run.
+        """
         x = batch.to(self.device, non_blocking=True)
         x = normalize_batch(x, self.mean, self.std).contiguous(memory_format=torch.channels_last)
         cap = self.capture(store_all)
-        with autocast(self.device, self.dtype):
-            results = cap.run(x)
+        chunks = []
+        for start in range(0, x.shape[0], self.max_chunk or x.shape[0]):
+            chunks.append(self._forward_chunk(cap, x[start:start + (self.max_chunk or x.shape[0])]))
+        fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
+        return {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in fields}
+
+    def _forward_chunk(self, cap: LayerCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            with autocast(self.device, self.dtype):
+                results = cap.run(x)
+        except torch.OutOfMemoryError:
+            if x.shape[0] == 1:
+                raise
+            half = x.shape[0] // 2
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.max_chunk is None or half < self.max_chunk:
+                warnings.warn(
+                    f"out of memory on {self.device} with {x.shape[0]} images per forward pass; "
+                    f"retrying with {half}. Pass a smaller batch_size to avoid the retries.",
+                    DeviceWarning,
+                    stacklevel=4,
+                )
+                self.max_chunk = half
+            a = self._forward_chunk(cap, x[:half])
+            b = self._forward_chunk(cap, x[half:])
+            return {f: torch.cat([a[f], b[f]]) for f in a}
         return {self.plan.field(t, p): r[p] for t, ps, r in zip(cap.targets, cap.parts, results) for p in ps}
 
     def run(
@@ -183,12 +216,15 @@ class Runner:
         out: np.ndarray,
         opts: RunOptions,
         sink: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
-    ) -> None:
+    ) -> list[tuple[int, str]]:
         """Fill ``out[indices]``; hand each finished batch's fields to ``sink`` (the cache) at once.
 
-        A bad item raises :class:`ImageLoadError` after the good items of its
-        batch have been computed and handed to ``sink``, so no work is lost.
+        With ``opts.on_error == "raise"`` a bad item raises
+        :class:`ImageLoadError` after the good items of its batch have been
+        computed and handed to ``sink``, so no work is lost. With ``"nan"`` its
+        row is NaN; the returned list holds ``(index, reason)`` of such items.
         """
+        failed: list[tuple[int, str]] = []
         workers = self.workers(len(indices), opts)
         loader = torch.utils.data.DataLoader(
             ImageDataset(items, indices, self.cfg),
@@ -217,11 +253,18 @@ class Runner:
                         if bar is not None:
                             bar.update(len(rows))
                     if errors:
-                        i, reason = errors[0]
-                        raise ImageLoadError(i, item_path(items[i]), reason)
+                        if opts.on_error == "raise":
+                            i, reason = errors[0]
+                            raise ImageLoadError(i, item_path(items[i]), reason)
+                        for i, reason in errors:
+                            out[i] = np.nan
+                        failed.extend(errors)
+                        if bar is not None:
+                            bar.update(len(errors))
         finally:
             if bar is not None:
                 bar.close()
+        return failed
 
 
 def _progress_bar(total: int):
@@ -280,7 +323,9 @@ def item_keys(items: Items, cache: EmbeddingCache) -> list[str | None]:
     return keys
 
 
-def transform_cached(est: Any, items: Items, out: np.ndarray, cache: EmbeddingCache, opts: RunOptions) -> None:
+def transform_cached(
+    est: Any, items: Items, out: np.ndarray, cache: EmbeddingCache, opts: RunOptions
+) -> list[tuple[int, str]]:
     """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once)."""
     plan: Plan = est._plan
     ns, info = namespace_of(est)
@@ -310,7 +355,9 @@ def transform_cached(est: Any, items: Items, out: np.ndarray, cache: EmbeddingCa
         if payload:
             cache.store(ns, payload)
 
-    if todo:
-        est._get_runner().run(items, np.asarray(todo), out, opts, sink=sink)
+    failed = est._get_runner().run(items, np.asarray(todo), out, opts, sink=sink) if todo else []
     for i, j in dups:
         out[i] = out[j]
+    bad = {i for i, _ in failed}
+    failed += [(i, reason) for i, j in dups if j in bad for reason in [dict(failed)[j]]]
+    return sorted(failed)

@@ -1,4 +1,4 @@
-"""The ``featx`` command: inspect layers, extract features, manage the cache.
+"""The ``featx`` command: inspect layers, extract features, evaluate a folder, run the demo, manage the cache.
 
 Exit codes: 0 on success, 2 on usage errors, 1 on a runtime error (bad path,
 unknown model, unreadable image), reported as one line unless ``--debug``.
@@ -129,6 +129,62 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------- evaluate, demo
+
+
+def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
+    from .evaluate import evaluate_folder, format_table, write_report
+
+    if not Path(folder).is_dir():
+        raise _CliError(f"{str(folder)!r} is not a folder (expected one sub-folder per class)")
+    cache = None if args.no_cache else (args.cache_dir or True)
+    start = time.perf_counter()
+    result = evaluate_folder(
+        folder, model=args.model, layers=args.layers.split(",") if args.layers else None,
+        classifiers=tuple(args.classifiers.split(",")), compare=compare, cv=args.cv, cache=cache,
+        device=args.device, log=lambda line: print(line, flush=True),
+    )
+    print()
+    print(format_table(result))
+    b = result.best
+    print(f"\nbest: {b['classifier']} on {b['layer']}: {b['mean']:.3f} ± {b['std']:.3f} "
+          f"({result.cv_folds}-fold CV, {result.n_images} images, {len(result.class_names)} classes, "
+          f"chance {1 / len(result.class_names):.3f})")
+    for path in write_report(result, args.out):
+        print(f"wrote {path}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_evaluation(args.folder, args, compare=args.compare)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .datasets import DEMO_SOURCES, make_demo_folder
+
+    data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="featx-demo-"))
+    make_demo_folder(data, n_per_class=args.n_per_class)
+    print(f"demo data: {args.n_per_class} patches of 96 x 96 px from each of {len(DEMO_SOURCES)} photographs "
+          f"bundled with scikit-image ({', '.join(DEMO_SOURCES)}) in {data}")
+    return _run_evaluation(data, args, compare=not args.no_compare)
+
+
+def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
+    from .evaluate import CLASSIFIERS
+
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--layers", help="comma-separated candidate layers (default: the last three stages and pre_logits)")
+    p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma-separated, from {','.join(CLASSIFIERS)}")
+    p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
+    p.add_argument("--cache-dir", help="embedding cache directory (default: $FEATX_CACHE_DIR or ~/.cache/featx)")
+    p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--device", default="auto")
+
+
 # -------------------------------------------------------------------- cache
 
 
@@ -205,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="use a cache in this directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("evaluate", help="cross-validate classifiers x layers on a folder of labelled photos",
+                       description="How well does transfer learning work on FOLDER (one sub-folder per class)? "
+                                   "Embeds each image once (cached), runs GridSearchCV for each classifier x layer, "
+                                   "prints a table and writes a report folder (JSON, accuracy-per-layer plot, "
+                                   "confusion matrix of the best model).")
+    p.add_argument("folder")
+    p.add_argument("--compare", action="store_true", help="also evaluate a random-init backbone and raw pixels")
+    _add_eval_options(p, "featx-report")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="run evaluate on a small real image set that needs no download",
+                       description="Run 'featx evaluate --compare' on patches of photographs bundled with "
+                                   "scikit-image, one class per photograph, with the offline default backbone.")
+    p.add_argument("--data", help="where to write the demo images (default: a temporary folder)")
+    p.add_argument("--n-per-class", type=int, default=20, help="images per class (default 20)")
+    p.add_argument("--no-compare", action="store_true", help="skip the random-init and raw-pixel baselines")
+    _add_eval_options(p, "featx-demo-report")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("cache", help="inspect and manage the embedding cache",
                        description="Inspect and manage the embedding cache.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_image_folder", "make_demo_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["load_image_folder", "make_demo_folder", "IMAGE_EXTENSIONS", "DEMO_SOURCES"]
 
 #: File extensions :func:`load_image_folder` treats as images (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -1,0 +1,264 @@
+"""How well does transfer learning work on a folder of labelled photos?
+
+:func:`evaluate_folder` embeds every image once (through the embedding cache),
+then runs a cross-validated ``GridSearchCV`` for each classifier x candidate
+layer over the classifier's main hyper-parameters, optionally next to a
+random-init backbone and raw pixels, and writes a report (table, plots, JSON).
+It is what ``featx evaluate`` and ``featx demo`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["CLASSIFIERS", "EvalRow", "evaluate_folder", "format_table", "write_report"]
+
+
+def _classifiers() -> dict[str, tuple[Any, dict]]:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
+    return {
+        "logreg": (make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+                   {"logisticregression__C": [0.01, 0.1, 1.0, 10.0]}),
+        "linear_svm": (make_pipeline(StandardScaler(), LinearSVC(max_iter=5000)),
+                       {"linearsvc__C": [0.001, 0.01, 0.1, 1.0]}),
+        "rbf_svm": (make_pipeline(StandardScaler(), SVC(kernel="rbf")),
+                    {"svc__C": [0.1, 1.0, 10.0, 100.0]}),
+        "random_forest": (RandomForestClassifier(n_estimators=200, random_state=0, n_jobs=-1),
+                          {"max_features": ["sqrt", 0.05]}),
+    }
+
+
+CLASSIFIERS = ("logreg", "linear_svm", "rbf_svm", "random_forest")
+
+
+@dataclass
+class EvalRow:
+    """One (features, classifier, layer) result."""
+
+    features: str  # "pretrained", "random-init", "raw pixels"
+    classifier: str
+    layer: str
+    mean: float
+    std: float
+    best_params: dict
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    folder: str
+    n_images: int
+    class_names: list[str]
+    model: str
+    layers: list[str]
+    cv_folds: int
+    rows: list[EvalRow] = field(default_factory=list)
+    extract_seconds: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    confusion: list[list[int]] = field(default_factory=list)
+
+
+def _raw_pixels(paths: list[str], size: int = 32) -> np.ndarray:
+    """Baseline features: each image resized to ``size`` x ``size`` RGB, flattened, in [0, 1]."""
+    from PIL import Image, ImageOps
+
+    out = np.empty((len(paths), size * size * 3), dtype=np.float32)
+    for i, p in enumerate(paths):
+        with Image.open(p) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB").resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(img, dtype=np.float32).reshape(-1) / 255.0
+    return out
+
+
+def _layer_columns(names: np.ndarray, layer: str) -> np.ndarray:
+    return np.array([n.startswith(layer + "_") for n in names])
+
+
+def evaluate_folder(
+    folder: str | Path,
+    *,
+    model: str = "efficientnet_lite0",
+    layers: list[str] | None = None,
+    classifiers: tuple[str, ...] = CLASSIFIERS,
+    compare: bool = False,
+    cv: int = 5,
+    cache: Any = True,
+    device: str = "auto",
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
+    """Cross-validate classifiers x layers on frozen features of ``folder`` (one sub-folder per class).
+
+    Parameters
+    ----------
+    folder : str or Path
+        Folder-per-class images (see :func:`featx.load_image_folder`).
+    model : str, default="efficientnet_lite0"
+        Backbone.
+    layers : list of str or None
+        Candidate layers; None: the last three stages and ``pre_logits``.
+    classifiers : tuple of str
+        Any of ``logreg``, ``linear_svm``, ``rbf_svm``, ``random_forest``.
+    compare : bool, default=False
+        Also evaluate a random-init backbone of the same architecture and raw
+        pixels (32 x 32 RGB), to show what pretraining buys.
+    cv : int, default=5
+        Stratified folds (fewer if a class has fewer images).
+    cache : None, True or path, default=True
+        The embedding cache: the backbone runs once per image, and reruns are free.
+    device, progress
+        As for :class:`featx.PretrainedFeatureExtractor`.
+    log : callable
+        Receives progress lines.
+
+    Returns
+    -------
+    EvalResult
+    """
+    from sklearn.base import clone
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+
+    from . import PretrainedFeatureExtractor, list_layers, load_image_folder
+
+    unknown = set(classifiers) - set(CLASSIFIERS)
+    if unknown:
+        raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from {list(CLASSIFIERS)}")
+    paths, y, class_names = load_image_folder(folder)
+    if len(class_names) < 2:
+        raise ValueError(f"{str(folder)!r} has one class ({class_names[0]!r}); evaluation needs at least two.")
+    folds = int(min(cv, np.bincount(y).min()))
+    if folds < 2:
+        raise ValueError(f"every class needs at least 2 images for cross-validation; counts: "
+                         f"{dict(zip(class_names, np.bincount(y).tolist()))}")
+    if layers is None:
+        stages = [r.name for r in list_layers(model) if r.alias and r.alias.startswith("stage")]
+        layers = stages[-3:] + ["pre_logits"]
+    result = EvalResult(str(folder), len(paths), class_names, model, list(layers), folds)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
+    grids = _classifiers()
+
+    feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
+    variants = [("pretrained", "DEFAULT")] + ([("random-init", None)] if compare else [])
+    for label, weights in variants:
+        t = time.perf_counter()
+        ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), cache=cache,
+                                         device=device, progress=progress)
+        feats = ext.fit_transform(paths)
+        result.extract_seconds[label] = time.perf_counter() - t
+        log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s")
+        feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
+    if compare:
+        t = time.perf_counter()
+        raw = _raw_pixels(paths)
+        result.extract_seconds["raw pixels"] = time.perf_counter() - t
+        feature_sets.append(("raw pixels", raw, np.array([f"px_{i}" for i in range(raw.shape[1])]), ["32x32 RGB"]))
+
+    best = None
+    for label, feats, names, layer_list in feature_sets:
+        for clf_name in classifiers:
+            estimator, grid = grids[clf_name]
+            for layer in layer_list:
+                X = feats if label == "raw pixels" else feats[:, _layer_columns(names, layer)]
+                t = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+                    search = GridSearchCV(clone(estimator), grid, cv=splitter).fit(X, y)
+                i = search.best_index_
+                row = EvalRow(label, clf_name, layer, float(search.cv_results_["mean_test_score"][i]),
+                              float(search.cv_results_["std_test_score"][i]),
+                              {k.split("__")[-1]: v for k, v in search.best_params_.items()},
+                              time.perf_counter() - t)
+                result.rows.append(row)
+                if label == "pretrained" and (best is None or row.mean > best[0].mean):
+                    best = (row, search.best_estimator_, X)
+    if best is not None:
+        row, est, X = best
+        pred = cross_val_predict(clone(est), X, y, cv=splitter)
+        result.best = asdict(row)
+        result.confusion = confusion_matrix(y, pred).tolist()
+    return result
+
+
+def format_table(result: EvalResult) -> str:
+    """The results as an aligned text table, best pretrained row marked with '*'."""
+    header = f"{'features':<12} {'classifier':<14} {'layer':<12} {'accuracy':>16}  best parameters"
+    lines = [header, "-" * len(header)]
+    best = result.best
+    for r in sorted(result.rows, key=lambda r: (r.features != "pretrained", r.features, r.classifier)):
+        mark = "*" if best and r.features == best["features"] and r.classifier == best["classifier"] and r.layer == best["layer"] else " "
+        params = ", ".join(f"{k}={v}" for k, v in r.best_params.items())
+        lines.append(f"{r.features:<12} {r.classifier:<14} {r.layer:<12} {r.mean:>8.3f} ± {r.std:.3f}{mark} {params}")
+    return "\n".join(lines)
+
+
+def write_report(result: EvalResult, out: str | Path) -> list[Path]:
+    """Write ``results.json``, ``accuracy_by_layer.png`` and ``confusion_matrix.png`` into ``out``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("the evaluation report's plots need matplotlib: pip install 'featx[demo]'") from exc
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = asdict(result)
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    written.append(out / "results.json")
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    layers = result.layers
+    xs = np.arange(len(layers))
+    for clf in dict.fromkeys(r.classifier for r in result.rows):
+        rows = {r.layer: r for r in result.rows if r.features == "pretrained" and r.classifier == clf}
+        if rows:
+            means = [rows[l].mean for l in layers]
+            stds = [rows[l].std for l in layers]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"pretrained · {clf}")
+    colors = {"random-init": "tab:gray", "raw pixels": "black"}
+    for label, color in colors.items():
+        rows = [r for r in result.rows if r.features == label]
+        if rows:
+            top = max(rows, key=lambda r: r.mean)
+            ax.axhline(top.mean, color=color, linestyle="--", linewidth=1,
+                       label=f"{label} (best: {top.classifier}, {top.layer})")
+    ax.axhline(1 / len(result.class_names), color="red", linestyle=":", linewidth=1, label="chance")
+    ax.set_xticks(xs, layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{result.cv_folds}-fold cross-validated accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result.model}: accuracy per layer ({result.n_images} images, {len(result.class_names)} classes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_layer.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "accuracy_by_layer.png")
+
+    if result.confusion:
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        ConfusionMatrixDisplay(np.array(result.confusion), display_labels=result.class_names).plot(
+            ax=ax, colorbar=False, xticks_rotation=45)
+        b = result.best
+        ax.set_title(f"best: {b['classifier']} on {b['layer']} ({b['mean']:.3f})")
+        fig.tight_layout()
+        fig.savefig(out / "confusion_matrix.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "confusion_matrix.png")
+    return written
