@@ -23,7 +23,7 @@ df = pd.DataFrame({
 features = ColumnTransformer([
     ("image", make_pipeline(PretrainedFeatureExtractor(cache=tempfile.mkdtemp()), StandardScaler()), "photo"),
     ("size", StandardScaler(), ["file_kb"]),
-    ("camera", OneHotEncoder(), ["camera"]),
+    ("camera", OneHotEncoder(sparse_output=False), ["camera"]),
 ])
 model = make_pipeline(features, LogisticRegression(max_iter=3000))
 scores = cross_val_score(model, df, y, cv=4)

@@ -27,7 +27,8 @@ torch.manual_seed(0)
 net = SmallNet()  # in real use: load your trained weights, or pass weights="my_net.pth"
 prep = {"input_size": 64, "resize_size": 72, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 for layer in list_layers(net, preprocess=prep):
-    print(layer)
+    if layer.alias:
+        print(f"{layer.name:<10} alias {layer.alias:<10} shape {layer.shape}")
 paths, y, _ = demo_data()
 ext = PretrainedFeatureExtractor(net, layers=["block1", "block2"], pooling="avgmax", preprocess=prep)
 scores = cross_val_score(make_pipeline(ext, StandardScaler(), LogisticRegression(max_iter=3000)), paths, y, cv=4)

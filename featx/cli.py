@@ -166,9 +166,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .datasets import DEMO_SOURCES, make_demo_folder
 
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="featx-demo-"))
-    make_demo_folder(data, n_per_class=args.n_per_class)
-    print(f"demo data: {args.n_per_class} patches of 96 x 96 px from each of {len(DEMO_SOURCES)} photographs "
-          f"bundled with scikit-image ({', '.join(DEMO_SOURCES)}) in {data}")
+    make_demo_folder(data, n_per_class=args.n_per_class, size=args.size)
+    print(f"demo data: {args.n_per_class} patches of {args.size} x {args.size} px from each of {len(DEMO_SOURCES)} "
+          f"images bundled with scikit-image ({', '.join(DEMO_SOURCES)}) in {data}")
     return _run_evaluation(data, args, compare=not args.no_compare)
 
 
@@ -176,7 +176,7 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--layers", help="comma-separated candidate layers (default: the last three stages and pre_logits)")
+    p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages and pre_logits)")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma-separated, from {','.join(CLASSIFIERS)}")
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scikit-image, one class per photograph, with the offline default backbone.")
     p.add_argument("--data", help="where to write the demo images (default: a temporary folder)")
     p.add_argument("--n-per-class", type=int, default=20, help="images per class (default 20)")
+    p.add_argument("--size", type=int, default=64, help="patch size in pixels (default 64)")
     p.add_argument("--no-compare", action="store_true", help="skip the random-init and raw-pixel baselines")
     _add_eval_options(p, "featx-demo-report")
     p.set_defaults(func=_cmd_demo)

@@ -78,20 +78,23 @@ def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
     return paths, np.asarray(labels, dtype=np.int64), class_names
 
 
-#: scikit-image photographs used by :func:`make_demo_folder`, one class each.
-DEMO_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+#: scikit-image images used by :func:`make_demo_folder`, one class each: four
+#: colour photographs and four grayscale ones (three textures and a street
+#: scene), so that colour alone cannot tell the classes apart.
+DEMO_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel", "camera")
 
 
 def make_demo_folder(
-    root: str | os.PathLike, *, n_per_class: int = 20, size: int = 96, seed: int = 0
+    root: str | os.PathLike, *, n_per_class: int = 20, size: int = 64, seed: int = 0
 ) -> Path:
     """Write a small real image set, folder-per-class, that needs no download.
 
-    Each class is one photograph bundled with scikit-image (astronaut, cat,
-    coffee cup, rocket launch, microscopy slide, deep-field sky); its images
-    are random ``size`` x ``size`` patches of that photograph, randomly
-    flipped. Telling the sources apart from small patches is a texture and
-    scene task where pretrained features clearly beat random ones.
+    Each class is one image bundled with scikit-image: four colour
+    photographs (astronaut, cat, coffee cup, rocket launch) and four grayscale
+    ones (brick wall, grass, gravel, a photographer in a park); its images
+    are random ``size`` x ``size`` patches of it, randomly flipped. Telling the
+    sources apart from small patches is a texture and scene task where
+    pretrained features clearly beat random ones and raw pixels.
 
     Parameters
     ----------
@@ -99,7 +102,7 @@ def make_demo_folder(
         Folder to write ``root/<class>/<i>.jpg`` into (created if needed).
     n_per_class : int, default=20
         Patches per class.
-    size : int, default=96
+    size : int, default=64
         Patch side in pixels.
     seed : int, default=0
         Seed of the patch positions.
@@ -114,8 +117,8 @@ def make_demo_folder(
     >>> from featx.datasets import make_demo_folder, load_image_folder
     >>> root = make_demo_folder(tempfile.mkdtemp(), n_per_class=2)
     >>> paths, y, names = load_image_folder(root)
-    >>> len(paths), names[:2]
-    (12, ['astronaut', 'chelsea'])
+    >>> len(paths), names[:3]
+    (16, ['astronaut', 'brick', 'camera'])
     """
     try:
         from skimage import data

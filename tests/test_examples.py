@@ -21,7 +21,7 @@ def test_quickstart_runs_and_learns(tmp_path):
     assert res.returncode == 0, res.stderr
     line = [l for l in res.stdout.splitlines() if "cross-validated accuracy" in l][0]
     acc = float(line.split("accuracy ")[1].split()[0])
-    assert acc > 0.5, res.stdout  # six classes: chance is 0.167
+    assert acc > 0.5, res.stdout  # eight classes: chance is 0.125
 
 
 def test_quickstart_on_a_users_folder(image_folder, tmp_path):
@@ -35,4 +35,27 @@ def test_make_demo_folder(tmp_path, n):
     from featx import load_image_folder, make_demo_folder
 
     paths, y, names = load_image_folder(make_demo_folder(tmp_path, n_per_class=n, size=32))
-    assert len(paths) == 6 * n and len(names) == 6
+    assert len(paths) == 8 * n and len(names) == 8
+
+
+@pytest.mark.parametrize(
+    "script,expect",
+    [
+        ("grid_search_classifiers.py", "best: "),
+        ("choose_layer.py", "best layer: "),
+        ("pretrained_vs_random.py", "raw pixels"),
+        ("custom_module.py", "SmallNet (random weights)"),
+        ("feature_union.py", "texture__stage4_gem_0"),
+        ("column_transformer.py", "image + tabular columns"),
+    ],
+)
+def test_example_runs(script, expect, tmp_path):
+    args = [sys.executable, script] + ([str(tmp_path / "plot.png")] if script == "choose_layer.py" else [])
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=_env(tmp_path), cwd=EXAMPLES)
+    assert res.returncode == 0, res.stderr
+    assert expect in res.stdout
+    if script == "choose_layer.py":
+        assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if script == "pretrained_vs_random.py":
+        acc = {line.split()[0]: float(line.split("accuracy ")[1].split()[0]) for line in res.stdout.splitlines()}
+        assert acc["pretrained"] > acc["random-init"] + 0.1
