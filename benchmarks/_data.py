@@ -7,29 +7,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "motorcycle_left")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "brick", "camera")
 
 
-def make_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[str]:
-    """Write ``n`` JPEG files of ``size`` (width, height): random crops of real photographs."""
+def make_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> tuple[list[str], list[int]]:
+    """Write ``n`` JPEG files of ``size`` (width, height): random crops of real photographs.
+
+    Returns the paths and each image's label (the index of its source photograph).
+    """
     from skimage import data
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sources = []
     for name in PHOTOS:
-        loader = getattr(data, name, None)
-        if loader is None:
-            continue
-        img = np.asarray(loader())
+        img = np.asarray(getattr(data, name)())
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         sources.append(Image.fromarray(img[..., :3].astype(np.uint8)))
     rng = np.random.default_rng(seed)
-    paths = []
+    paths, labels = [], []
     for i in range(n):
         path = folder / f"img_{i:05d}.jpg"
         paths.append(str(path))
+        labels.append(i % len(sources))
         if path.exists():
             continue
         src = sources[i % len(sources)]
@@ -40,4 +41,4 @@ def make_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (500, 375), s
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         img.save(path, quality=90)
-    return paths
+    return paths, labels

@@ -87,8 +87,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="warm transform repeats (median reported)")
     args = ap.parse_args()
 
-    paths = make_jpegs(args.data, args.n)
-    y = np.arange(len(paths)) % 8  # class = source photograph (make_jpegs cycles through 8)
+    paths, labels = make_jpegs(args.data, args.n)
+    y = np.asarray(labels)  # class = source photograph
     print(f"featx cache benchmark: {len(paths)} JPEGs 500x375, efficientnet_lite0, CPU, "
           f"{os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}, {platform.processor() or platform.machine()}")
     PretrainedFeatureExtractor(progress=False).fit().transform(paths[:8])  # warm the process (imports, weights)
