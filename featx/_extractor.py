@@ -80,13 +80,18 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
         older ones) and fp32 on the CPU.
     batch_size : int or "auto", default="auto"
-        Images per forward pass. ``"auto"`` is 64 on CUDA and 4 on the CPU (small CPU batches
-        stay in cache: 79 img/s at 4 vs 35 at 32 for the default model).
-        Results do not depend on it (within 1e-5).
+        Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, the
+        fastest of 2, 4, 8 and 16, timed on the first real batches of the
+        first transform of at least 96 images, and remembered per model,
+        device and input size for the process (4 until then). Results do not
+        depend on it (within 1e-5).
     num_workers : int or "auto", default="auto"
-        DataLoader worker processes that decode and resize images while the
-        model runs. ``"auto"`` uses up to 8 on CUDA, 1 on the CPU, and none for
-        inputs of less than two batches.
+        Decoding and resizing. An int: that many DataLoader worker processes
+        (0: in the main thread). ``"auto"``: on CUDA, up to 8 worker processes
+        decode while the GPU computes; on the CPU, each batch is decoded by one
+        thread per core between forward passes (the model already uses every
+        core, and decoders running beside it slow it down more than they
+        save); inline for inputs of less than two batches.
     cache : None, True or path, default=None
         Per-image embedding cache. None: off. A directory: an SQLite database
         there (created if needed). True: ``$FEATX_CACHE_DIR``, else the user
@@ -135,7 +140,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         A digest of the weights' values; checked when a pickled extractor
         rebuilds its backbone.
     batch_size_ : int
-        The resolved batch size.
+        The resolved batch size (for ``"auto"`` on the CPU, the starting
+        point of the tuning).
     cache_dir_ : str or None
         The resolved cache directory.
     failed_indices_ : ndarray of int
@@ -313,7 +319,11 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         items = as_items(X)
         out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
         cache = EmbeddingCache.open(Path(self.cache_dir_)) if self.cache_dir_ is not None else None
-        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress(), self.on_error)
+        tune_key = None
+        if self.batch_size == "auto":
+            tune_key = (self.model_id_, self.weights_digest_, str(self.device_), tuple(self.preprocess_["input_size"]),
+                        str(self.autocast_dtype_), tuple(self.layers_))
+        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress(), self.on_error, tune_key)
         begin_run(len(items))
         if cache is None:
             failed = self._get_runner().run(items, np.arange(len(items)), out, opts)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from ._backbones import Backbone
 from ._cache import FORMAT_VERSION, EmbeddingCache, content_key
 from ._device import autocast
 from ._exceptions import DeviceWarning, ImageLoadError
+from ._loading import PARALLEL, batches
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
 from ._pooling import pool_parts
 from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
@@ -100,6 +102,7 @@ class RunOptions:
     num_workers: Any  # int or "auto"
     progress: bool
     on_error: str = "raise"
+    tune_key: tuple | None = None  # set when batch_size="auto": tune on the CPU, remember per key
 
 
 @dataclass
@@ -168,7 +171,7 @@ class Runner:
         cores = os.cpu_count() or 1
         if self.device.type == "cuda":
             return max(1, min(8, cores - 1))
-        return 1 if cores >= 2 else 0
+        return PARALLEL  # CPU inference: decode each batch on all cores, between forward passes
 
     def forward(self, batch: torch.Tensor, store_all: bool) -> dict[str, torch.Tensor]:
         """Fields of one decoded batch.
@@ -225,23 +228,30 @@ class Runner:
         row is NaN; the returned list holds ``(index, reason)`` of such items.
         """
         failed: list[tuple[int, str]] = []
+        size = opts.batch_size
+        tuner = None
+        if opts.tune_key is not None and self.device.type == "cpu":
+            if opts.tune_key in _TUNED:
+                size = _TUNED[opts.tune_key]
+            elif len(indices) >= _Tuner.MIN_IMAGES:
+                tuner = _Tuner()
         workers = self.workers(len(indices), opts)
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(items, indices, self.cfg),
-            batch_size=opts.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
+        loader = batches(ImageDataset(items, indices, self.cfg), _Tuner.STEP if tuner else size, workers, collate,
+                         pin_memory=self.device.type == "cuda")
+        if tuner is not None:
+            loader = _regroup(loader, lambda: tuner.target() if not tuner.done else size)
         store_all = sink is not None
         bar = _progress_bar(len(indices)) if opts.progress else None
         try:
             with torch.inference_mode():
                 for idx, batch, errors in loader:
                     if batch is not None:
+                        t0 = time.perf_counter()
                         fields = self.forward(batch, store_all)
+                        if tuner is not None and not tuner.done:
+                            tuner.record(batch.shape[0], time.perf_counter() - t0)
+                            if tuner.done:
+                                size = _TUNED[opts.tune_key] = tuner.best()
                         rows = idx.numpy()
                         cols = [fields[f] for f in self.plan.out_fields]
                         block = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
@@ -265,6 +275,71 @@ class Runner:
             if bar is not None:
                 bar.close()
         return failed
+
+
+#: batch sizes chosen by measurement, per (model, weights digest, device, input size), for this process
+_TUNED: dict[tuple, int] = {}
+
+
+def tuned_batch_sizes() -> dict[tuple, int]:
+    """The CPU batch sizes ``batch_size="auto"`` has chosen so far in this process."""
+    return dict(_TUNED)
+
+
+class _Tuner:
+    """Times the forward pass of the first real batches at a few sizes and keeps the fastest.
+
+    The images used for the measurement are ordinary work (their features are
+    kept), so tuning costs nothing but a few batches at non-optimal sizes.
+    """
+
+    CANDIDATES = (2, 4, 8, 16)
+    STEP = 2  # the loader's batch; forward batches are groups of these
+    MIN_IMAGES = 96  # tune only on transforms large enough to pay back
+
+    def __init__(self):
+        self.per_image: dict[int, float] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.per_image) == len(self.CANDIDATES)
+
+    def target(self) -> int:
+        return self.CANDIDATES[len(self.per_image)]
+
+    def record(self, n: int, seconds: float) -> None:
+        if n == self.target():
+            self.per_image[n] = seconds / n
+
+    def best(self) -> int:
+        return min(self.per_image, key=self.per_image.get)
+
+
+def _regroup(loader, target: Callable[[], int]):
+    """Merge the loader's small batches into batches of ``target()`` images."""
+    buf: list = []
+    n = 0
+    for part in loader:
+        buf.append(part)
+        n += len(part[0]) + len(part[2])
+        if n >= target():
+            yield _merge(buf)
+            buf, n = [], 0
+    if buf:
+        yield _merge(buf)
+
+
+def _merge(parts: list):
+    if len(parts) == 1:
+        return parts[0]
+    idx = torch.cat([p[0] for p in parts])
+    imgs = [p[1] for p in parts if p[1] is not None]
+    errors = [e for p in parts for e in p[2]]
+    if not imgs:
+        return idx, None, errors
+    if len({t.dtype for t in imgs}) > 1:
+        imgs = [t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in imgs]
+    return idx, torch.cat(imgs), errors
 
 
 def _progress_bar(total: int):

@@ -1,0 +1,183 @@
+"""Throughput of featx against the bare model and a naive loop, and peak memory for N vs 4N images.
+
+    python benchmarks/bench_throughput.py [--n 256] [--device cpu] [--models efficientnet_lite0,resnet50]
+
+On the same real JPEG files (500x375 crops of scikit-image's photographs), in
+one run, per backbone, it prints images/s for:
+
+  (a) featx end to end from files (transform on paths, cache off);
+  (b) the bare model's forward pass on already-decoded, already-resized,
+      normalised tensors, at its best batch size and memory format (a sweep);
+  (c) a naive per-image loop (PIL open, torchvision transforms, model(x[None]));
+  (d) featx on pre-decoded arrays (full-size uint8 images in memory);
+
+and the ratios a/b, a/c, d/b; then the peak resident memory of a fresh process
+running featx on N and on 4N images. Timings are medians of --repeats runs.
+Results go to a JSON file as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import make_jpegs  # noqa: E402
+
+from featx import PretrainedFeatureExtractor  # noqa: E402
+from featx._backbones import build_backbone  # noqa: E402
+
+
+def _median_rate(fn, n_images: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n_images / statistics.median(times)
+
+
+def _bare_sweep(module, cfg, device, n: int, repeats: int) -> tuple[float, dict, list]:
+    h, w = cfg["input_size"]
+    x_all = torch.randn(n, 3, h, w)
+    best, best_cfg, table = 0.0, {}, []
+    for fmt in ("contiguous", "channels_last"):
+        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        m = module.to(device).to(memory_format=mf).eval()
+        for bs in ([1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]):
+            batches = [x_all[i:i + bs].to(device).contiguous(memory_format=mf) for i in range(0, n, bs)]
+
+            def run():
+                with torch.inference_mode():
+                    for b in batches:
+                        m(b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            run()  # warm-up
+            rate = _median_rate(run, n, repeats)
+            table.append({"memory_format": fmt, "batch_size": bs, "images_per_s": rate})
+            if rate > best:
+                best, best_cfg = rate, {"memory_format": fmt, "batch_size": bs}
+    return best, best_cfg, table
+
+
+def _naive_loop(module, cfg, paths, device) -> None:
+    from PIL import Image
+    from torchvision import transforms as T
+
+    tf = T.Compose([
+        T.Resize(cfg["resize_size"], interpolation=T.InterpolationMode(cfg["interpolation"])),
+        T.CenterCrop(cfg["input_size"]),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+    with torch.no_grad():
+        for p in paths:
+            x = tf(Image.open(p).convert("RGB")).to(device)
+            module(x[None])
+
+
+_RSS_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    from featx import PretrainedFeatureExtractor
+    paths = json.load(open(sys.argv[1]))
+    ext = PretrainedFeatureExtractor(sys.argv[2], weights=None if sys.argv[2] == "resnet50" else "DEFAULT",
+                                     device=sys.argv[3], progress=False).fit()
+    ext.transform(paths[:8])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = ext.transform(paths)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kib": base, "peak_kib": peak, "out_bytes": out.nbytes}))
+""")
+
+
+def _peak_rss(model: str, paths: list[str], device: str) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(paths, f)
+    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device], capture_output=True, text=True, check=True)
+    os.unlink(f.name)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="efficientnet_lite0,resnet50")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "featx-bench-jpegs"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_throughput.json"))
+    ap.add_argument("--no-rss", action="store_true", help="skip the N vs 4N peak-memory measurement")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    paths, _ = make_jpegs(args.data, args.n)
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads)")
+    if device.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(device)}"
+    print(f"featx throughput: {len(paths)} JPEGs 500x375, device {device}; {machine}")
+    results = {"n_images": len(paths), "device": str(device), "machine": machine, "models": {}}
+
+    for model in args.models.split(","):
+        weights = None if model == "resnet50" else "DEFAULT"
+        bb = build_backbone(model, weights)
+        ext = PretrainedFeatureExtractor(model, weights=weights, device=str(device), progress=False).fit()
+        cfg = ext.preprocess_
+        ext.transform(paths[:16])  # warm-up
+
+        rate_b, best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 64), args.repeats)
+        rate_a = _median_rate(lambda: ext.transform(paths), len(paths), args.repeats)
+        rate_d = _median_rate(lambda: ext.transform(arrays), len(paths), args.repeats)
+        naive_n = min(len(paths), 64)
+        m = bb.module.to(device).to(memory_format=torch.contiguous_format).eval()
+        rate_c = _median_rate(lambda: _naive_loop(m, cfg, paths[:naive_n], device), naive_n, args.repeats)
+        row = {"a_featx_files": rate_a, "b_bare_best": rate_b, "b_best_config": best_cfg, "c_naive_loop": rate_c,
+               "d_featx_arrays": rate_d, "a/b": rate_a / rate_b, "a/c": rate_a / rate_c, "d/b": rate_d / rate_b,
+               "featx_batch_size": ext.batch_size_, "sweep": sweep}
+        results["models"][model] = row
+        print(f"\n{model} (featx batch_size={ext.batch_size_}; bare best: batch {best_cfg['batch_size']}, {best_cfg['memory_format']})")
+        print(f"  {'(a) featx from JPEG files':<40}{rate_a:>8.1f} img/s")
+        print(f"  {'(b) bare forward, best config':<40}{rate_b:>8.1f} img/s")
+        print(f"  {'(c) naive per-image loop':<40}{rate_c:>8.1f} img/s")
+        print(f"  {'(d) featx from decoded arrays':<40}{rate_d:>8.1f} img/s")
+        print(f"  a/b = {rate_a / rate_b:.2f}   a/c = {rate_a / rate_c:.2f}   d/b = {rate_d / rate_b:.2f}")
+
+    if not args.no_rss:
+        model = args.models.split(",")[0]
+        paths4, _ = make_jpegs(args.data, 4 * args.n)
+        small = _peak_rss(model, paths4[: args.n], args.device)
+        big = _peak_rss(model, paths4, args.device)
+        extra_out = big["out_bytes"] - small["out_bytes"]
+        growth = (big["peak_kib"] - small["peak_kib"]) * 1024
+        allowed = extra_out + 0.10 * small["peak_kib"] * 1024
+        results["peak_rss"] = {"model": model, "N": args.n, "N_peak_mib": small["peak_kib"] / 1024,
+                               "4N_peak_mib": big["peak_kib"] / 1024, "extra_output_mib": extra_out / 2**20,
+                               "growth_mib": growth / 2**20, "allowed_mib": allowed / 2**20}
+        print(f"\npeak RSS ({model}): N={args.n}: {small['peak_kib'] / 1024:.0f} MiB; 4N={4 * args.n}: "
+              f"{big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra output matrix "
+              f"{extra_out / 2**20:.1f} MiB + 10% of N's peak = {allowed / 2**20:.0f} MiB allowed")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
