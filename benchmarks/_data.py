@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,11 @@ def make_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (500, 375), s
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         img.save(path, quality=90)
     return paths, labels
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    """Write a benchmark's figures as JSON, so later runs can be compared."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import make_jpegs  # noqa: E402
+from _data import make_jpegs, write_results  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
 from featx._backbones import build_backbone  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
         cfg = ext.preprocess_
         ext.transform(paths[:16])  # warm-up
 
-        rate_b, best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 64), args.repeats)
+        rate_b, best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 32), args.repeats)
         rate_a = _median_rate(lambda: ext.transform(paths), len(paths), args.repeats)
         rate_d = _median_rate(lambda: ext.transform(arrays), len(paths), args.repeats)
         naive_n = min(len(paths), 64)
@@ -173,10 +173,7 @@ def main() -> None:
         print(f"\npeak RSS ({model}): N={args.n}: {small['peak_kib'] / 1024:.0f} MiB; 4N={4 * args.n}: "
               f"{big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra output matrix "
               f"{extra_out / 2**20:.1f} MiB + 10% of N's peak = {allowed / 2**20:.0f} MiB allowed")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,82 @@ def _check_float(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, height, width, components) from a JPEG's SOF header, or None."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            return data[i + 4], int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _fast_jpeg(data: bytes, draft_size: int | None) -> torch.Tensor | None:
+    """Decode a plain 8-bit RGB/grayscale JPEG with torchvision (libjpeg-turbo, GIL released).
+
+    It gives the same pixels as Pillow at about 1.5x the speed. Anything
+    unusual (CMYK, 12-bit, no end-of-image marker, more pixels than Pillow
+    allows, or big enough for Pillow's DCT-domain downscaling to pay) returns
+    None, and Pillow handles it with featx's usual rules and error messages.
+    """
+    if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:]:
+        return None
+    frame = _jpeg_frame(data)
+    if frame is None:
+        return None
+    precision, h, w, comps = frame
+    limit = Image.MAX_IMAGE_PIXELS
+    if precision != 8 or comps not in (1, 3) or h * w == 0 or (limit and h * w > limit):
+        return None
+    if draft_size is not None and min(h, w) // 2 >= draft_size:
+        return None
+    op = _jpeg_op()
+    if op is None:
+        return None
+    try:
+        return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, True)
+    except RuntimeError:
+        return None
+
+
+_RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB
+
+
+def _jpeg_op():
+    """torchvision's CPU JPEG decoder op (called directly: its Python wrapper warns of a
+    future move to TorchCodec on every call), or None where this torchvision lacks it."""
+    global _JPEG_OP
+    if _JPEG_OP is False:
+        try:
+            import torchvision.io  # noqa: F401  (registers the image ops)
+            from torchvision.io import ImageReadMode
+
+            assert ImageReadMode.RGB.value == _RGB_MODE
+            _JPEG_OP = torch.ops.image.decode_jpeg
+        except (ImportError, AttributeError, RuntimeError, AssertionError):
+            _JPEG_OP = None
+    return _JPEG_OP
+
+
+_JPEG_OP: Any = False
+
+
 def _open_image(src: Any, draft_size: int | None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -245,10 +321,23 @@ def load_item(item: Any, draft_size: int | None = None) -> torch.Tensor:
     """One item -> a C x H x W tensor, uint8 or float32 in [0, 1], RGB."""
     if item is None:
         raise _BadItem("item is None")
-    if _is_path(item):
-        arr = _open_image(os.fspath(item), draft_size)
-    elif isinstance(item, (bytes, bytearray, memoryview)):
-        arr = _open_image(io.BytesIO(bytes(item)), draft_size)
+    if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
+        if _is_path(item):
+            try:
+                with open(os.fspath(item), "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise _BadItem("file not found") from None
+            except IsADirectoryError:
+                raise _BadItem("is a directory, not an image file") from None
+            except PermissionError:
+                raise _BadItem("permission denied") from None
+        else:
+            data = bytes(item)
+        fast = _fast_jpeg(data, draft_size)
+        if fast is not None:
+            return fast
+        arr = _open_image(io.BytesIO(data), draft_size)
     elif isinstance(item, Image.Image):
         arr = _to_rgb_pil(ImageOps.exif_transpose(item))
     elif isinstance(item, np.ndarray):

@@ -240,3 +240,22 @@ def test_bad_X(ext, X, match):
     with pytest.raises(ValueError, match=match):
         ext.transform(X)
 
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_fast_jpeg_path_matches_pillow(orientation, mode):
+    from featx._preprocess import _fast_jpeg, _open_image
+
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(make_image(rng, 1, (37, 53))).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    fast = _fast_jpeg(buf.getvalue(), None)
+    assert fast is not None, "a plain JPEG should take the fast path"
+    np.testing.assert_array_equal(fast.permute(1, 2, 0).numpy(), _open_image(io.BytesIO(buf.getvalue()), None))
+    cmyk = io.BytesIO()
+    img.convert("CMYK").save(cmyk, format="JPEG")
+    assert _fast_jpeg(cmyk.getvalue(), None) is None  # CMYK goes through Pillow's conversion
