@@ -38,6 +38,7 @@ from _data import make_jpegs, write_results  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
 from featx._backbones import build_backbone  # noqa: E402
+from featx._runner import tuned_batch_sizes  # noqa: E402
 
 
 def _median_rate(fn, n_images: int, repeats: int) -> float:
@@ -49,29 +50,35 @@ def _median_rate(fn, n_images: int, repeats: int) -> float:
     return n_images / statistics.median(times)
 
 
-def _bare_sweep(module, cfg, device, n: int, repeats: int) -> tuple[float, dict, list]:
+def _bare_runner(module, cfg, device, n: int, fmt: str, bs: int):
+    """A closure running the bare model over n pre-decoded, pre-resized, normalised images."""
     h, w = cfg["input_size"]
-    x_all = torch.randn(n, 3, h, w)
+    x_all = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    m = module.to(device).to(memory_format=mf).eval()
+    batches = [x_all[i:i + bs].to(device).contiguous(memory_format=mf) for i in range(0, n, bs)]
+
+    def run():
+        with torch.inference_mode():
+            for b in batches:
+                m(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up
+    return run
+
+
+def _bare_sweep(module, cfg, device, n: int, repeats: int) -> tuple[dict, list]:
+    """The best batch size and memory format of the bare model on this machine."""
     best, best_cfg, table = 0.0, {}, []
     for fmt in ("contiguous", "channels_last"):
-        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        m = module.to(device).to(memory_format=mf).eval()
         for bs in ([1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]):
-            batches = [x_all[i:i + bs].to(device).contiguous(memory_format=mf) for i in range(0, n, bs)]
-
-            def run():
-                with torch.inference_mode():
-                    for b in batches:
-                        m(b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-
-            run()  # warm-up
-            rate = _median_rate(run, n, repeats)
+            rate = _median_rate(_bare_runner(module, cfg, device, n, fmt, bs), n, min(repeats, 3))
             table.append({"memory_format": fmt, "batch_size": bs, "images_per_s": rate})
             if rate > best:
                 best, best_cfg = rate, {"memory_format": fmt, "batch_size": bs}
-    return best, best_cfg, table
+    return best_cfg, table
 
 
 def _naive_loop(module, cfg, paths, device) -> None:
@@ -117,7 +124,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="efficientnet_lite0,resnet50")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "featx-bench-jpegs"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_throughput.json"))
     ap.add_argument("--no-rss", action="store_true", help="skip the N vs 4N peak-memory measurement")
@@ -140,19 +147,32 @@ def main() -> None:
         bb = build_backbone(model, weights)
         ext = PretrainedFeatureExtractor(model, weights=weights, device=str(device), progress=False).fit()
         cfg = ext.preprocess_
-        ext.transform(paths[:16])  # warm-up
+        ext.transform(paths)  # warm-up; also lets batch_size="auto" tune itself
 
-        rate_b, best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 32), args.repeats)
-        rate_a = _median_rate(lambda: ext.transform(paths), len(paths), args.repeats)
-        rate_d = _median_rate(lambda: ext.transform(arrays), len(paths), args.repeats)
+        best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 32), args.repeats)
+        # The sweep's maximum is biased upwards on a noisy machine; the figures
+        # compared are medians of runs interleaved a, b, d, c, a, b, d, c, ...
+        bare = _bare_runner(bb.module, cfg, device, len(paths), best_cfg["memory_format"], best_cfg["batch_size"])
         naive_n = min(len(paths), 64)
-        m = bb.module.to(device).to(memory_format=torch.contiguous_format).eval()
-        rate_c = _median_rate(lambda: _naive_loop(m, cfg, paths[:naive_n], device), naive_n, args.repeats)
+        naive_model = build_backbone(model, weights).module.to(device).eval()
+        runs = {"a": (lambda: ext.transform(paths), len(paths)), "b": (bare, len(paths)),
+                "d": (lambda: ext.transform(arrays), len(paths)),
+                "c": (lambda: _naive_loop(naive_model, cfg, paths[:naive_n], device), naive_n)}
+        samples = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for k, (fn, n_img) in runs.items():
+                t = time.perf_counter()
+                fn()
+                samples[k].append(n_img / (time.perf_counter() - t))
+        rate_a, rate_b, rate_c, rate_d = (statistics.median(samples[k]) for k in "abcd")
         row = {"a_featx_files": rate_a, "b_bare_best": rate_b, "b_best_config": best_cfg, "c_naive_loop": rate_c,
                "d_featx_arrays": rate_d, "a/b": rate_a / rate_b, "a/c": rate_a / rate_c, "d/b": rate_d / rate_b,
-               "featx_batch_size": ext.batch_size_, "sweep": sweep}
+               "samples": samples, "sweep": sweep}
         results["models"][model] = row
-        print(f"\n{model} (featx batch_size={ext.batch_size_}; bare best: batch {best_cfg['batch_size']}, {best_cfg['memory_format']})")
+        tuned = [v for k, v in tuned_batch_sizes().items() if k[0] == ext.model_id_]
+        row["featx_batch_size"] = tuned[-1] if tuned else ext.batch_size_
+        print(f"\n{model} (featx batch_size auto -> {row['featx_batch_size']}; bare best: batch "
+              f"{best_cfg['batch_size']}, {best_cfg['memory_format']}; medians of {args.repeats} interleaved runs)")
         print(f"  {'(a) featx from JPEG files':<40}{rate_a:>8.1f} img/s")
         print(f"  {'(b) bare forward, best config':<40}{rate_b:>8.1f} img/s")
         print(f"  {'(c) naive per-image loop':<40}{rate_c:>8.1f} img/s")

@@ -81,7 +81,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         older ones) and fp32 on the CPU.
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, the
-        fastest of 2, 4, 8 and 16, timed on the first real batches of the
+        fastest of 2, 4, 8 and 16 (4 unless another is 10% faster), timed
+        twice each on the first real batches of the
         first transform of at least 96 images, and remembered per model,
         device and input size for the process (4 until then). Results do not
         depend on it (within 1e-5).
