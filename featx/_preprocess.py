@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -257,32 +256,37 @@ def _jpeg_op():
 _JPEG_OP: Any = False
 
 
-def _open_image(src: Any, draft_size: int | None) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(src, formats=ALLOWED_FORMATS) as img:
-                if draft_size is not None and img.format == "JPEG":
-                    # Decode at a reduced DCT scale when that still leaves at least
-                    # twice the resize target: near-identical after antialiasing.
-                    img.draft("RGB", (draft_size, draft_size))
-                img.load()  # decode now: truncated data fails here, inside this error handling
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb_pil(img)
-        except FileNotFoundError:
-            raise _BadItem("file not found") from None
-        except IsADirectoryError:
-            raise _BadItem("is a directory, not an image file") from None
-        except PermissionError:
-            raise _BadItem("permission denied") from None
-        except UnidentifiedImageError:
-            raise _BadItem(
-                f"not a recognised image format (featx reads {', '.join(ALLOWED_FORMATS)}; is it really an image?)"
-            ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _BadItem(f"image too large (decompression bomb guard): {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-            raise _BadItem(f"corrupt or truncated image data ({exc})") from None
+def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
+    """Decode image-file bytes with Pillow under featx's rules (files are read by the caller).
+
+    Images over ``Image.MAX_IMAGE_PIXELS`` are refused from their header,
+    before any pixel is allocated (Pillow itself only warns up to twice the
+    limit; a warnings filter is not used here because decoding runs in
+    threads and ``warnings.catch_warnings`` is not thread-safe).
+    """
+    try:
+        with Image.open(src, formats=ALLOWED_FORMATS) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.size[0] * img.size[1] > limit:
+                raise _BadItem(
+                    f"image too large (decompression bomb guard): {img.size[0]} x {img.size[1]} pixels is over "
+                    f"Pillow's limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+                )
+            if draft_size is not None and img.format == "JPEG":
+                # Decode at a reduced DCT scale when that still leaves at least
+                # twice the resize target: near-identical after antialiasing.
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # decode now: truncated data fails here, inside this error handling
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb_pil(img)
+    except UnidentifiedImageError:
+        raise _BadItem(
+            f"not a recognised image format (featx reads {', '.join(ALLOWED_FORMATS)}; is it really an image?)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise _BadItem(f"image too large (decompression bomb guard): {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise _BadItem(f"corrupt or truncated image data ({exc})") from None
 
 
 def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
