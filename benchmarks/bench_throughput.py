@@ -1,6 +1,7 @@
 """Throughput of featx against the bare model and a naive loop, and peak memory for N vs 4N images.
 
-    python benchmarks/bench_throughput.py [--n 256] [--device cpu] [--models efficientnet_lite0,resnet50]
+    python benchmarks/bench_throughput.py [--n 256] [--device cpu] [--models efficientnet_lite0,resnet18,resnet50]
+                                          [--backends torch,onnxruntime]
 
 On the same real JPEG files (500x375 crops of scikit-image's photographs), in
 one run, per backbone, it prints images/s for:
@@ -11,9 +12,12 @@ one run, per backbone, it prints images/s for:
   (c) a naive per-image loop (PIL open, torchvision transforms, model(x[None]));
   (d) featx on pre-decoded arrays (full-size uint8 images in memory);
 
-and the ratios a/b, a/c, d/b; then the peak resident memory of a fresh process
-running featx on N and on 4N images. Timings are medians of --repeats runs.
-Results go to a JSON file as well.
+and the ratios a/b, a/c, d/b. With several --backends, (a) and (d) are
+measured for each (e.g. ``a[onnxruntime]/b``: featx with ONNX Runtime from
+files against the best *eager PyTorch* bare forward pass). Then the peak
+resident memory of a fresh process running featx on N and on 4N images, into
+an in-memory matrix and streamed to a memory-mapped .npy file. Timings are
+medians of --repeats runs, interleaved. Results go to a JSON file as well.
 """
 
 from __future__ import annotations
@@ -98,23 +102,27 @@ def _naive_loop(module, cfg, paths, device) -> None:
 
 
 _RSS_CHILD = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, resource, sys, tempfile
     from featx import PretrainedFeatureExtractor
     paths = json.load(open(sys.argv[1]))
-    ext = PretrainedFeatureExtractor(sys.argv[2], weights=None if sys.argv[2] == "resnet50" else "DEFAULT",
+    model = sys.argv[2]
+    ext = PretrainedFeatureExtractor(model, weights="DEFAULT" if model.startswith("efficientnet_lite") else None,
                                      device=sys.argv[3], progress=False).fit()
     ext.transform(paths[:8])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = ext.transform(paths)
+    if sys.argv[4] == "npy":
+        out = ext.transform_to_npy(paths, os.path.join(tempfile.mkdtemp(), "features.npy"))
+    else:
+        out = ext.transform(paths)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"base_kib": base, "peak_kib": peak, "out_bytes": out.nbytes}))
 """)
 
 
-def _peak_rss(model: str, paths: list[str], device: str) -> dict:
+def _peak_rss(model: str, paths: list[str], device: str, mode: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(paths, f)
-    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device, mode], capture_output=True, text=True, check=True)
     os.unlink(f.name)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -123,7 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default="efficientnet_lite0,resnet50")
+    ap.add_argument("--models", default="efficientnet_lite0,resnet18,resnet50")
+    ap.add_argument("--backends", default="torch,onnxruntime",
+                    help="comma-separated featx backends to measure (torch, onnxruntime, torch.compile)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "featx-bench-jpegs"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_throughput.json"))
@@ -142,12 +152,16 @@ def main() -> None:
     print(f"featx throughput: {len(paths)} JPEGs 500x375, device {device}; {machine}")
     results = {"n_images": len(paths), "device": str(device), "machine": machine, "models": {}}
 
+    backends = args.backends.split(",")
     for model in args.models.split(","):
-        weights = None if model == "resnet50" else "DEFAULT"
+        weights = "DEFAULT" if model.startswith("efficientnet_lite") else None
         bb = build_backbone(model, weights)
-        ext = PretrainedFeatureExtractor(model, weights=weights, device=str(device), progress=False).fit()
-        cfg = ext.preprocess_
-        ext.transform(paths)  # warm-up; also lets batch_size="auto" tune itself
+        exts = {}
+        for backend in backends:
+            exts[backend] = PretrainedFeatureExtractor(model, weights=weights, device=str(device), progress=False,
+                                                       backend=backend).fit()
+            exts[backend].transform(paths)  # warm-up: export/compile, and batch_size="auto" tuning
+        cfg = exts[backends[0]].preprocess_
 
         best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 32), args.repeats)
         # The sweep's maximum is biased upwards on a noisy machine; the figures
@@ -155,44 +169,55 @@ def main() -> None:
         bare = _bare_runner(bb.module, cfg, device, len(paths), best_cfg["memory_format"], best_cfg["batch_size"])
         naive_n = min(len(paths), 64)
         naive_model = build_backbone(model, weights).module.to(device).eval()
-        runs = {"a": (lambda: ext.transform(paths), len(paths)), "b": (bare, len(paths)),
-                "d": (lambda: ext.transform(arrays), len(paths)),
+        runs = {"b": (bare, len(paths)),
                 "c": (lambda: _naive_loop(naive_model, cfg, paths[:naive_n], device), naive_n)}
+        for backend, ext in exts.items():
+            runs[f"a[{backend}]"] = (lambda ext=ext: ext.transform(paths), len(paths))
+            runs[f"d[{backend}]"] = (lambda ext=ext: ext.transform(arrays), len(paths))
         samples = {k: [] for k in runs}
         for _ in range(args.repeats):
             for k, (fn, n_img) in runs.items():
                 t = time.perf_counter()
                 fn()
                 samples[k].append(n_img / (time.perf_counter() - t))
-        rate_a, rate_b, rate_c, rate_d = (statistics.median(samples[k]) for k in "abcd")
-        row = {"a_featx_files": rate_a, "b_bare_best": rate_b, "b_best_config": best_cfg, "c_naive_loop": rate_c,
-               "d_featx_arrays": rate_d, "a/b": rate_a / rate_b, "a/c": rate_a / rate_c, "d/b": rate_d / rate_b,
-               "samples": samples, "sweep": sweep}
+        rate = {k: statistics.median(v) for k, v in samples.items()}
+        rate_b, rate_c = rate["b"], rate["c"]
+        row = {"b_bare_best": rate_b, "b_best_config": best_cfg, "c_naive_loop": rate_c, "samples": samples,
+               "sweep": sweep, "backends": {}}
         results["models"][model] = row
-        tuned = [v for k, v in tuned_batch_sizes().items() if k[0] == ext.model_id_]
-        row["featx_batch_size"] = tuned[-1] if tuned else ext.batch_size_
-        print(f"\n{model} (featx batch_size auto -> {row['featx_batch_size']}; bare best: batch "
-              f"{best_cfg['batch_size']}, {best_cfg['memory_format']}; medians of {args.repeats} interleaved runs)")
-        print(f"  {'(a) featx from JPEG files':<40}{rate_a:>8.1f} img/s")
-        print(f"  {'(b) bare forward, best config':<40}{rate_b:>8.1f} img/s")
-        print(f"  {'(c) naive per-image loop':<40}{rate_c:>8.1f} img/s")
-        print(f"  {'(d) featx from decoded arrays':<40}{rate_d:>8.1f} img/s")
-        print(f"  a/b = {rate_a / rate_b:.2f}   a/c = {rate_a / rate_c:.2f}   d/b = {rate_d / rate_b:.2f}")
+        tuned = {k[-1]: v for k, v in tuned_batch_sizes().items() if k[0] == exts[backends[0]].model_id_}
+        print(f"\n{model} (bare best: batch {best_cfg['batch_size']}, {best_cfg['memory_format']}; "
+              f"medians of {args.repeats} interleaved runs)")
+        print(f"  {'(b) bare eager forward, best config':<44}{rate_b:>8.1f} img/s")
+        print(f"  {'(c) naive per-image loop':<44}{rate_c:>8.1f} img/s")
+        for backend, ext in exts.items():
+            ra, rd = rate[f"a[{backend}]"], rate[f"d[{backend}]"]
+            bs = tuned.get(ext.backend_, ext.batch_size_)
+            row["backends"][backend] = {"used": ext.backend_, "batch_size": bs, "a_featx_files": ra,
+                                        "d_featx_arrays": rd, "a/b": ra / rate_b, "a/c": ra / rate_c,
+                                        "d/b": rd / rate_b}
+            label = f"{backend}" + ("" if ext.backend_ == backend else f" (fell back to {ext.backend_})")
+            print(f"  {'(a) featx from JPEG files, ' + label:<44}{ra:>8.1f} img/s   batch {bs}")
+            print(f"  {'(d) featx from decoded arrays, ' + label:<44}{rd:>8.1f} img/s")
+            print(f"      {backend}: a/b = {ra / rate_b:.2f}   a/c = {ra / rate_c:.2f}   d/b = {rd / rate_b:.2f}")
 
     if not args.no_rss:
         model = args.models.split(",")[0]
         paths4, _ = make_jpegs(args.data, 4 * args.n)
-        small = _peak_rss(model, paths4[: args.n], args.device)
-        big = _peak_rss(model, paths4, args.device)
-        extra_out = big["out_bytes"] - small["out_bytes"]
-        growth = (big["peak_kib"] - small["peak_kib"]) * 1024
-        allowed = extra_out + 0.10 * small["peak_kib"] * 1024
-        results["peak_rss"] = {"model": model, "N": args.n, "N_peak_mib": small["peak_kib"] / 1024,
-                               "4N_peak_mib": big["peak_kib"] / 1024, "extra_output_mib": extra_out / 2**20,
-                               "growth_mib": growth / 2**20, "allowed_mib": allowed / 2**20}
-        print(f"\npeak RSS ({model}): N={args.n}: {small['peak_kib'] / 1024:.0f} MiB; 4N={4 * args.n}: "
-              f"{big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra output matrix "
-              f"{extra_out / 2**20:.1f} MiB + 10% of N's peak = {allowed / 2**20:.0f} MiB allowed")
+        results["peak_rss"] = {}
+        for mode in ("memory", "npy"):
+            small = _peak_rss(model, paths4[: args.n], args.device, mode)
+            big = _peak_rss(model, paths4, args.device, mode)
+            extra_out = big["out_bytes"] - small["out_bytes"]
+            growth = (big["peak_kib"] - small["peak_kib"]) * 1024
+            allowed = extra_out + 0.10 * small["peak_kib"] * 1024
+            results["peak_rss"][mode] = {"model": model, "N": args.n, "N_peak_mib": small["peak_kib"] / 1024,
+                                         "4N_peak_mib": big["peak_kib"] / 1024, "extra_output_mib": extra_out / 2**20,
+                                         "growth_mib": growth / 2**20, "allowed_mib": allowed / 2**20}
+            where = "in-memory matrix" if mode == "memory" else "transform_to_npy (memory-mapped file)"
+            print(f"\npeak RSS ({model}, {where}): N={args.n}: {small['peak_kib'] / 1024:.0f} MiB; "
+                  f"4N={4 * args.n}: {big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra "
+                  f"output matrix {extra_out / 2**20:.1f} MiB + 10% of N's peak = {allowed / 2**20:.0f} MiB allowed")
     write_results(args.out, results)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._exceptions import CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
+from ._exceptions import BackendWarning, CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "FeatxWarning",
     "DeviceWarning",
     "CacheWarning",
+    "BackendWarning",
     "__version__",
 ]
 

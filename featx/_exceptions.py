@@ -10,6 +10,7 @@ __all__ = [
     "FeatxWarning",
     "DeviceWarning",
     "CacheWarning",
+    "BackendWarning",
     "ImageLoadWarning",
     "ImageLoadError",
     "ModelLoadError",
@@ -26,6 +27,10 @@ class DeviceWarning(FeatxWarning):
 
 class CacheWarning(FeatxWarning):
     """The embedding cache could not be read or written; work goes on without it."""
+
+
+class BackendWarning(FeatxWarning):
+    """A requested inference backend could not be used; featx fell back to eager PyTorch."""
 
 
 class ImageLoadWarning(FeatxWarning):

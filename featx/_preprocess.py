@@ -206,14 +206,8 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def _fast_jpeg(data: bytes, draft_size: int | None) -> torch.Tensor | None:
-    """Decode a plain 8-bit RGB/grayscale JPEG with torchvision (libjpeg-turbo, GIL released).
-
-    It gives the same pixels as Pillow at about 1.5x the speed. Anything
-    unusual (CMYK, 12-bit, no end-of-image marker, more pixels than Pillow
-    allows, or big enough for Pillow's DCT-domain downscaling to pay) returns
-    None, and Pillow handles it with featx's usual rules and error messages.
-    """
+def _plain_jpeg(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a plain 8-bit RGB/grayscale JPEG within the pixel limit, else None."""
     if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:]:
         return None
     frame = _jpeg_frame(data)
@@ -223,13 +217,48 @@ def _fast_jpeg(data: bytes, draft_size: int | None) -> torch.Tensor | None:
     limit = Image.MAX_IMAGE_PIXELS
     if precision != 8 or comps not in (1, 3) or h * w == 0 or (limit and h * w > limit):
         return None
-    if draft_size is not None and min(h, w) // 2 >= draft_size:
+    return h, w
+
+
+def _fast_jpeg(data: bytes, draft_size: int | None) -> torch.Tensor | None:
+    """Decode a plain 8-bit RGB/grayscale JPEG with torchvision (libjpeg-turbo, GIL released).
+
+    It gives the same pixels as Pillow at about 1.5x the speed. Anything
+    unusual (CMYK, 12-bit, no end-of-image marker, more pixels than Pillow
+    allows, or big enough for Pillow's DCT-domain downscaling to pay) returns
+    None, and Pillow handles it with featx's usual rules and error messages.
+    """
+    size = _plain_jpeg(data)
+    if size is None or (draft_size is not None and min(size) // 2 >= draft_size):
         return None
     op = _jpeg_op()
     if op is None:
         return None
     try:
         return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, True)
+    except RuntimeError:
+        return None
+
+
+def _device_jpeg(data: bytes, device: torch.device) -> torch.Tensor | None:
+    """Decode a plain JPEG on ``device`` (nvJPEG on CUDA), or None to use the CPU path.
+
+    The CUDA decoder ignores EXIF orientation, so rotated photos go through
+    the CPU path, as do the JPEGs :func:`_fast_jpeg` leaves to Pillow.
+    """
+    if _plain_jpeg(data) is None or _jpeg_op() is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.getexif().get(0x0112, 1) != 1:
+                return None
+    except Exception:
+        return None
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        if device.type == "cuda":
+            return torch.ops.image.decode_jpegs_cuda([t], _RGB_MODE, device)[0]
+        return _jpeg_op()(t, _RGB_MODE, False).to(device)
     except RuntimeError:
         return None
 
@@ -321,8 +350,12 @@ def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def load_item(item: Any, draft_size: int | None = None) -> torch.Tensor:
-    """One item -> a C x H x W tensor, uint8 or float32 in [0, 1], RGB."""
+def load_item(item: Any, draft_size: int | None = None, decode_device: torch.device | None = None) -> torch.Tensor:
+    """One item -> a C x H x W tensor, uint8 or float32 in [0, 1], RGB.
+
+    With ``decode_device``, plain JPEGs are decoded there (the result lives on
+    that device); everything else is decoded on the CPU.
+    """
     if item is None:
         raise _BadItem("item is None")
     if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
@@ -338,7 +371,7 @@ def load_item(item: Any, draft_size: int | None = None) -> torch.Tensor:
                 raise _BadItem("permission denied") from None
         else:
             data = bytes(item)
-        fast = _fast_jpeg(data, draft_size)
+        fast = _device_jpeg(data, decode_device) if decode_device is not None else _fast_jpeg(data, draft_size)
         if fast is not None:
             return fast
         arr = _open_image(io.BytesIO(data), draft_size)
@@ -400,11 +433,13 @@ class ImageDataset(torch.utils.data.Dataset):
     one clear :class:`featx.ImageLoadError` there.
     """
 
-    def __init__(self, items: Items, indices: np.ndarray, cfg: dict[str, Any]):
+    def __init__(self, items: Items, indices: np.ndarray, cfg: dict[str, Any],
+                 decode_device: torch.device | None = None):
         self.items = items
         self.indices = indices
         self.cfg = cfg
         self.draft_size = 2 * cfg["resize_size"] if cfg.get("draft", True) else None
+        self.decode_device = decode_device  # decode JPEGs there and hand over tensors on it
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -418,8 +453,11 @@ class ImageDataset(torch.utils.data.Dataset):
             elif self.items.kind == "torch_batch":
                 img = load_item(item)
             else:
-                img = load_item(item, self.draft_size)
-            return i, resize_crop(img, self.cfg), None
+                img = load_item(item, self.draft_size, self.decode_device)
+            img = resize_crop(img, self.cfg)
+            if self.decode_device is not None:
+                img = img.to(self.decode_device)
+            return i, img, None
         except _BadItem as exc:
             return i, None, str(exc)
         except Exception as exc:  # anything else still names the item in the main process

@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import nn
 from ._backbones import Backbone
 from ._cache import FORMAT_VERSION, EmbeddingCache, content_key
 from ._device import autocast
+from ._engines import build_engine, graph_key, onnx_path
 from ._exceptions import DeviceWarning, ImageLoadError
 from ._loading import PARALLEL, batches
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
@@ -144,8 +146,14 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
 class Runner:
     """A fitted extractor's private backbone on its device, with its layer captures."""
 
-    def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict):
+    def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
+                 backend: str = "torch", onnx_dir: Path | None = None, namespace: str = "", threads: int = 0,
+                 gpu_decode: bool = False):
         self.module = place(module, device)
+        self.decode_device = device if gpu_decode else None
+        self.backend = backend  # requested; becomes "torch" if the requested one cannot run
+        self._engine_args = (onnx_dir, namespace, threads or (os.cpu_count() or 1))
+        self._engines: dict[bool, Any] = {}
         self.plan = plan
         self.device = device
         self.dtype = dtype
@@ -163,7 +171,24 @@ class Runner:
             cap = self._captures[store_all] = LayerCapture(self.module, targets, parts, p.gem_p)
         return cap
 
+    def engine(self, store_all: bool):
+        """The callable that runs the capture (eager, compiled or ONNX Runtime)."""
+        fn = self._engines.get(store_all)
+        if fn is None:
+            cap = self.capture(store_all)
+            onnx_dir, ns, threads = self._engine_args
+            path = None
+            if self.backend == "onnxruntime":
+                fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
+                path = onnx_path(onnx_dir, graph_key(ns, fields, tuple(self.cfg["input_size"])))
+            self.backend, fn = build_engine(self.backend, cap, onnx_file=path,
+                                            input_size=tuple(self.cfg["input_size"]), threads=threads)
+            self._engines[store_all] = fn
+        return fn
+
     def workers(self, n: int, opts: RunOptions) -> int:
+        if self.decode_device is not None:
+            return 0  # decoding on the GPU happens in this process (CUDA does not survive fork)
         if opts.num_workers != "auto":
             return int(opts.num_workers)
         if n < 2 * opts.batch_size:
@@ -181,18 +206,21 @@ class Runner:
         features are the same as in an unsplit run.
         """
         x = batch.to(self.device, non_blocking=True)
-        x = normalize_batch(x, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        x = normalize_batch(x, self.mean, self.std)
+        if self.backend != "onnxruntime":
+            x = x.contiguous(memory_format=torch.channels_last)
         cap = self.capture(store_all)
+        engine = self.engine(store_all)
         chunks = []
         for start in range(0, x.shape[0], self.max_chunk or x.shape[0]):
-            chunks.append(self._forward_chunk(cap, x[start:start + (self.max_chunk or x.shape[0])]))
+            chunks.append(self._forward_chunk(cap, engine, x[start:start + (self.max_chunk or x.shape[0])]))
         fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
         return {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in fields}
 
-    def _forward_chunk(self, cap: LayerCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward_chunk(self, cap: LayerCapture, engine, x: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
             with autocast(self.device, self.dtype):
-                results = cap.run(x)
+                results = engine(x)
         except torch.OutOfMemoryError:
             if x.shape[0] == 1:
                 raise
@@ -207,8 +235,8 @@ class Runner:
                     stacklevel=4,
                 )
                 self.max_chunk = half
-            a = self._forward_chunk(cap, x[:half])
-            b = self._forward_chunk(cap, x[half:])
+            a = self._forward_chunk(cap, engine, x[:half])
+            b = self._forward_chunk(cap, engine, x[half:])
             return {f: torch.cat([a[f], b[f]]) for f in a}
         return {self.plan.field(t, p): r[p] for t, ps, r in zip(cap.targets, cap.parts, results) for p in ps}
 
@@ -230,14 +258,16 @@ class Runner:
         failed: list[tuple[int, str]] = []
         size = opts.batch_size
         tuner = None
-        if opts.tune_key is not None and self.device.type == "cpu":
+        # torch.compile's first calls at each new shape include compilation: nothing to learn from timing them
+        if opts.tune_key is not None and self.device.type == "cpu" and self.backend != "torch.compile":
             if opts.tune_key in _TUNED:
                 size = _TUNED[opts.tune_key]
             elif len(indices) >= _Tuner.MIN_IMAGES:
                 tuner = _Tuner()
         workers = self.workers(len(indices), opts)
-        loader = batches(ImageDataset(items, indices, self.cfg), _Tuner.STEP if tuner else size, workers, collate,
-                         pin_memory=self.device.type == "cuda")
+        dataset = ImageDataset(items, indices, self.cfg, self.decode_device)
+        loader = batches(dataset, _Tuner.STEP if tuner else size, workers, collate,
+                         pin_memory=self.device.type == "cuda" and self.decode_device is None)
         if tuner is not None:
             loader = _regroup(loader, lambda: tuner.target() if not tuner.done else size)
         store_all = sink is not None

@@ -85,9 +85,7 @@ def _write_features(path: Path, feats, paths: list[str], names) -> None:
     import numpy as np
 
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        np.save(path, feats)
-    elif suffix == ".npz":
+    if suffix == ".npz":
         np.savez(path, features=feats, paths=np.asarray(paths), feature_names=np.asarray(names, dtype=str))
     elif suffix in (".csv", ".parquet"):
         import pandas as pd
@@ -116,13 +114,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     ext = PretrainedFeatureExtractor(
         args.model, weights=weights, layers=layers, pooling=args.pooling, device=args.device,
         batch_size=args.batch_size if args.batch_size else "auto", cache=cache,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, backend=args.backend,
     )
     start = time.perf_counter()
-    feats = ext.fit_transform(paths)
+    ext.fit(paths)
+    if out.suffix.lower() == ".npy":  # streamed into a memory-mapped file: any number of images
+        feats = ext.transform_to_npy(paths, out)
+    else:
+        feats = ext.transform(paths)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_features(out, feats, paths, ext.get_feature_names_out())
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_features(out, feats, paths, ext.get_feature_names_out())
     stats = last_run()
     print(f"{len(paths)} images, {feats.shape[1]} features, {seconds:.1f} s, "
           f"{len(paths) / max(seconds, 1e-9):.1f} images/s, cache hits {stats.cache_hits} -> {out}")
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory")
+    p.add_argument("--backend", default="torch", choices=["torch", "torch.compile", "onnxruntime", "auto"],
+                   help="inference backend (default: torch; onnxruntime needs featx[onnx])")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_extract)
 

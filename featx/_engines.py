@@ -1,0 +1,220 @@
+"""Inference backends: what runs the truncated backbone on a normalised batch.
+
+Every engine maps an ``(N, 3, H, W)`` float32 batch to the pooled fields of a
+:class:`~featx._layers.LayerCapture`: ``[{part: (N, d) tensor}]`` per target.
+
+- ``torch``: eager PyTorch with forward hooks (the reference);
+- ``torch.compile``: the same capture compiled by TorchInductor (the first
+  batch pays the compilation; a failure falls back to eager with a warning);
+- ``onnxruntime``: the truncated graph (the backbone up to the deepest
+  requested layer, plus the pooling) exported once to ONNX with a dynamic
+  batch axis, stored in ``<cache dir>/onnx/`` under a digest of everything
+  that defines it, and run by ONNX Runtime's CPU provider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._exceptions import BackendWarning
+from ._layers import LayerCapture
+
+__all__ = ["BACKENDS", "resolve_backend", "build_engine", "graph_key", "onnx_path"]
+
+BACKENDS = ("torch", "torch.compile", "onnxruntime", "auto")
+
+#: ONNX opset of exported graphs (supported by every ONNX Runtime >= 1.14).
+OPSET = 17
+#: Largest difference from eager PyTorch accepted, relative to the largest value.
+RTOL = 1e-4
+
+Engine = Callable[[torch.Tensor], list]
+
+
+def _ort_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """The backend a fitted extractor will use (``"auto"`` resolved; impossible requests refused)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid. It must be one of {list(BACKENDS)}.")
+    if backend == "auto":
+        return "onnxruntime" if device.type == "cpu" and dtype is None and _ort_installed() else "torch"
+    if backend == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(
+                f"backend='onnxruntime' runs on the CPU only, but device={str(device)!r}. "
+                "Use backend='torch' (or 'auto') on GPUs, or device='cpu'."
+            )
+        if dtype is not None:
+            raise ValueError(
+                "backend='onnxruntime' computes in fp32; use precision='fp32' (or 'auto') with it, "
+                "or backend='torch' for bf16."
+            )
+        if not _ort_installed():
+            raise ImportError(
+                "backend='onnxruntime' needs the onnx and onnxruntime packages: pip install 'featx[onnx]'"
+            )
+    return backend
+
+
+def onnx_path(root: Path, key: str) -> Path:
+    """Where the exported graph for ``key`` lives."""
+    return root / "onnx" / f"{key}.onnx"
+
+
+class _Truncated(nn.Module):
+    """The capture as a module returning a flat tuple of pooled tensors (what gets exported)."""
+
+    def __init__(self, cap: LayerCapture):
+        super().__init__()
+        self.backbone = cap.module
+        self._cap = cap
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        results = self._cap.run(x)
+        return tuple(r[p] for r, ps in zip(results, self._cap.parts) for p in ps)
+
+
+def _export(cap: LayerCapture, input_size: tuple[int, int], path: Path) -> None:
+    """Trace the truncated forward pass and write it to ``path`` atomically.
+
+    Tracing records only the operations that ran, so the layers after the
+    deepest requested one (skipped by the capture) are not in the graph.
+    Concurrent exporters each write a private temporary file and rename it
+    into place; the last rename wins and every reader sees a whole file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(2, 3, *input_size)
+    module = _Truncated(cap).eval()
+    n_out = sum(len(ps) for ps in cap.parts)
+    names = [f"f{i}" for i in range(n_out)]
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            with torch.no_grad():
+                torch.onnx.export(
+                    module, (x,), tmp, dynamo=False, opset_version=OPSET, input_names=["x"], output_names=names,
+                    dynamic_axes={"x": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _ort_engine(cap: LayerCapture, path: Path, input_size: tuple[int, int], threads: int) -> Engine:
+    import onnxruntime as ort
+
+    if not path.exists():
+        _export(cap, input_size, path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads sleep instead of spinning, leaving the cores to the
+    # decoders between forward passes (resnet18, 2 cores: 47 vs 45 img/s).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # a damaged file (e.g. a disk filled up mid-write elsewhere): export again, once
+        _export(cap, input_size, path)
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    n_out = sum(len(ps) for ps in cap.parts)
+    names = [o.name for o in session.get_outputs()]
+    if len(names) != n_out:
+        raise RuntimeError(f"the ONNX graph at {path} has {len(names)} outputs, expected {n_out}")
+    parts = cap.parts
+
+    def run(x: torch.Tensor) -> list:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        outs = iter(session.run(names, {"x": arr}))
+        return [{p: torch.from_numpy(next(outs)) for p in ps} for ps in parts]
+
+    _check_against_eager(cap, run, input_size)
+    return run
+
+
+def _check_against_eager(cap: LayerCapture, run: Engine, input_size: tuple[int, int]) -> None:
+    """Compare the engine with eager PyTorch on a batch of a size other than the traced one.
+
+    Tracing bakes in whatever it cannot follow (a detour through numpy, a
+    data-dependent branch, a batch size turned into a constant) and only
+    warns; this catches such graphs before they give wrong features.
+    """
+    x = torch.rand(3, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = cap.run(x.contiguous(memory_format=torch.channels_last))
+    got = run(x)
+    for w, g in zip(want, got):
+        for p, ref in w.items():
+            ref = ref.float()
+            err = float((g[p].float() - ref).abs().max())
+            scale = max(float(ref.abs().max()), 1e-6)
+            if g[p].shape != ref.shape or not err <= RTOL * scale:
+                raise RuntimeError(
+                    f"the exported graph disagrees with PyTorch (max difference {err:.3g} for values up to "
+                    f"{scale:.3g}); the model likely has steps tracing cannot capture"
+                )
+
+
+def _compiled_engine(cap: LayerCapture) -> Engine:
+    compiled = torch.compile(cap.run, dynamic=None)
+    state = {"fn": compiled}
+
+    def run(x: torch.Tensor) -> list:
+        try:
+            return state["fn"](x)
+        except Exception as exc:  # no C++ compiler, an unsupported op, ...: eager from now on
+            if state["fn"] is cap.run:
+                raise
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "running eager PyTorch instead.",
+                BackendWarning,
+                stacklevel=2,
+            )
+            state["fn"] = cap.run
+            return cap.run(x)
+
+    return run
+
+
+def build_engine(backend: str, cap: LayerCapture, *, onnx_file: Path | None, input_size: tuple[int, int],
+                 threads: int) -> tuple[str, Engine]:
+    """``(backend actually used, engine)``; an export failure falls back to eager with one warning."""
+    if backend == "torch.compile":
+        return backend, _compiled_engine(cap)
+    if backend == "onnxruntime":
+        assert onnx_file is not None
+        try:
+            return backend, _ort_engine(cap, onnx_file, input_size, threads)
+        except Exception as exc:
+            warnings.warn(
+                f"could not run this model with ONNX Runtime ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); using eager PyTorch instead.",
+                BackendWarning,
+                stacklevel=2,
+            )
+    return "torch", cap.run
+
+
+def graph_key(namespace: str, fields: list[str], input_size: tuple[int, int]) -> str:
+    """Digest naming an exported graph: the embedding namespace + the fields it computes + the opset."""
+    text = "|".join([namespace, ",".join(fields), f"{input_size[0]}x{input_size[1]}", f"opset{OPSET}",
+                     torch.__version__.split("+")[0]])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
