@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PretrainedFeatureExtractor": "._extractor",
+    "FineTunedClassifier": "._finetune",
     "list_layers": "._inspect",
     "LayerInfo": "._layers",
     "load_image_folder": ".datasets",
@@ -26,6 +27,7 @@ _LAZY = {
 
 __all__ = [
     "PretrainedFeatureExtractor",
+    "FineTunedClassifier",
     "list_layers",
     "LayerInfo",
     "load_image_folder",
@@ -56,6 +58,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._extractor import PretrainedFeatureExtractor
+    from ._finetune import FineTunedClassifier
     from ._inspect import list_layers
     from ._layers import LayerInfo
     from .datasets import load_image_folder, make_demo_folder

@@ -563,7 +563,11 @@ def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
     if source == "featx" and name not in OFFLINE_MODELS:
         raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
     builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision}[source]
-    template = builder(name, weights)
+    # Seeded: weights=None gives the same random initialisation in every
+    # process (a reproducible baseline), without touching the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        template = builder(name, weights)
     _freeze(template.module)
     template.digest = weights_digest(template.module)
     template.shared = True

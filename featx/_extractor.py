@@ -22,7 +22,7 @@ from ._engines import resolve_backend
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import resolve_layers
 from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
-from ._preprocess import as_items, item_path
+from ._preprocess import TTA_VIEWS, as_items, item_path
 from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_template, transform_cached
 
 __all__ = ["PretrainedFeatureExtractor"]
@@ -51,7 +51,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         offline models, torchvision's ``DEFAULT`` enum member, timm's weights
         for the tag in the name, or the module's own weights). A torchvision
         enum member name such as ``"IMAGENET1K_V2"``. ``None``: random
-        initialisation. A path to a local ``.pt``/``.pth``/``.safetensors``
+        initialisation, seeded, so the same in every process. A path to a local ``.pt``/``.pth``/``.safetensors``
         state_dict, loaded with ``torch.load(..., weights_only=True)``.
     layers : str, list of str or None, default=None
         Which layers to read. None is ``"pre_logits"``: the global-pooled
@@ -139,6 +139,16 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         cannot decode as fast as the GPU computes. nvJPEG's pixels may differ
         from libjpeg-turbo's by a grey level, which the cache does not
         distinguish. Refused on other devices.
+    tta : {None, "hflip", "five_crop", "ten_crop", "multiscale"}, default=None
+        Test-time augmentation: each image's features are the average over
+        several views, run through the backbone in the same batch. The
+        backbone cost is multiplied by the number of views: ``"hflip"`` (2:
+        the center crop and its mirror image), ``"five_crop"`` (5: four
+        corners and the center of the resized image), ``"ten_crop"`` (10:
+        those and their mirror images), ``"multiscale"`` (3: center crops
+        after resizing the shorter side to 0.875, 1 and 1.25 times
+        ``resize_size``). The views are part of the cache key. Not with
+        ``pooling="flatten"``.
 
     Attributes
     ----------
@@ -207,6 +217,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         progress: bool | None = None,
         backend: str = "torch",
         gpu_decode: bool = False,
+        tta: str | None = None,
     ):
         self.model = model
         self.weights = weights
@@ -223,6 +234,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.progress = progress
         self.backend = backend
         self.gpu_decode = gpu_decode
+        self.tta = tta
 
     # ------------------------------------------------------------- validation
 
@@ -241,6 +253,13 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             raise ValueError(f"num_workers={self.num_workers!r} is invalid. Use 'auto' or an int >= 0.")
         if self.on_error not in ("raise", "nan"):
             raise ValueError(f"on_error={self.on_error!r} is invalid. Use 'raise' or 'nan'.")
+        if self.tta not in TTA_VIEWS:
+            raise ValueError(f"tta={self.tta!r} is invalid. It must be one of {list(TTA_VIEWS)}.")
+        if self.tta is not None and self.pooling == "flatten":
+            raise ValueError(
+                f"tta={self.tta!r} averages pooled features over views; it cannot be combined with "
+                "pooling='flatten' (spatial maps of flipped or shifted views do not line up). Use 'avg' or 'gem'."
+            )
         if self.progress not in (None, True, False):
             raise ValueError(f"progress={self.progress!r} is invalid. Use True, False or None (auto).")
 
@@ -338,7 +357,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             workers = self.num_workers if self.num_workers != "auto" else 0
             self._runner = Runner(module, self._plan, self.device_, self.autocast_dtype_, self.preprocess_,
                                   backend=self.backend_, onnx_dir=onnx_dir, namespace=ns or "",
-                                  threads=max(1, cores - int(workers)), gpu_decode=bool(self.gpu_decode))
+                                  threads=max(1, cores - int(workers)), gpu_decode=bool(self.gpu_decode),
+                                  tta=self.tta)
         return self._runner
 
     # -------------------------------------------------------------- transform
@@ -492,6 +512,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("backend", "torch")  # pickled before these parameters existed
         state.setdefault("gpu_decode", False)
+        state.setdefault("tta", None)
         if "n_features_out_" in state:
             state.setdefault("backend_", "torch")
         if isinstance(state.get("model"), _ModuleState):

@@ -401,15 +401,17 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def resize_crop(img: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    """Resize the shorter side to ``resize_size`` and center-crop ``input_size``."""
+def resize_shorter(img: torch.Tensor, cfg: dict[str, Any], size: int | None = None) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (default ``resize_size``), antialiased.
+
+    A very elongated image is first cut to the centre that the crop will keep
+    (plus a margin), so a 10000 x 3 strip is not blown up to millions of pixels.
+    """
     h, w = img.shape[-2:]
-    rs = cfg["resize_size"]
+    rs = cfg["resize_size"] if size is None else size
     ch, cw = cfg["input_size"]
     short, long_ = min(h, w), max(h, w)
     if long_ * rs / short > _MAX_ASPECT_BEFORE_PRECROP * max(ch, cw):
-        # Keep only the centre that survives the crop (plus margin), so a
-        # 10000 x 3 strip is not blown up to millions of pixels.
         keep = int(np.ceil(max(ch, cw) * short / rs)) + 2 * int(np.ceil(short / rs)) + 2
         if h > w:
             top = (h - keep) // 2
@@ -417,12 +419,50 @@ def resize_crop(img: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
         else:
             left = (w - keep) // 2
             img = img[..., :, left:left + keep]
-    interp = _INTERP[cfg["interpolation"]]
-    out = TF.resize(img, [rs], interpolation=interp, antialias=True)
-    out = TF.center_crop(out, [ch, cw])
-    if out.dtype.is_floating_point:
-        out = out.clamp_(0.0, 1.0)
-    return out
+    return TF.resize(img, [rs], interpolation=_INTERP[cfg["interpolation"]], antialias=True)
+
+
+def _clamped(out: torch.Tensor) -> torch.Tensor:
+    return out.clamp_(0.0, 1.0) if out.dtype.is_floating_point else out
+
+
+def resize_crop(img: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Resize the shorter side to ``resize_size`` and center-crop ``input_size``."""
+    return _clamped(TF.center_crop(resize_shorter(img, cfg), list(cfg["input_size"])))
+
+
+#: Test-time augmentations: the views each image becomes (features are averaged over them).
+TTA_VIEWS = {None: 1, "hflip": 2, "five_crop": 5, "ten_crop": 10, "multiscale": 3}
+#: Zooms of ``tta="multiscale"``: the shorter side resized to these multiples of ``resize_size``.
+MULTISCALE = (0.875, 1.0, 1.25)
+
+
+def tta_views(img: torch.Tensor, cfg: dict[str, Any], tta: str | None) -> torch.Tensor:
+    """The views of one decoded image for test-time augmentation: ``V x C x H x W``.
+
+    ``hflip``: the center crop and its mirror image. ``five_crop``: the four
+    corner crops and the center crop of the resized image. ``ten_crop``: those
+    and their mirror images. ``multiscale``: center crops after resizing the
+    shorter side to 0.875, 1 and 1.25 times ``resize_size`` (the whole image,
+    the usual view, and a closer look).
+    """
+    size = list(cfg["input_size"])
+    if tta is None:
+        return resize_crop(img, cfg)[None]
+    if tta == "hflip":
+        center = resize_crop(img, cfg)
+        return torch.stack([center, TF.horizontal_flip(center)])
+    if tta in ("five_crop", "ten_crop"):
+        resized = resize_shorter(img, cfg)
+        crops = TF.five_crop(resized, size) if tta == "five_crop" else TF.ten_crop(resized, size)
+        return _clamped(torch.stack(list(crops)))
+    if tta == "multiscale":
+        views = []
+        for zoom in MULTISCALE:
+            rs = max(int(round(zoom * cfg["resize_size"])), *size)
+            views.append(TF.center_crop(resize_shorter(img, cfg, rs), size))
+        return _clamped(torch.stack(views))
+    raise ValueError(f"tta={tta!r} is invalid. It must be one of {list(TTA_VIEWS)}.")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -434,12 +474,13 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Items, indices: np.ndarray, cfg: dict[str, Any],
-                 decode_device: torch.device | None = None):
+                 decode_device: torch.device | None = None, tta: str | None = None):
         self.items = items
         self.indices = indices
         self.cfg = cfg
         self.draft_size = 2 * cfg["resize_size"] if cfg.get("draft", True) else None
         self.decode_device = decode_device  # decode JPEGs there and hand over tensors on it
+        self.tta = tta  # None: one C x H x W crop per item; else V x C x H x W views
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -454,7 +495,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = load_item(item)
             else:
                 img = load_item(item, self.draft_size, self.decode_device)
-            img = resize_crop(img, self.cfg)
+            img = resize_crop(img, self.cfg) if self.tta is None else tta_views(img, self.cfg, self.tta)
             if self.decode_device is not None:
                 img = img.to(self.decode_device)
             return i, img, None
@@ -480,7 +521,7 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[
 
 
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float N x 3 x H x W -> normalised float32."""
+    """uint8 or [0, 1] float ... x 3 x H x W -> normalised float32."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
     else:

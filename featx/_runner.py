@@ -148,8 +148,9 @@ class Runner:
 
     def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
                  backend: str = "torch", onnx_dir: Path | None = None, namespace: str = "", threads: int = 0,
-                 gpu_decode: bool = False):
+                 gpu_decode: bool = False, tta: str | None = None):
         self.module = place(module, device)
+        self.tta = tta
         self.decode_device = device if gpu_decode else None
         self.backend = backend  # requested; becomes "torch" if the requested one cannot run
         self._engine_args = (onnx_dir, namespace, threads or (os.cpu_count() or 1))
@@ -205,7 +206,10 @@ class Runner:
         to one image), and later batches are split the same way; every image's
         features are the same as in an unsplit run.
         """
+        views = batch.shape[1] if batch.ndim == 5 else 0  # N x V x C x H x W: test-time augmentation
         x = batch.to(self.device, non_blocking=True)
+        if views:
+            x = x.flatten(0, 1)
         x = normalize_batch(x, self.mean, self.std)
         if self.backend != "onnxruntime":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -215,7 +219,10 @@ class Runner:
         for start in range(0, x.shape[0], self.max_chunk or x.shape[0]):
             chunks.append(self._forward_chunk(cap, engine, x[start:start + (self.max_chunk or x.shape[0])]))
         fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
-        return {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in fields}
+        out = {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in fields}
+        if views:  # features averaged over each image's views
+            out = {f: v.float().view(-1, views, v.shape[-1]).mean(1) for f, v in out.items()}
+        return out
 
     def _forward_chunk(self, cap: LayerCapture, engine, x: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
@@ -265,7 +272,7 @@ class Runner:
             elif len(indices) >= _Tuner.MIN_IMAGES:
                 tuner = _Tuner()
         workers = self.workers(len(indices), opts)
-        dataset = ImageDataset(items, indices, self.cfg, self.decode_device)
+        dataset = ImageDataset(items, indices, self.cfg, self.decode_device, self.tta)
         loader = batches(dataset, _Tuner.STEP if tuner else size, workers, collate,
                          pin_memory=self.device.type == "cuda" and self.decode_device is None)
         if tuner is not None:
@@ -418,6 +425,8 @@ def namespace_of(est: Any) -> tuple[str, dict]:
         "torch": _major_minor(torch.__version__),
         "library": None if library is None else [library[0], _major_minor(library[1])],
     }
+    if getattr(est, "tta", None) is not None:  # absent otherwise, so plain extractors keep their entries
+        key["tta"] = est.tta
     ns = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     info = dict(key, weights=est.weights_id_, featx=featx.__version__, torch_full=torch.__version__,
                 library_full=None if library is None else list(library))

@@ -144,7 +144,8 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
     result = evaluate_folder(
         folder, model=args.model, layers=args.layers.split(",") if args.layers else None,
         classifiers=tuple(args.classifiers.split(",")), compare=compare, cv=args.cv, cache=cache,
-        device=args.device, log=lambda line: print(line, flush=True),
+        device=args.device, log=lambda line: print(line, flush=True), tta=args.tta, finetune=args.finetune,
+        finetune_params={"max_epochs": args.finetune_epochs, "trainable_from": args.trainable_from},
     )
     print()
     print(format_table(result))
@@ -174,6 +175,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_evaluation(data, args, compare=not args.no_compare)
 
 
+def _int_or_str(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
 def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
@@ -184,6 +189,13 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
     p.add_argument("--cache-dir", help="embedding cache directory (default: $FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--tta", choices=["hflip", "five_crop", "ten_crop", "multiscale"],
+                   help="also evaluate features averaged over test-time augmentation views")
+    p.add_argument("--finetune", action="store_true",
+                   help="also cross-validate a fine-tuned classifier (FineTunedClassifier; slow on a CPU)")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--trainable-from", type=_int_or_str, default=1,
+                   help="stages trained by --finetune: a number of final stages, or a layer name (default 1)")
     p.add_argument("--device", default="auto")
 
 

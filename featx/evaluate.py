@@ -95,6 +95,9 @@ def evaluate_folder(
     layers: list[str] | None = None,
     classifiers: tuple[str, ...] = CLASSIFIERS,
     compare: bool = False,
+    tta: str | None = None,
+    finetune: bool = False,
+    finetune_params: dict | None = None,
     cv: int = 5,
     cache: Any = True,
     device: str = "auto",
@@ -116,6 +119,15 @@ def evaluate_folder(
     compare : bool, default=False
         Also evaluate a random-init backbone of the same architecture and raw
         pixels (16 x 16 RGB), to show what pretraining buys.
+    tta : str or None, default=None
+        Also evaluate frozen features averaged over test-time augmentation
+        views (``"hflip"``, ``"five_crop"``, ``"ten_crop"``, ``"multiscale"``).
+    finetune : bool, default=False
+        Also cross-validate a :class:`featx.FineTunedClassifier` (same folds;
+        its ``fit`` holds out part of each training fold for early stopping).
+    finetune_params : dict or None
+        Parameters of the fine-tuned classifier (default: ``trainable_from=1``,
+        ``max_epochs=10``).
     cv : int, default=5
         Stratified folds (fewer if a class has fewer images).
     cache : None, True or path, default=True
@@ -153,11 +165,13 @@ def evaluate_folder(
     grids = _classifiers()
 
     feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
-    variants = [("pretrained", "DEFAULT")] + ([("random-init", None)] if compare else [])
-    for label, weights in variants:
+    variants = [("pretrained", "DEFAULT", None)] + ([("random-init", None, None)] if compare else [])
+    if tta is not None:
+        variants.append((f"tta {tta}", "DEFAULT", tta))
+    for label, weights, views in variants:
         t = time.perf_counter()
         ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), cache=cache,
-                                         device=device, progress=progress)
+                                         device=device, progress=progress, tta=views)
         feats = ext.fit_transform(paths)
         result.extract_seconds[label] = time.perf_counter() - t
         log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s")
@@ -182,10 +196,12 @@ def evaluate_folder(
                 row = EvalRow(label, clf_name, layer, float(search.cv_results_["mean_test_score"][i]),
                               float(search.cv_results_["std_test_score"][i]),
                               {k.split("__")[-1]: v for k, v in search.best_params_.items()},
-                              time.perf_counter() - t)
+                              time.perf_counter() - t + result.extract_seconds[label])
                 result.rows.append(row)
                 if label == "pretrained" and (best is None or row.mean > best[0].mean):
                     best = (row, search.best_estimator_, X)
+    if finetune:
+        result.rows.append(_finetune_row(model, paths, y, splitter, finetune_params, device, log))
     if best is not None:
         row, est, X = best
         pred = cross_val_predict(clone(est), X, y, cv=splitter)
@@ -194,15 +210,40 @@ def evaluate_folder(
     return result
 
 
+def _finetune_row(model: str, paths: list[str], y: np.ndarray, splitter: Any, params: dict | None, device: str,
+                  log: Callable[[str], None]) -> EvalRow:
+    from sklearn.model_selection import cross_val_score
+
+    from ._finetune import FineTunedClassifier
+
+    kw = {"trainable_from": 1, "max_epochs": 10, "progress": False}
+    kw.update(params or {})
+    clf = FineTunedClassifier(model, device=device, **kw)
+    t = time.perf_counter()
+    scores = cross_val_score(clf, paths, y, cv=splitter)
+    seconds = time.perf_counter() - t
+    log(f"fine-tuned: {splitter.get_n_splits()} folds in {seconds:.1f} s")
+    shown = {k: v for k, v in kw.items() if k != "progress"}
+    return EvalRow("fine-tuned", "finetune", f"from {kw['trainable_from']}", float(scores.mean()),
+                   float(scores.std()), shown, seconds)
+
+
 def format_table(result: EvalResult) -> str:
-    """The results as an aligned text table, best pretrained row marked with '*'."""
-    header = f"{'features':<12} {'classifier':<14} {'layer':<12} {'accuracy':>16}  best parameters"
+    """The results as an aligned text table, best pretrained row marked with '*'.
+
+    ``seconds`` is what the row cost in this run: embedding the images (0 when
+    they came from the cache) plus the cross-validated search; for the
+    fine-tuned row, the cross-validated training.
+    """
+    header = (f"{'features':<16} {'classifier':<14} {'layer':<12} {'accuracy':>16} {'seconds':>8}  "
+              "best parameters")
     lines = [header, "-" * len(header)]
     best = result.best
     for r in sorted(result.rows, key=lambda r: (r.features != "pretrained", r.features, r.classifier)):
         mark = "*" if best and r.features == best["features"] and r.classifier == best["classifier"] and r.layer == best["layer"] else " "
         params = ", ".join(f"{k}={v}" for k, v in r.best_params.items())
-        lines.append(f"{r.features:<12} {r.classifier:<14} {r.layer:<12} {r.mean:>8.3f} ± {r.std:.3f}{mark} {params}")
+        lines.append(f"{r.features:<16} {r.classifier:<14} {r.layer:<12} {r.mean:>8.3f} ± {r.std:.3f}{mark}"
+                     f"{r.seconds:>8.1f}  {params}")
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ def test_evaluate_writes_report(image_folder, tmp_path):
     res = featx("evaluate", image_folder, "--compare", "--cv", "3", "--classifiers", "logreg,rbf_svm",
                 "-o", out, "--cache-dir", tmp_path / "cache")
     assert res.returncode == 0, res.stderr
-    assert "features     classifier" in res.stdout and "best: " in res.stdout
+    assert "features         classifier" in res.stdout and "best: " in res.stdout
     for name in ("accuracy_by_layer.png", "confusion_matrix.png"):
         assert (out / name).read_bytes()[:8] == PNG
     import json
@@ -149,6 +149,36 @@ def test_evaluate_writes_report(image_folder, tmp_path):
     assert data["class_names"] == ["cat", "dog", "fox"] and data["cv_folds"] == 3
     assert {r["features"] for r in data["rows"]} == {"pretrained", "random-init", "raw pixels"}
     assert len(data["confusion"]) == 3 and sum(map(sum, data["confusion"])) == 24
+
+
+def test_evaluate_with_tta_and_fine_tuning(image_folder, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "report"
+    assert main(["evaluate", str(image_folder), "--cv", "2", "--classifiers", "logreg", "--layers", "pre_logits",
+                 "--tta", "hflip", "--finetune", "--finetune-epochs", "1", "-o", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    text = capsys.readouterr().out
+    assert "tta hflip" in text and "fine-tuned" in text and "seconds" in text
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["features"] for r in rows} == {"pretrained", "tta hflip", "fine-tuned"}
+    tuned = next(r for r in rows if r["features"] == "fine-tuned")
+    assert tuned["best_params"] == {"trainable_from": 1, "max_epochs": 1} and 0 <= tuned["mean"] <= 1
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_extract_streams_npy_with_onnxruntime(image_folder, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    common = [str(image_folder), "--model", "resnet18", "--weights", "none", "--no-progress"]
+    assert main(["extract", *common, "-o", str(a)]) == 0
+    env = {"FEATX_CACHE_DIR": str(tmp_path / "c")}
+    res = featx("extract", *common, "-o", b, "--backend", "onnxruntime", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    fa, fb = np.load(a), np.load(b)
+    assert fa.shape == (24, 512)
+    np.testing.assert_allclose(fb, fa, rtol=1e-4, atol=1e-5 * np.abs(fa).max())
+    assert list((tmp_path / "c" / "onnx").glob("*.onnx"))
 
 
 def test_demo_pretrained_beats_random_init(tmp_path):
