@@ -55,6 +55,26 @@ class TinyCNN(nn.Module):
         return self.fc(self.flatten(self.pool(self.stage2(self.stage1(self.stem(x))))))
 
 
+class CrashOnce(TinyCNN):
+    """TinyCNN whose process dies the first time it sees a real batch (a worker killed mid-job).
+
+    The first crash leaves ``marker`` behind, so the retried batch succeeds.
+    """
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x):
+        import os
+
+        if x.shape[0] > 1 and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+        return super().forward(x)
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

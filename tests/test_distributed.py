@@ -1,0 +1,158 @@
+"""Ray Data and Spark: real local engines, a few dozen images, a small random-init backbone.
+
+Marked ``distributed``: they start real engines (seconds each) and run in the
+default test command, kept small.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from featx import PretrainedFeatureExtractor
+
+pytestmark = pytest.mark.distributed
+
+SMALL = {"input_size": 32, "resize_size": 36}
+
+
+def _extractor(**kw):
+    return PretrainedFeatureExtractor("resnet18", weights=None, preprocess=SMALL, layers=["layer2", "layer4"],
+                                      pooling="avgmax", progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("dist")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(36):
+        p = root / f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40 + i % 5, 48, 3), dtype=np.uint8)).save(p, quality=90)
+        out.append(str(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(paths):
+    return _extractor().fit().transform(paths)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # workers import tests.conftest (the crashing model) from the repository root
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_equals_local(ray_session, paths, local):
+    from featx.distributed import ray_transform
+
+    got = ray_transform(paths, _extractor(), batch_size=8, concurrency=2)
+    assert got.shape == local.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
+
+
+def test_ray_dataset_of_bytes_and_parquet(ray_session, paths, local, tmp_path):
+    import pyarrow.parquet as pq
+
+    from featx.distributed import ray_transform
+
+    ds = ray_session.data.read_binary_files(os.path.dirname(paths[0]), include_paths=True)
+    out = ray_transform(ds, _extractor(), column="bytes", batch_size=16, write_parquet=str(tmp_path / "pq"))
+    rows = out.take_all()
+    by_path = {os.path.basename(r["path"]): np.asarray(r["features"]) for r in rows}
+    assert len(by_path) == len(paths)
+    for i, p in enumerate(paths):
+        np.testing.assert_allclose(by_path[os.path.basename(p)], local[i], rtol=1e-5, atol=1e-6)
+    table = pq.read_table(tmp_path / "pq")
+    assert table.num_rows == len(paths) and "features" in table.column_names
+
+
+def test_ray_recovers_from_a_killed_actor(ray_session, paths, tmp_path):
+    import torch
+
+    from featx.distributed import ray_transform
+
+    from .conftest import CrashOnce, TinyCNN
+
+    torch.manual_seed(0)
+    plain = TinyCNN()
+    crashing = CrashOnce(str(tmp_path / "killed"))
+    crashing.load_state_dict(plain.state_dict())
+    want = PretrainedFeatureExtractor(plain, preprocess=SMALL, progress=False).fit().transform(paths)
+    got = ray_transform(paths, PretrainedFeatureExtractor(crashing, preprocess=SMALL, batch_size=4),
+                        batch_size=12, concurrency=1)
+    assert (tmp_path / "killed").exists()  # a worker did die mid-job
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ray_rerun_uses_the_shared_cache(ray_session, paths, local, tmp_path):
+    from featx._cache import EmbeddingCache
+    from featx.distributed import ray_transform
+
+    cache = tmp_path / "cache"
+    first = ray_transform(paths[:20], _extractor(cache=str(cache)), batch_size=8, concurrency=2)
+    np.testing.assert_allclose(first, local[:20], rtol=1e-5, atol=1e-6)
+    assert EmbeddingCache.open(cache).info()["namespaces"][0]["images"] == 20
+    # the grown dataset: 16 new images computed, 20 read back
+    grown = ray_transform(paths, _extractor(cache=str(cache)), batch_size=8, concurrency=2)
+    np.testing.assert_allclose(grown, local, rtol=1e-5, atol=1e-6)
+    assert EmbeddingCache.open(cache).info()["namespaces"][0]["images"] == len(paths)
+
+
+def test_missing_extra_and_bad_extractor(monkeypatch):
+    import sys
+
+    from featx.distributed import ray_transform, spark_udf
+
+    with pytest.raises(TypeError, match="PretrainedFeatureExtractor"):
+        ray_transform(["a.jpg"], object())
+    for name in ("ray", "ray.data", "pyspark", "pyspark.ml", "pyspark.ml.functions"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=r"pip install 'featx\[ray\]'"):
+        ray_transform(["a.jpg"], _extractor())
+    with pytest.raises(ImportError, match=r"pip install 'featx\[spark\]'"):
+        spark_udf(_extractor())
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    import sys
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # workers run this environment's Python (with featx)
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    session = (SparkSession.builder.master("local[2]").appName("featx-tests")
+               .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+def test_spark_paths_and_binary_content(spark, paths, local):
+    from featx.distributed import spark_udf
+
+    udf = spark_udf(_extractor(), batch_size=8)
+    df = spark.createDataFrame([(i, p) for i, p in enumerate(paths)], ["i", "path"])
+    rows = df.withColumn("features", udf("path")).orderBy("i").collect()
+    got = np.array([r["features"] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
+
+    files = spark.read.format("binaryFile").load(os.path.dirname(paths[0]))
+    rows = files.withColumn("features", udf("content")).select("path", "features").collect()
+    by_name = {os.path.basename(r["path"]): np.asarray(r["features"], dtype=np.float32) for r in rows}
+    for i, p in enumerate(paths):
+        np.testing.assert_allclose(by_name[os.path.basename(p)], local[i], rtol=1e-5, atol=1e-6)
