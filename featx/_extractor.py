@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import warnings
@@ -17,10 +16,11 @@ from torch import nn
 
 from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
 from ._cache import EmbeddingCache, default_cache_dir, resolve_cache_dir
-from ._device import load_device, resolve_device, resolve_precision
+from ._device import resolve_device, resolve_precision
 from ._engines import resolve_backend
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import resolve_layers
+from ._pickling import _ModuleState, _restore_module, pack_state, unpack_state  # noqa: F401 (old pickles)
 from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
 from ._preprocess import TTA_VIEWS, as_items, item_path
 from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_template, transform_cached
@@ -503,11 +503,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         # digest checked), so the weights are never duplicated in the pickle.
         state["_runner"] = None
         state["_template"] = None
-        if isinstance(state.get("model"), nn.Module):
-            state["model"] = _ModuleState(state["model"])
-        if isinstance(state.get("device_"), torch.device):
-            state["device_"] = str(state["device_"])
-        return state
+        return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("backend", "torch")  # pickled before these parameters existed
@@ -515,40 +511,4 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state.setdefault("tta", None)
         if "n_features_out_" in state:
             state.setdefault("backend_", "torch")
-        if isinstance(state.get("model"), _ModuleState):
-            state["model"] = state["model"].module
-        if isinstance(state.get("device_"), str):
-            state["device_"] = load_device(state["device_"])
-            if state["device_"].type != "cuda" and state.get("autocast_dtype_") == torch.float16:
-                state["autocast_dtype_"] = None
-        super().__setstate__(state)
-
-
-class _ModuleState:
-    """Pickles an ``nn.Module`` as a weight-less skeleton plus its tensors on the CPU.
-
-    The tensors go through the state of every parameter and buffer (persistent
-    or not), so a module on a GPU loads on a CPU-only machine.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __reduce__(self):
-        skeleton = copy.deepcopy(self.module).to("meta")
-        tensors = {
-            name: t.detach().cpu()
-            for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers())
-        }
-        return (_restore_module, (skeleton, tensors))
-
-
-def _restore_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor]) -> _ModuleState:
-    module = skeleton.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            owner, _, attr = name.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            target = getattr(sub, attr)
-            target.copy_(value)
-    return _ModuleState(module)
+        super().__setstate__(unpack_state(state))

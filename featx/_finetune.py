@@ -15,10 +15,11 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
-from ._device import autocast, load_device, resolve_device, resolve_precision
+from ._device import autocast, resolve_device, resolve_precision
 from ._exceptions import ImageLoadError
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._loading import PARALLEL, batches
+from ._pickling import pack_state, unpack_state
 from ._preprocess import ImageDataset, Items, as_items, collate, item_path, normalize_batch
 from ._runner import probe_template
 
@@ -381,30 +382,16 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     # -------------------------------------------------------------- pickling
 
     def __getstate__(self) -> dict:
-        from ._extractor import _ModuleState
-
         state = dict(super().__getstate__())
         net = state.pop("network_", None)
         if net is not None:
             # the fine-tuned weights cannot be rebuilt from a name: keep them, on the CPU
             state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        if isinstance(state.get("model"), nn.Module):
-            state["model"] = _ModuleState(state["model"])
-        if isinstance(state.get("device_"), torch.device):
-            state["device_"] = str(state["device_"])
-        return state
+        return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:
-        from ._extractor import _ModuleState
-
-        if isinstance(state.get("model"), _ModuleState):
-            state["model"] = state["model"].module
         weights = state.pop("_network_state", None)
-        if isinstance(state.get("device_"), str):
-            state["device_"] = load_device(state["device_"])
-            if state["device_"].type != "cuda" and state.get("autocast_dtype_") == torch.float16:
-                state["autocast_dtype_"] = None
-        super().__setstate__(state)
+        super().__setstate__(unpack_state(state))
         if weights is not None:
             # the architecture from the name (random initialisation: no weight files needed), then the weights
             template = get_template(self.model, None if isinstance(self.model, str) else "DEFAULT")

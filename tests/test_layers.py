@@ -8,7 +8,7 @@ from torch import nn
 
 from featx import LayerInfo, PretrainedFeatureExtractor, list_layers
 
-from .conftest import SMALL, TinyCNN
+from .conftest import SMALL
 
 
 def test_list_layers_tiny(tiny_cnn):
