@@ -65,6 +65,24 @@ class _RayExtractor:
         return out
 
 
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _rows_dataset(ray: Any, paths: list[str], column: str, batch_size: int) -> Any:
+    """A Dataset of (row id, path) rows cut into one block per batch of ``batch_size``.
+
+    Ray Data otherwise cuts batches at its own block edges (e.g. 128, 1, 128,
+    1, ... images), each small batch paying a forward pass of its own.
+    """
+    import pyarrow as pa
+
+    blocks = [pa.table({_ROW_ID: np.arange(i, min(i + batch_size, len(paths))), column: paths[i:i + batch_size]})
+              for i in range(0, len(paths), batch_size)]
+    return ray.data.from_arrow(blocks)  # one block per table
+
+
 def ray_transform(
     data: Any,
     extractor: Any,
@@ -94,11 +112,18 @@ def ray_transform(
         CPU batch size inside the actor).
     concurrency : int, default=1
         Number of actors (a fixed ``ray.data.ActorPoolStrategy``). A crashed
-        actor is restarted and its batch retried (Ray Data's default).
+        actor is restarted and its batch retried (Ray Data's default). On
+        CPU-only nodes, one single-threaded actor per core (``num_cpus=1``)
+        is faster and steadier than one actor using every core, whose
+        threads wait for each other whenever Ray's own processes take a core.
     num_gpus : float, default=0
         GPUs per actor (use ``extractor`` with ``device="auto"``).
     num_cpus : float or None
-        CPUs reserved per actor (Ray's default: 1).
+        CPUs reserved per actor (Ray's default: 1). Ray sets the actor's
+        ``OMP_NUM_THREADS`` to it, so it is also the number of threads
+        PyTorch uses there: on CPUs, ``concurrency`` x ``num_cpus`` should
+        cover the cores; GPU actors need several CPUs each to decode images
+        fast enough to keep the GPU busy.
     write_parquet : str or None
         Also write the result (paths and features) as Parquet files here.
 
@@ -107,14 +132,18 @@ def ray_transform(
     ndarray of shape (n_images, n_features) for a list input, in its order;
     otherwise the ray.data.Dataset with ``output_column`` added.
     """
+    params = _params(extractor)
+    _positive("batch_size", batch_size)
+    _positive("concurrency", concurrency)
     _need("ray.data", "ray")
     import ray
 
-    params = _params(extractor)
     as_list = not isinstance(data, ray.data.Dataset)
     if as_list:
         paths = [str(p) for p in data]
-        ds = ray.data.from_items([{_ROW_ID: i, column: p} for i, p in enumerate(paths)])
+        if not paths:
+            raise ValueError("data is empty: ray_transform needs at least one image path.")
+        ds = _rows_dataset(ray, paths, column, batch_size)
     else:
         ds = data
     # Ray Data restarts a crashed actor and retries its batch (its default for actor pools)
@@ -132,12 +161,16 @@ def ray_transform(
         result.write_parquet(write_parquet)
     if not as_list:
         return result
-    rows = result.select_columns([_ROW_ID, output_column]).take_all()
-    if len(rows) != len(paths):
-        raise RuntimeError(f"Ray returned {len(rows)} rows for {len(paths)} images")
-    out = np.empty((len(paths), len(rows[0][output_column]) if rows else 0), dtype=np.float32)
-    for r in rows:
-        out[int(r[_ROW_ID])] = r[output_column]
+    # whole blocks back, placed by row id (select_columns would add a Project task per block)
+    out, seen = None, 0
+    for b in result.iter_batches(batch_size=None, batch_format="numpy"):
+        feats = np.asarray(b[output_column], dtype=np.float32)
+        if out is None:
+            out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
+        out[b[_ROW_ID]] = feats
+        seen += len(feats)
+    if seen != len(paths):
+        raise RuntimeError(f"Ray returned {seen} rows for {len(paths)} images")
     return out
 
 
@@ -162,11 +195,11 @@ def spark_udf(extractor: Any, *, batch_size: int = 64):
     ``df.withColumn("features", spark_udf(ext)("path"))`` or, with
     ``spark.read.format("binaryFile")``, ``spark_udf(ext)("content")``.
     """
+    params = _params(extractor)
+    _positive("batch_size", batch_size)
     _need("pyspark.ml.functions", "spark")
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import ArrayType, FloatType
-
-    params = _params(extractor)
 
     def make_predict_fn():
         from featx import PretrainedFeatureExtractor

@@ -63,6 +63,15 @@ def test_ray_equals_local(ray_session, paths, local):
     np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
 
 
+def test_list_input_is_cut_into_whole_batches(ray_session, paths):
+    from featx.distributed import _rows_dataset
+
+    ds = _rows_dataset(ray_session, paths, "path", 8)
+    sizes = ds.map_batches(lambda b: {"n": [len(b["path"])]}, batch_size=8).take_all()
+    assert sorted(r["n"] for r in sizes) == [4, 8, 8, 8, 8]  # 36 images: no batch cut at a block edge
+    assert [r["__featx_row__"] for r in ds.take_all()] == list(range(len(paths)))
+
+
 def test_ray_dataset_of_bytes_and_parquet(ray_session, paths, local, tmp_path):
     import pyarrow.parquet as pq
 
@@ -118,6 +127,13 @@ def test_missing_extra_and_bad_extractor(monkeypatch):
 
     with pytest.raises(TypeError, match="PretrainedFeatureExtractor"):
         ray_transform(["a.jpg"], object())
+    for bad in ({"batch_size": 0}, {"concurrency": 0}, {"batch_size": 2.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive integer"):
+            ray_transform(["a.jpg"], _extractor(), **bad)
+    with pytest.raises(ValueError, match="data is empty"):
+        ray_transform([], _extractor())
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
+        spark_udf(_extractor(), batch_size=-1)
     for name in ("ray", "ray.data", "pyspark", "pyspark.ml", "pyspark.ml.functions"):
         monkeypatch.setitem(sys.modules, name, None)  # what an absent package looks like to import
     with pytest.raises(ImportError, match=r"pip install 'featx\[ray\]'"):
