@@ -66,13 +66,13 @@ def main() -> None:
     all_paths, _ = make_jpegs(args.data, max(args.n, args.n_large))
     sizes = (args.n, args.n_large)
     list_file = Path(tempfile.mkdtemp()) / "paths.txt"
-    list_file.write_text("\n".join(all_paths[:args.n]))
     ext = PretrainedFeatureExtractor(args.model, progress=False)
     local_ext = PretrainedFeatureExtractor(args.model, progress=False).fit()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def fresh(paths):
+        list_file.write_text("\n".join(paths))
         subprocess.run([sys.executable, "-c", _FRESH, args.model, str(list_file)], check=True)
 
     one, many = f"ray, 1 actor x {cores} cpus", f"ray, {cores} actors x 1 cpu"

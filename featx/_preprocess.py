@@ -514,16 +514,21 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[
         idx = torch.tensor([b[0] for b in batch if b[1] is not None], dtype=torch.long)
     if not imgs:
         return idx, None, errors
-    if all(t.dtype == torch.uint8 for t in imgs):
-        return idx, torch.stack(imgs), errors
-    imgs = [t.float().div_(255.0) if t.dtype == torch.uint8 else t.float() for t in imgs]
-    return idx, torch.stack(imgs), errors
+    return idx, torch.stack(common_dtype(imgs)), errors
+
+
+def as_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]; a float tensor (already in [0, 1]) -> float32."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def common_dtype(imgs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as they are when they share a dtype, else all as float32 in [0, 1] (to stack or concatenate)."""
+    if len({t.dtype for t in imgs}) <= 1:
+        return imgs
+    return [as_unit_float(t) for t in imgs]
 
 
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 or [0, 1] float ... x 3 x H x W -> normalised float32."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
-    else:
-        x = x.float()
-    return x.sub_(mean).div_(std)
+    return as_unit_float(x).sub_(mean).div_(std)

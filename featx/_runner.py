@@ -31,7 +31,7 @@ from ._exceptions import DeviceWarning, ImageLoadError
 from ._loading import PARALLEL, batches
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
 from ._pooling import pool_parts
-from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
+from ._preprocess import ImageDataset, Items, collate, common_dtype, item_path, normalize_batch
 
 __all__ = ["Plan", "RunOptions", "Runner", "RunStats", "begin_run", "last_run", "total_computed", "probe_template", "namespace_of", "transform_cached"]
 
@@ -172,6 +172,10 @@ class Runner:
             cap = self._captures[store_all] = LayerCapture(self.module, targets, parts, p.gem_p)
         return cap
 
+    def fields(self, cap: LayerCapture) -> list[str]:
+        """The names of the fields ``cap`` computes, in its output order."""
+        return [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
+
     def engine(self, store_all: bool):
         """The callable that runs the capture (eager, compiled or ONNX Runtime)."""
         fn = self._engines.get(store_all)
@@ -180,8 +184,7 @@ class Runner:
             onnx_dir, ns, threads = self._engine_args
             path = None
             if self.backend == "onnxruntime":
-                fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
-                path = onnx_path(onnx_dir, graph_key(ns, fields, tuple(self.cfg["input_size"])))
+                path = onnx_path(onnx_dir, graph_key(ns, self.fields(cap), tuple(self.cfg["input_size"])))
             self.backend, fn = build_engine(self.backend, cap, onnx_file=path,
                                             input_size=tuple(self.cfg["input_size"]), threads=threads)
             self._engines[store_all] = fn
@@ -218,8 +221,7 @@ class Runner:
         chunks = []
         for start in range(0, x.shape[0], self.max_chunk or x.shape[0]):
             chunks.append(self._forward_chunk(cap, engine, x[start:start + (self.max_chunk or x.shape[0])]))
-        fields = [self.plan.field(t, p) for t, ps in zip(cap.targets, cap.parts) for p in ps]
-        out = {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in fields}
+        out = {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in self.fields(cap)}
         if views:  # features averaged over each image's views
             out = {f: v.float().view(-1, views, v.shape[-1]).mean(1) for f, v in out.items()}
         return out
@@ -387,9 +389,7 @@ def _merge(parts: list):
     errors = [e for p in parts for e in p[2]]
     if not imgs:
         return idx, None, errors
-    if len({t.dtype for t in imgs}) > 1:
-        imgs = [t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in imgs]
-    return idx, torch.cat(imgs), errors
+    return idx, torch.cat(common_dtype(imgs)), errors
 
 
 def _progress_bar(total: int):
