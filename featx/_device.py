@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
 
 from ._exceptions import DeviceWarning
 
-__all__ = ["resolve_device", "resolve_precision", "autocast", "load_device"]
+__all__ = ["resolve_device", "resolve_precision", "precision_name", "cpu_capability", "cpu_native_bf16",
+           "cpu_streams", "autocast", "load_device"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ._options import PRECISIONS  # noqa: E402
 
 
 def _mps_available() -> bool:
@@ -59,24 +61,99 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+def _cpu_flag(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)  # private probes of torch.cpu (present since torch 2.1)
+    try:
+        return bool(fn()) if fn is not None else False
+    except Exception:
+        return False
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), as PyTorch's own probes report it.
+
+    Decided by capability, never by a list of CPU models: where this is False
+    (AVX2 parts, for example) bf16 is emulated and slower than fp32.
+    """
+    return _cpu_flag("_is_avx512_bf16_supported") or _cpu_flag("_is_amx_tile_supported")
+
+
+def cpu_capability() -> dict:
+    """What this CPU offers PyTorch: vector ISA, native bf16, VNNI, AMX, cores and threads (for reports)."""
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # very old torch
+        isa = "unknown"
+    return {
+        "isa": isa,
+        "avx512_bf16": _cpu_flag("_is_avx512_bf16_supported"),
+        "vnni": _cpu_flag("_is_vnni_supported"),
+        "amx": _cpu_flag("_is_amx_tile_supported"),
+        "cores": os.cpu_count() or 1,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def describe_cpu() -> str:
+    """One line for benchmark headers and ``featx`` reports."""
+    c = cpu_capability()
+    flags = ", ".join(f"{k}={'yes' if c[k] else 'no'}" for k in ("avx512_bf16", "vnni", "amx"))
+    return f"CPU {c['isa']} ({flags}), {c['cores']} cores, {c['torch_threads']} torch threads, torch {c['torch']}"
+
+
+def resolve_precision(precision: str, device: torch.device, training: bool = False) -> torch.dtype | None:
     """Return the autocast dtype for ``precision`` on ``device``, or None for plain fp32.
 
     ``"auto"`` is bf16 on CUDA devices that support it, fp16 on older CUDA
-    devices, and fp32 elsewhere (CPU autocast is slower than fp32 on most CPUs
-    and changes the numbers).
+    devices; on the CPU, bf16 where the CPU computes it natively
+    (:func:`cpu_native_bf16`) and fp32 elsewhere. ``training=True`` (fine-tuning)
+    keeps fp32 on the CPU. An explicit ``"bf16"`` on a CPU that only emulates
+    it warns that it is slower there.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is invalid. It must be one of {list(PRECISIONS)}.")
     if precision == "fp32":
         return None
     if precision == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if not training and cpu_native_bf16() else None
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' is not supported on the CPU. Use 'fp32' or 'bf16'.")
+    if precision == "bf16" and device.type == "cpu" and not cpu_native_bf16():
+        warnings.warn(
+            f"precision='bf16' on this CPU ({cpu_capability()['isa']}, no AVX512_BF16 or AMX) is emulated and "
+            "slower than fp32. Use precision='auto' (fp32 here, bf16 where the CPU has it) or 'fp32'.",
+            DeviceWarning,
+            stacklevel=3,
+        )
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: the resolved precision as users name it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
+    """How many forward passes run side by side on the CPU, each single-threaded, with its own decoding.
+
+    On the CPU with eager PyTorch and bf16 autocast, one single-threaded
+    stream per core decodes and computes its own batches: 2.0-2.4x the
+    throughput of one stream using every core (efficientnet_lite0, resnet50;
+    2-core AVX512_BF16 machine, ``benchmarks/bench_streams.py``), because the
+    bf16 kernels of small batches scale badly across threads. In fp32 the gain
+    is model-dependent (0.87-1.21x), so fp32 keeps one all-core stream, as do
+    GPUs, ``torch.compile`` and ONNX Runtime (which has its own threads).
+    The count is the process's torch thread count when ``fit`` runs
+    (``torch.set_num_threads`` or ``OMP_NUM_THREADS`` limit it).
+    """
+    if device.type != "cpu" or backend != "torch" or dtype is None:
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._device import resolve_precision
 from ._exceptions import BackendWarning
 from ._layers import LayerCapture
 
-__all__ = ["BACKENDS", "resolve_backend", "build_engine", "graph_key", "onnx_path"]
+__all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path"]
 
 BACKENDS = ("torch", "torch.compile", "onnxruntime", "auto")
 
@@ -43,6 +44,22 @@ Engine = Callable[[torch.Tensor], list]
 
 def _ort_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """The backend and autocast dtype a fitted extractor will use, decided together.
+
+    ``precision="auto"`` with ``backend="onnxruntime"`` is fp32 (ONNX Runtime
+    computes in fp32 here). ``backend="auto"`` is ONNX Runtime only where the
+    precision is fp32 on the CPU: where the CPU has native bf16, ``"auto"``
+    precision is bf16 and eager PyTorch with bf16 (about 2x fp32) wins.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid. It must be one of {list(BACKENDS)}.")
+    if backend == "onnxruntime" and precision == "auto":
+        precision = "fp32"
+    dtype = resolve_precision(precision, device)
+    return resolve_backend(backend, device, dtype), dtype
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None) -> str:

@@ -211,7 +211,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.pop("classes_", None)  # a failed refit leaves the estimator unfitted
 
         device = resolve_device(self.device)
-        dtype = resolve_precision(self.precision, device)
+        dtype = resolve_precision(self.precision, device, training=True)
         template = get_template(self.model, self.weights)
         cfg = resolve_preprocess(template.preprocess, self.preprocess)
         pr = probe_template(template, cfg["input_size"])

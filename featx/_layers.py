@@ -10,6 +10,7 @@ pass, so no compute is spent on the layers after it.
 from __future__ import annotations
 
 import difflib
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -235,7 +236,8 @@ class LayerCapture:
     ``flatten``) to compute for target ``i``; a target whose output is already
     a vector gets the single part ``vec``. Pooling happens inside the hook, so
     no full-size map outlives its layer and in-place ops after it cannot
-    change it.
+    change it. The state of a call is per thread, so several threads may run
+    the same capture at once (featx's CPU streams do).
     """
 
     def __init__(self, module: nn.Module, targets: list[Target], parts: list[tuple[str, ...]], gem_p: float):
@@ -243,10 +245,7 @@ class LayerCapture:
         self.targets = targets
         self.parts = [("vec",) if len(t.shape) == 1 else tuple(p) for t, p in zip(targets, parts)]
         self.gem_p = gem_p
-        self._results: list[dict[str, torch.Tensor] | None] = []
-        self._counts: list[int] = []
-        self._missing = 0
-        self._active = False
+        self._local = threading.local()  # results, counts, missing, active: one call per thread
         self._handles = []
         named = dict(module.named_modules())
         for i, t in enumerate(targets):
@@ -257,15 +256,16 @@ class LayerCapture:
                 self._handles.append(sub.register_forward_hook(self._make_hook(i)))
 
     def _store(self, i: int, value: Any) -> None:
-        if not self._active:  # the backbone is being run directly, not through the capture
+        st = self._local
+        if not getattr(st, "active", False):  # the backbone is being run directly, not through the capture
             return
-        self._counts[i] += 1
-        if self._counts[i] != self.targets[i].calls:
+        st.counts[i] += 1
+        if st.counts[i] != self.targets[i].calls:
             return
         t = _first_tensor(value)
-        self._results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p) for p in self.parts[i]}
-        self._missing -= 1
-        if self._missing == 0:
+        st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p) for p in self.parts[i]}
+        st.missing -= 1
+        if st.missing == 0:
             raise _StopForward
 
     def _make_hook(self, i: int):
@@ -283,20 +283,18 @@ class LayerCapture:
     def run(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Pooled outputs per target: ``[{part: (N, d) float32 tensor}]``."""
         n = len(self.targets)
-        self._results = [None] * n
-        self._counts = [0] * n
-        self._missing = n
-        self._active = True
+        st = self._local
+        st.results, st.counts, st.missing, st.active = [None] * n, [0] * n, n, True
         try:
             self.module(x)
         except _StopForward:
             pass
         finally:
-            self._active = False
-        if self._missing:
-            missing = [t.display for t, r in zip(self.targets, self._results) if r is None]
+            st.active = False
+        if st.missing:
+            missing = [t.display for t, r in zip(self.targets, st.results) if r is None]
             raise RuntimeError(f"layer(s) {missing} produced no output in this forward pass.")
-        results, self._results = self._results, []
+        results, st.results = st.results, []
         return results
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +302,3 @@ class LayerCapture:
         results = self.run(x)
         cols = [r[p] for r, ps in zip(results, self.parts) for p in ps]
         return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

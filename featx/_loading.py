@@ -4,78 +4,41 @@ Three ways, chosen by the runner:
 
 - worker processes (a torch ``DataLoader``): for GPUs, where the CPU cores
   are free to decode while the device computes;
-- one prefetch thread: for CPU inference, where the model already uses every
-  core. Pillow's decoders and torchvision's resize release the GIL, so the
-  thread decodes the next batch in the gaps of the model's own threads
-  (single-threaded layers, Python glue) without the cost of starting
-  processes and moving tensors between them;
+- parallel decoding (``PARALLEL``): for CPU inference with one all-core
+  stream, each batch is decoded by one thread per core between forward
+  passes (Pillow's and torchvision's decoders release the GIL);
 - inline, for inputs of a batch or two.
+
+:func:`ordered_streams` is the fourth design, for CPU inference with
+several single-threaded streams: each stream decodes *and* computes its own
+batches, so no core waits for another and decoding overlaps computing.
 """
 
 from __future__ import annotations
 
-import queue
+import itertools
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["THREAD", "PARALLEL", "batches"]
+__all__ = ["PARALLEL", "batches", "ordered_streams"]
 
-#: ``workers`` value that asks for the prefetch thread.
-THREAD = -1
 #: ``workers`` value that asks for decoding each batch on all cores, between forward passes.
 PARALLEL = -2
 
+T = TypeVar("T")
+
 
 def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, collate: Callable,
-            pin_memory: bool = False, depth: int = 2) -> Iterator:
+            pin_memory: bool = False) -> Iterator:
     """Iterate over ``collate``-d batches of ``dataset`` in order."""
-    if workers == THREAD:
-        return _threaded(dataset, batch_size, collate, depth)
     if workers == PARALLEL:
         return _parallel(dataset, batch_size, collate)
     return iter(torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=pin_memory, prefetch_factor=4 if workers else None,
     ))
-
-
-def _threaded(dataset, batch_size: int, collate: Callable, depth: int) -> Iterator:
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for start in range(0, len(dataset), batch_size):
-                if stop.is_set():
-                    return
-                item = collate([dataset[k] for k in range(start, min(start + batch_size, len(dataset)))])
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            q.put(exc)
-            return
-        q.put(done)
-
-    thread = threading.Thread(target=produce, name="featx-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def _parallel(dataset, batch_size: int, collate: Callable) -> Iterator:
@@ -88,3 +51,62 @@ def _parallel(dataset, batch_size: int, collate: Callable) -> Iterator:
     with ThreadPoolExecutor(threads, thread_name_prefix="featx-decode") as pool:
         for start in range(0, len(dataset), batch_size):
             yield collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))
+
+
+def ordered_streams(n_jobs: int, job: Callable[[int], T], streams: int, ahead: int = 2) -> Iterator[T]:
+    """``job(0), job(1), ...`` computed by ``streams`` threads with one torch thread each, yielded in order.
+
+    Each thread takes the next job number as soon as it is free, under
+    ``torch.inference_mode()``; at most ``ahead`` jobs per stream are done
+    but not yet consumed, so memory stays bounded when the consumer is slow.
+    An exception in a job is raised here, at that job's turn; stopping early
+    (an exception in the consumer, or closing the generator) lets the
+    running jobs finish and starts no new ones. The process's torch thread
+    count is restored afterwards (``torch.set_num_threads`` is per thread for
+    the running threads, but also sets the default for threads created meanwhile).
+    """
+    saved = torch.get_num_threads()
+    counter = itertools.count()
+    lock = threading.Condition()
+    done: dict[int, tuple[bool, object]] = {}
+    room = threading.Semaphore(max(1, streams * ahead))
+    stop = threading.Event()
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            while True:
+                room.acquire()
+                k = next(counter)
+                if stop.is_set() or k >= n_jobs:
+                    room.release()
+                    return
+                try:
+                    result = (True, job(k))
+                except BaseException as exc:  # handed to the consumer, raised there in order
+                    result = (False, exc)
+                with lock:
+                    done[k] = result
+                    lock.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"featx-stream-{i}", daemon=True)
+               for i in range(min(streams, n_jobs))]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(n_jobs):
+            with lock:
+                while k not in done:
+                    lock.wait()
+                ok, value = done.pop(k)
+            room.release()
+            if not ok:
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        for _ in threads:
+            room.release()  # wake threads waiting for room, so they see ``stop``
+        for t in threads:
+            t.join()
+        torch.set_num_threads(saved)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,13 @@ from ._cache import FORMAT_VERSION, EmbeddingCache, content_key
 from ._device import autocast
 from ._engines import build_engine, graph_key, onnx_path
 from ._exceptions import DeviceWarning, ImageLoadError
-from ._loading import PARALLEL, batches
+from ._loading import PARALLEL, batches, ordered_streams
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
 from ._pooling import pool_parts
-from ._preprocess import ImageDataset, Items, collate, common_dtype, item_path, normalize_batch
+from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
 
-__all__ = ["Plan", "RunOptions", "Runner", "RunStats", "begin_run", "last_run", "total_computed", "probe_template", "namespace_of", "transform_cached"]
+__all__ = ["Plan", "RunOptions", "Runner", "RunStats", "begin_run", "last_run", "total_computed", "probe_template",
+           "namespace_of", "transform_cached"]
 
 _PROBE_LOCK = threading.Lock()
 
@@ -104,7 +104,6 @@ class RunOptions:
     num_workers: Any  # int or "auto"
     progress: bool
     on_error: str = "raise"
-    tune_key: tuple | None = None  # set when batch_size="auto": tune on the CPU, remember per key
 
 
 @dataclass
@@ -148,8 +147,9 @@ class Runner:
 
     def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
                  backend: str = "torch", onnx_dir: Path | None = None, namespace: str = "", threads: int = 0,
-                 gpu_decode: bool = False, tta: str | None = None):
+                 gpu_decode: bool = False, tta: str | None = None, streams: int = 1):
         self.module = place(module, device)
+        self.streams = streams  # > 1: single-threaded CPU streams that decode and compute their own batches
         self.tta = tta
         self.decode_device = device if gpu_decode else None
         self.backend = backend  # requested; becomes "torch" if the requested one cannot run
@@ -265,131 +265,57 @@ class Runner:
         row is NaN; the returned list holds ``(index, reason)`` of such items.
         """
         failed: list[tuple[int, str]] = []
-        size = opts.batch_size
-        tuner = None
-        # torch.compile's first calls at each new shape include compilation: nothing to learn from timing them
-        if opts.tune_key is not None and self.device.type == "cpu" and self.backend != "torch.compile":
-            if opts.tune_key in _TUNED:
-                size = _TUNED[opts.tune_key]
-            elif len(indices) >= _Tuner.MIN_IMAGES:
-                tuner = _Tuner()
-        workers = self.workers(len(indices), opts)
-        dataset = ImageDataset(items, indices, self.cfg, self.decode_device, self.tta)
-        loader = batches(dataset, _Tuner.STEP if tuner else size, workers, collate,
-                         pin_memory=self.device.type == "cuda" and self.decode_device is None)
-        if tuner is not None:
-            loader = _regroup(loader, lambda: tuner.target() if not tuner.done else size)
         store_all = sink is not None
+        dataset = ImageDataset(items, indices, self.cfg, self.decode_device, self.tta)
         bar = _progress_bar(len(indices)) if opts.progress else None
         try:
-            with torch.inference_mode():
-                for idx, batch, errors in loader:
-                    if batch is not None:
-                        t0 = time.perf_counter()
-                        fields = self.forward(batch, store_all)
-                        if tuner is not None and not tuner.done:
-                            tuner.record(batch.shape[0], time.perf_counter() - t0)
-                            if tuner.done:
-                                size = _TUNED[opts.tune_key] = tuner.best()
-                        rows = idx.numpy()
-                        cols = [fields[f] for f in self.plan.out_fields]
-                        block = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-                        out[rows] = block.float().cpu().numpy()
-                        _TOTAL_COMPUTED[0] += len(rows)
-                        _LAST.computed += len(rows)
-                        if sink is not None:
-                            sink(rows, {f: v.float().cpu().numpy() for f, v in fields.items()})
-                        if bar is not None:
-                            bar.update(len(rows))
-                    if errors:
-                        if opts.on_error == "raise":
-                            i, reason = errors[0]
-                            raise ImageLoadError(i, item_path(items[i]), reason)
-                        for i, reason in errors:
-                            out[i] = np.nan
-                        failed.extend(errors)
-                        if bar is not None:
-                            bar.update(len(errors))
+            for idx, fields, errors in self._computed(dataset, opts, store_all):
+                if fields is not None:
+                    rows = idx.numpy()
+                    cols = [fields[f] for f in self.plan.out_fields]
+                    block = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+                    out[rows] = block.float().cpu().numpy()
+                    _TOTAL_COMPUTED[0] += len(rows)
+                    _LAST.computed += len(rows)
+                    if sink is not None:
+                        sink(rows, {f: v.float().cpu().numpy() for f, v in fields.items()})
+                    if bar is not None:
+                        bar.update(len(rows))
+                if errors:
+                    if opts.on_error == "raise":
+                        i, reason = errors[0]
+                        raise ImageLoadError(i, item_path(items[i]), reason)
+                    for i, reason in errors:
+                        out[i] = np.nan
+                    failed.extend(errors)
+                    if bar is not None:
+                        bar.update(len(errors))
         finally:
             if bar is not None:
                 bar.close()
         return failed
 
+    def _computed(self, dataset: ImageDataset, opts: RunOptions, store_all: bool):
+        """``(indices, fields or None, errors)`` per batch, in order.
 
-#: batch sizes chosen by measurement, per (model, weights digest, device, input size), for this process
-_TUNED: dict[tuple, int] = {}
+        With several CPU streams, each stream decodes and computes whole
+        batches (single-threaded); otherwise batches are decoded (see
+        :func:`featx._loading.batches`) and computed here, one after the other.
+        """
+        size = opts.batch_size
+        n = len(dataset)
+        if self.streams > 1 and n > size:
+            def job(k: int):
+                idx, batch, errors = collate([dataset[j] for j in range(k * size, min((k + 1) * size, n))])
+                return idx, None if batch is None else self.forward(batch, store_all), errors
 
-
-def tuned_batch_sizes() -> dict[tuple, int]:
-    """The CPU batch sizes ``batch_size="auto"`` has chosen so far in this process."""
-    return dict(_TUNED)
-
-
-class _Tuner:
-    """Times the forward pass of the first real batches at a few sizes and keeps the fastest.
-
-    The images used for the measurement are ordinary work (their features are
-    kept), so tuning costs nothing but a few batches at non-optimal sizes.
-    Each size is timed on two batches (the faster counts: a first call at a
-    new shape pays one-off setup, and the machine may be busy); another size
-    replaces the default only if it is at least 10% faster per image.
-    """
-
-    CANDIDATES = (4, 2, 8, 16)  # the default first: it absorbs the process's first-call costs
-    DEFAULT = 4
-    TRIES = 2
-    MARGIN = 0.9
-    STEP = 2  # the loader's batch; forward batches are groups of these
-    MIN_IMAGES = 96  # tune only on transforms large enough to pay back
-
-    def __init__(self):
-        self.per_image: dict[int, list[float]] = {}
-        self._i = 0
-
-    @property
-    def done(self) -> bool:
-        return self._i >= len(self.CANDIDATES) * self.TRIES
-
-    def target(self) -> int:
-        return self.CANDIDATES[self._i // self.TRIES]
-
-    def record(self, n: int, seconds: float) -> None:
-        if n == self.target():
-            self.per_image.setdefault(n, []).append(seconds / n)
-            self._i += 1
-
-    def best(self) -> int:
-        fastest = {n: min(ts) for n, ts in self.per_image.items()}
-        pick = min(fastest, key=fastest.get)
-        default = fastest.get(self.DEFAULT)
-        if default is not None and fastest[pick] > self.MARGIN * default:
-            return self.DEFAULT
-        return pick
-
-
-def _regroup(loader, target: Callable[[], int]):
-    """Merge the loader's small batches into batches of ``target()`` images."""
-    buf: list = []
-    n = 0
-    for part in loader:
-        buf.append(part)
-        n += len(part[0]) + len(part[2])
-        if n >= target():
-            yield _merge(buf)
-            buf, n = [], 0
-    if buf:
-        yield _merge(buf)
-
-
-def _merge(parts: list):
-    if len(parts) == 1:
-        return parts[0]
-    idx = torch.cat([p[0] for p in parts])
-    imgs = [p[1] for p in parts if p[1] is not None]
-    errors = [e for p in parts for e in p[2]]
-    if not imgs:
-        return idx, None, errors
-    return idx, torch.cat(common_dtype(imgs)), errors
+            yield from ordered_streams(-(-n // size), job, self.streams)
+            return
+        loader = batches(dataset, size, self.workers(n, opts), collate,
+                         pin_memory=self.device.type == "cuda" and self.decode_device is None)
+        with torch.inference_mode():
+            for idx, batch, errors in loader:
+                yield idx, None if batch is None else self.forward(batch, store_all), errors
 
 
 def _progress_bar(total: int):

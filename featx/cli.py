@@ -112,7 +112,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cache = args.cache_dir if args.cache_dir else (True if args.cache else None)
     ext = PretrainedFeatureExtractor(
         args.model, weights=weights, layers=layers, pooling=args.pooling, device=args.device,
-        batch_size=args.batch_size if args.batch_size else "auto", cache=cache,
+        precision=args.precision, batch_size=args.batch_size if args.batch_size else "auto", cache=cache,
         progress=False if args.no_progress else None, backend=args.backend,
     )
     start = time.perf_counter()
@@ -127,6 +127,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     stats = last_run()
     print(f"{len(paths)} images, {feats.shape[1]} features, {seconds:.1f} s, "
           f"{len(paths) / max(seconds, 1e-9):.1f} images/s, cache hits {stats.cache_hits} -> {out}")
+    print(f"computed on {ext.device_} in {ext.precision_} with {ext.backend_}"
+          + (f", {ext.streams_} single-threaded streams" if ext.streams_ > 1 else ""))
     return 0
 
 
@@ -143,7 +145,8 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
     result = evaluate_folder(
         folder, model=args.model, layers=args.layers.split(",") if args.layers else None,
         classifiers=tuple(args.classifiers.split(",")), compare=compare, cv=args.cv, cache=cache,
-        device=args.device, log=lambda line: print(line, flush=True), tta=args.tta, finetune=args.finetune,
+        device=args.device, precision=args.precision, log=lambda line: print(line, flush=True), tta=args.tta,
+        finetune=args.finetune,
         finetune_params={"max_epochs": args.finetune_epochs, "trainable_from": args.trainable_from},
     )
     print()
@@ -195,7 +198,15 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     p.add_argument("--trainable-from", type=_int_or_str, default=1,
                    help="stages trained by --finetune: a number of final stages, or a layer name (default 1)")
-    p.add_argument("--device", default="auto")
+    _add_compute_options(p)
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    from ._options import PRECISIONS
+
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16/AMX), else fp32")
 
 
 # -------------------------------------------------------------------- cache
@@ -268,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem", "flatten"])
-    p.add_argument("--device", default="auto")
+    _add_compute_options(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory")

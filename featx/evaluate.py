@@ -101,6 +101,7 @@ def evaluate_folder(
     cv: int = 5,
     cache: Any = True,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
@@ -132,7 +133,7 @@ def evaluate_folder(
         Stratified folds (fewer if a class has fewer images).
     cache : None, True or path, default=True
         The embedding cache: the backbone runs once per image, and reruns are free.
-    device, progress
+    device, precision, progress
         As for :class:`featx.PretrainedFeatureExtractor`.
     log : callable
         Receives progress lines.
@@ -171,10 +172,11 @@ def evaluate_folder(
     for label, weights, views in variants:
         t = time.perf_counter()
         ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), cache=cache,
-                                         device=device, progress=progress, tta=views)
+                                         device=device, precision=precision, progress=progress, tta=views)
         feats = ext.fit_transform(paths)
         result.extract_seconds[label] = time.perf_counter() - t
-        log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s")
+        log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
+            f"({ext.device_}, {ext.precision_}, {ext.streams_} stream{'s' if ext.streams_ > 1 else ''})")
         feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
     if compare:
         t = time.perf_counter()

@@ -48,8 +48,8 @@ CASES = [
 @pytest.mark.parametrize("model,weights,layers,pooling", CASES)
 def test_onnxruntime_matches_torch(model, weights, layers, pooling, images, tmp_path):
     kw = dict(weights=weights, layers=layers, pooling=pooling, preprocess={"input_size": 64}, progress=False)
-    ref = PretrainedFeatureExtractor(model, **kw).fit().transform(images)
-    ext = PretrainedFeatureExtractor(model, backend="onnxruntime", cache=tmp_path, **kw).fit()
+    ref = PretrainedFeatureExtractor(model, precision="fp32", **kw).fit().transform(images)
+    ext = PretrainedFeatureExtractor(model, precision="fp32", backend="onnxruntime", cache=tmp_path, **kw).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendWarning)  # a silent fallback to torch would make this test vacuous
         got = ext.transform(images)
@@ -63,11 +63,11 @@ def test_onnx_graph_is_truncated_and_exported_once(tiny_cnn, images, tmp_path):
     import onnx
 
     kw = dict(layers=["stage1"], preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path)
-    ext = PretrainedFeatureExtractor(tiny_cnn, **kw).fit()
-    ref = PretrainedFeatureExtractor(tiny_cnn, layers=["stage1"], preprocess=SMALL, progress=False).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit()
+    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", layers=["stage1"], preprocess=SMALL, progress=False).fit()
     # cache=None: the uncached plan (only the requested layer) goes to the default cache directory
     with mock.patch.dict(os.environ, {"FEATX_CACHE_DIR": str(tmp_path / "default")}):
-        unc = PretrainedFeatureExtractor(tiny_cnn, layers=["stage1"], preprocess=SMALL, progress=False,
+        unc = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", layers=["stage1"], preprocess=SMALL, progress=False,
                                          backend="onnxruntime").fit()
         np.testing.assert_allclose(unc.transform(images), ref.transform(images), rtol=1e-4, atol=1e-6)
     (path,) = (tmp_path / "default" / "onnx").glob("*.onnx")
@@ -75,7 +75,7 @@ def test_onnx_graph_is_truncated_and_exported_once(tiny_cnn, images, tmp_path):
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
     assert convs == 2 and "Gemm" not in ops and "MatMul" not in ops  # stem + stage1 only: no stage2, no head
     mtime = path.stat().st_mtime_ns
-    again = PretrainedFeatureExtractor(tiny_cnn, layers=["stage1"], preprocess=SMALL, progress=False,
+    again = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", layers=["stage1"], preprocess=SMALL, progress=False,
                                        backend="onnxruntime")
     with mock.patch.dict(os.environ, {"FEATX_CACHE_DIR": str(tmp_path / "default")}):
         again.fit().transform(images)
@@ -88,7 +88,7 @@ def _export_in_child(args):
     from tests.conftest import TinyCNN as Tiny
 
     torch.manual_seed(0)
-    ext = PretrainedFeatureExtractor(Tiny(), layers=["stage2"], preprocess={"input_size": 32, "resize_size": 36},
+    ext = PretrainedFeatureExtractor(Tiny(), precision="fp32", layers=["stage2"], preprocess={"input_size": 32, "resize_size": 36},
                                      progress=False, backend="onnxruntime", cache=cache_dir).fit()
     imgs = np.random.default_rng(seed).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     return ext.backend_, ext.transform(imgs)
@@ -107,13 +107,13 @@ def test_concurrent_exports_do_not_corrupt(tmp_path):
 
 def test_damaged_onnx_file_is_exported_again(tiny_cnn, images, tmp_path):
     kw = dict(layers=["stage2"], preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path)
-    first = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(images)
+    first = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
     (path,) = (tmp_path / "onnx").glob("*.onnx")
     path.write_bytes(b"not an onnx file")
     import featx._cache as cache_mod
 
     with mock.patch.object(cache_mod.EmbeddingCache, "lookup", return_value={}):  # force a recompute
-        second = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(images)
+        second = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
     np.testing.assert_allclose(second, first, rtol=1e-5)
     assert path.stat().st_size > 1000
 
@@ -127,8 +127,8 @@ class _Unexportable(TinyCNN):
 def test_export_failure_falls_back_to_torch_with_one_warning(images, tmp_path):
     torch.manual_seed(0)
     m = _Unexportable()
-    ref = PretrainedFeatureExtractor(m, preprocess=SMALL, progress=False).fit().transform(images)
-    ext = PretrainedFeatureExtractor(m, preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path).fit()
+    ref = PretrainedFeatureExtractor(m, precision="fp32", preprocess=SMALL, progress=False).fit().transform(images)
+    ext = PretrainedFeatureExtractor(m, precision="fp32", preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path).fit()
     with pytest.warns(BackendWarning, match="ONNX Runtime.*eager PyTorch") as rec:
         got = ext.transform(images)
         ext.transform(images[:2][::-1].copy())
@@ -155,10 +155,20 @@ def test_backend_validation():
         PretrainedFeatureExtractor(backend="tensorrt").fit()
 
 
-def test_auto_backend_is_onnxruntime_on_cpu(tiny_cnn, images, tmp_path):
+def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
+    import featx._device as dev
+
+    monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)  # an AVX2-class CPU
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto", cache=tmp_path).fit()
-    assert ext.backend_ == "onnxruntime"
-    ref = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit().transform(images)
+    assert ext.backend_ == "onnxruntime" and ext.precision_ == "fp32"
+    # where bf16 is native, auto precision is bf16 and eager PyTorch runs it (ONNX Runtime would be fp32, ~2x slower)
+    monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
+    fast = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto").fit()
+    assert fast.backend_ == "torch" and fast.precision_ == "bf16"
+    # an explicit onnxruntime backend makes precision="auto" fp32 (it computes in fp32), on any CPU
+    ort = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path).fit()
+    assert ort.backend_ == "onnxruntime" and ort.precision_ == "fp32"
+    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False).fit().transform(images)
     np.testing.assert_allclose(ext.transform(images), ref, rtol=1e-4, atol=1e-6)
 
 
@@ -166,16 +176,16 @@ def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
     from featx._runner import last_run
 
     kw = dict(preprocess=SMALL, progress=False, cache=tmp_path)
-    a = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(images)
-    b = PretrainedFeatureExtractor(tiny_cnn, backend="onnxruntime", **kw).fit().transform(images)
+    a = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
+    b = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="onnxruntime", **kw).fit().transform(images)
     assert last_run().cache_hits == len(images)
     np.testing.assert_array_equal(a, b)
 
 
 def test_torch_compile_matches_eager(tiny_cnn, images):
     kw = dict(layers=["stage1", "pre_logits"], pooling="avgmax", preprocess=SMALL, progress=False)
-    ref = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(images)
-    ext = PretrainedFeatureExtractor(tiny_cnn, backend="torch.compile", batch_size=2, **kw).fit()
+    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", batch_size=2, **kw).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendWarning)
         got = ext.transform(images)  # batches of 2, 2, 1: a recompilation for the last one
@@ -184,14 +194,14 @@ def test_torch_compile_matches_eager(tiny_cnn, images):
 
 
 def test_torch_compile_failure_falls_back(tiny_cnn, images):
-    ref = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit().transform(images)
+    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False).fit().transform(images)
 
     def broken(fn, **kw):
         def run(x):
             raise RuntimeError("no C++ compiler found\nmore detail")
         return run
 
-    ext = PretrainedFeatureExtractor(tiny_cnn, backend="torch.compile", preprocess=SMALL, progress=False).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", preprocess=SMALL, progress=False).fit()
     with mock.patch("torch.compile", broken), pytest.warns(BackendWarning, match="no C\\+\\+ compiler found"):
         got = ext.transform(images)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
@@ -202,19 +212,19 @@ def test_torch_compile_failure_falls_back(tiny_cnn, images):
 
 def test_transform_to_npy_equals_transform(tiny_cnn, image_paths, tmp_path):
     paths, _ = image_paths
-    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, batch_size=4).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False, batch_size=4).fit()
     ref = ext.transform(paths)
     mm = ext.transform_to_npy(paths, tmp_path / "sub" / "f.npy")
     assert isinstance(mm, np.memmap) and not mm.flags.writeable
     np.testing.assert_array_equal(np.asarray(mm), ref)
     np.testing.assert_array_equal(np.load(tmp_path / "sub" / "f.npy"), ref)
-    cached = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, cache=tmp_path / "c").fit()
+    cached = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False, cache=tmp_path / "c").fit()
     cached.transform(paths[:5])
     np.testing.assert_allclose(cached.transform_to_npy(paths, tmp_path / "g.npy"), ref, rtol=1e-5)
 
 
 def test_transform_to_npy_errors(tiny_cnn, tmp_path):
-    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False)
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False)
     with pytest.raises(Exception, match="not fitted"):
         ext.transform_to_npy(np.zeros((1, 8, 8, 3), np.uint8), tmp_path / "f.npy")
     ext.fit()
@@ -228,7 +238,7 @@ def test_transform_to_npy_keeps_finished_rows_on_bad_image(tiny_cnn, image_paths
     paths, _ = image_paths
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, batch_size=2).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False, batch_size=2).fit()
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         ext.transform_to_npy(paths[:4] + [str(bad)], tmp_path / "f.npy")
     part = np.load(tmp_path / "f.npy")
@@ -281,6 +291,6 @@ def test_gpu_decode_needs_cuda():
 def test_gpu_decode_on_cuda(image_paths):
     paths, _ = image_paths
     kw = dict(weights=None, preprocess={"input_size": 64}, progress=False, device="cuda", precision="fp32")
-    ref = PretrainedFeatureExtractor("resnet18", **kw).fit().transform(paths)
+    ref = PretrainedFeatureExtractor("resnet18", precision="fp32", **kw).fit().transform(paths)
     got = PretrainedFeatureExtractor("resnet18", gpu_decode=True, **kw).fit().transform(paths)
     assert _rel(ref, got) < 0.05

@@ -48,7 +48,7 @@ def files(tmp_path, image_paths):
 
 
 def _ext(model, cache_dir, **kw):
-    kw = {"preprocess": SMALL, "num_workers": 0, **kw}
+    kw = {"preprocess": SMALL, "num_workers": 0, "precision": "fp32", **kw}
     return PretrainedFeatureExtractor(model, cache=str(cache_dir), progress=False, **kw).fit()
 
 
@@ -59,6 +59,7 @@ def assert_same(a, b):
 
 def _reference(model, X, **kw):
     kw.setdefault("preprocess", SMALL)
+    kw.setdefault("precision", "fp32")
     return PretrainedFeatureExtractor(model, progress=False, num_workers=0, **kw).fit().transform(X)
 
 
@@ -186,7 +187,8 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
     for what, ext in changed_field.items():
         assert namespace_of(ext)[0] == ns0 and ext._plan.out_fields != fields0, what
     same = [_ext(tiny_cnn, tmp_path, batch_size=7), _ext(tiny_cnn, tmp_path, num_workers=2)]
-    same.append(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(tmp_path), progress=True).fit())
+    same.append(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(tmp_path), precision="fp32",
+                                           progress=True).fit())
     for ext in same:
         assert namespace_of(ext)[0] == ns0 and ext._plan.out_fields == fields0
     monkeypatch.setattr("featx._runner.FORMAT_VERSION", 999)
@@ -296,7 +298,8 @@ _WORKER = textwrap.dedent("""
     torch.manual_seed(0)
     model = TinyCNN()
     {slow}
-    ext = PretrainedFeatureExtractor(model, preprocess=SMALL, cache={cache!r}, batch_size=2, num_workers=0, progress=False).fit()
+    ext = PretrainedFeatureExtractor(model, preprocess=SMALL, cache={cache!r}, batch_size=2, num_workers=0, precision="fp32",
+                                     progress=False).fit()
     np.save(sys.argv[1], ext.transform({files!r}))
 """)
 

@@ -37,8 +37,11 @@ def test_extract_and_cache_commands_for_real(image_folder, tmp_path):
     out = tmp_path / "f.npz"
     res = featx("extract", image_folder, "-o", out, "--cache-dir", cache, "--layers", "stage4,pre_logits")
     assert res.returncode == 0, res.stderr
-    summary = res.stdout.strip().splitlines()[-1]
+    summary, compute = res.stdout.strip().splitlines()[-2:]
     assert summary.startswith("24 images, 1392 features") and "images/s" in summary and "cache hits 0" in summary
+    from featx._device import cpu_native_bf16
+
+    assert compute.startswith(f"computed on cpu in {'bf16' if cpu_native_bf16() else 'fp32'} with torch")
     z = np.load(out)
     assert z["features"].shape == (24, 1392) and len(z["paths"]) == 24 and z["feature_names"][0] == "stage4_avg_0"
     info = featx("cache", "--cache-dir", cache, "info")
@@ -170,7 +173,7 @@ def test_evaluate_with_tta_and_fine_tuning(image_folder, tmp_path, capsys):
 def test_extract_streams_npy_with_onnxruntime(image_folder, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    common = [str(image_folder), "--model", "resnet18", "--weights", "none", "--no-progress"]
+    common = [str(image_folder), "--model", "resnet18", "--weights", "none", "--no-progress", "--precision", "fp32"]
     assert main(["extract", *common, "-o", str(a)]) == 0
     env = {"FEATX_CACHE_DIR": str(tmp_path / "c")}
     res = featx("extract", *common, "-o", b, "--backend", "onnxruntime", env_extra=env)

@@ -238,7 +238,7 @@ def test_changed_weights_detected_after_unpickling(tmp_path, tiny_cnn):
 
 
 def test_gpu_fitted_extractor_loads_on_cpu_only_machine(tiny_cnn):
-    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, precision="fp32", progress=False).fit()
     state = ext.__getstate__()
     state["device_"] = "cuda:0"
     state["autocast_dtype_"] = torch.float16
@@ -269,8 +269,11 @@ def test_resolve_device():
 
 def test_resolve_precision():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
-    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with mock.patch("featx._device.cpu_native_bf16", return_value=False):
+        assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
+    with mock.patch("featx._device.cpu_native_bf16", return_value=True):
+        assert resolve_precision("auto", cpu) == torch.bfloat16 and resolve_precision("fp32", cpu) is None
+        assert resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", cpu)
     with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
@@ -294,3 +297,61 @@ def test_cuda_matches_cpu(image_paths):
     gpu = PretrainedFeatureExtractor(**kw, device="cuda", precision="fp32").fit()
     gpu.backbone_.load_state_dict(cpu.backbone_.state_dict())
     np.testing.assert_allclose(gpu.transform(paths), cpu.transform(paths), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------ precision by CPU capability
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_native_bf16(tiny_cnn, monkeypatch, native):
+    import featx._device as dev
+
+    monkeypatch.setattr(dev, "cpu_native_bf16", lambda: native)
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", progress=False).fit()
+    assert ext.precision_ == ("bf16" if native else "fp32")
+    assert ext.autocast_dtype_ == (torch.bfloat16 if native else None)
+    assert ext.streams_ == (torch.get_num_threads() if native else 1)
+    # explicit fp32 stays exact, whatever the CPU
+    exact = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="fp32", progress=False).fit()
+    assert exact.precision_ == "fp32" and exact.autocast_dtype_ is None and exact.streams_ == 1
+
+
+def test_explicit_bf16_warns_only_where_emulated(tiny_cnn, monkeypatch):
+    import warnings
+
+    import featx._device as dev
+    from featx import DeviceWarning
+
+    monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)
+    with pytest.warns(DeviceWarning, match="emulated and slower than fp32"):
+        PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="bf16", progress=False).fit()
+    monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeviceWarning)
+        ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="bf16", progress=False).fit()
+    assert ext.precision_ == "bf16"
+
+
+def test_native_bf16_is_read_from_torch_probes(monkeypatch):
+    import featx._device as dev
+
+    for avx512_bf16, amx, want in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert dev.cpu_native_bf16() is want
+    assert dev.resolve_precision("auto", torch.device("cpu"), training=True) is None  # fine-tuning stays fp32
+
+
+def test_bf16_features_close_to_fp32_and_cached_apart(tiny_cnn, image_paths, tmp_path):
+    from featx._runner import namespace_of
+
+    X = list(image_paths[0][:6])
+    kw = dict(preprocess=SMALL, device="cpu", progress=False, cache=str(tmp_path))
+    f32 = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit()
+    b16 = PretrainedFeatureExtractor(tiny_cnn, precision="bf16", **kw).fit()
+    a, b = f32.transform(X), b16.transform(X)
+    assert b.dtype == np.float32
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
+    assert namespace_of(f32)[0] != namespace_of(b16)[0]
+    np.testing.assert_array_equal(f32.transform(X), a)  # cached fp32 entries are not bf16 ones

@@ -69,7 +69,8 @@ def test_forward_stops_after_deepest_requested_layer(tiny_cnn):
 
 
 def test_aliases_and_order(tiny_cnn):
-    ext = PretrainedFeatureExtractor(tiny_cnn, layers=["stage3", "stem", "pre_logits"], preprocess=SMALL, progress=False).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, layers=["stage3", "stem", "pre_logits"], preprocess=SMALL, precision="fp32",
+                                     progress=False).fit()
     assert ext.layers_ == ["stage3", "stem", "pre_logits"]
     names = ext.get_feature_names_out()
     assert names[0] == "stage3_avg_0" and names[16] == "stem_avg_0" and names[-1] == "pre_logits_15"

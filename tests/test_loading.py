@@ -1,6 +1,8 @@
-"""Batch production (inline, worker processes, prefetch thread, parallel decode) and CPU batch-size tuning."""
+"""Batch production (inline, worker processes, parallel decode, CPU streams); results independent of scheduling."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -8,10 +10,9 @@ import torch
 from PIL import Image
 
 from featx import PretrainedFeatureExtractor
-from featx._loading import PARALLEL, THREAD, batches
+from featx._loading import PARALLEL, batches, ordered_streams
 from featx._preprocess import ImageDataset, Items, collate
-from featx._runner import _Tuner, last_run, tuned_batch_sizes
-
+from featx._runner import last_run
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def dataset(image_paths):
     return ImageDataset(Items(paths, "list"), np.arange(len(paths)), {"input_size": (32, 32), "resize_size": 36, "interpolation": "bilinear"})
 
 
-@pytest.mark.parametrize("workers", [THREAD, PARALLEL, 2])
+@pytest.mark.parametrize("workers", [PARALLEL, 2])
 def test_every_mode_gives_the_inline_batches(dataset, workers):
     ref = list(batches(dataset, 4, 0, collate))
     got = list(batches(dataset, 4, workers, collate))
@@ -30,26 +31,85 @@ def test_every_mode_gives_the_inline_batches(dataset, workers):
     assert ref[-1][2] and "not found" in ref[-1][2][0][1]
 
 
-def test_thread_errors_reach_the_consumer(dataset):
-    def broken_collate(batch):
-        raise RuntimeError("collate exploded")
+def test_streams_yield_in_order_from_several_threads():
+    names = {}
+    barrier = threading.Barrier(2, timeout=10)  # both streams must be running at once to pass
 
-    with pytest.raises(RuntimeError, match="collate exploded"):
-        list(batches(dataset, 4, THREAD, broken_collate))
+    def job(k):
+        if k < 2:
+            barrier.wait()
+        names[k] = (threading.current_thread().name, torch.get_num_threads())
+        return k * k
+
+    before = torch.get_num_threads()
+    assert list(ordered_streams(9, job, 2)) == [k * k for k in range(9)]
+    assert {n for n, _ in names.values()} == {"featx-stream-0", "featx-stream-1"}
+    assert {t for _, t in names.values()} == {1}  # one torch thread per stream
+    assert torch.get_num_threads() == before  # and the process's setting restored
 
 
-def test_auto_batch_size_tunes_on_real_batches(tiny_cnn, image_paths):
-    paths = (list(image_paths[0]) * 5)[: _Tuner.MIN_IMAGES + 4]
+def test_streams_raise_at_the_failing_jobs_turn_and_stop():
+    started = []
+
+    def job(k):
+        started.append(k)
+        if k == 3:
+            raise ValueError("job 3 broke")
+        return k
+
+    got = []
+    with pytest.raises(ValueError, match="job 3 broke"):
+        for v in ordered_streams(100, job, 2, ahead=1):
+            got.append(v)
+    assert got == [0, 1, 2]
+    assert max(started) < 3 + 2 * 2  # no job started beyond the bounded look-ahead
+
+
+def test_streams_stay_bounded_when_the_consumer_is_slow():
+    running = []
+
+    def job(k):
+        running.append(k)
+        return k
+
+    gen = ordered_streams(50, job, 2, ahead=2)
+    assert next(gen) == 0
+    threading.Event().wait(0.2)  # give the streams time to run ahead as far as they may
+    assert len(running) <= 1 + 2 * 2 + 1
+    gen.close()
+
+
+def _reference(tiny_cnn, X, **kw):
+    return PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 30, "resize_size": 34}, precision="fp32",
+                                      progress=False, **kw).fit()
+
+
+def test_results_do_not_depend_on_batch_size_streams_or_threads(tiny_cnn, image_paths):
+    paths = (list(image_paths[0]) * 4)[:37]
     X = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    prep = {"input_size": 30, "resize_size": 34}  # an input size no other test tunes
-    ref = PretrainedFeatureExtractor(tiny_cnn, preprocess=prep, batch_size=4, progress=False).fit().transform(X)
-    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=prep, progress=False).fit()
-    before = dict(tuned_batch_sizes())
-    out = ext.transform(X)
-    assert last_run().images == len(X)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-    new = {k: v for k, v in tuned_batch_sizes().items() if k not in before}
-    assert len(new) == 1 and list(new.values())[0] in _Tuner.CANDIDATES
-    # a fixed batch_size is never tuned
-    PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 40, "resize_size": 44}, batch_size=3, progress=False).fit().transform(X)
-    assert len(tuned_batch_sizes()) == len(before) + 1
+    ref = _reference(tiny_cnn, X, batch_size=1, num_workers=0).transform(X)
+    saved = torch.get_num_threads()
+    try:
+        for bs in (3, 4, 16):
+            for streams in (1, 2, 3):
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    ext = _reference(tiny_cnn, X, batch_size=bs)
+                    ext.streams_ = streams  # what fit settles from the CPU and precision; forced here
+                    np.testing.assert_allclose(ext.transform(X), ref, rtol=1e-5, atol=1e-6,
+                                               err_msg=f"batch {bs}, {streams} streams, {threads} threads")
+                    assert last_run().computed == len(X)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_streams_keep_errors_in_order_and_lose_no_work(tiny_cnn, image_paths, tmp_path):
+    paths = list(image_paths[0][:9])
+    bad = paths[:5] + [str(tmp_path / "missing.jpg")] + paths[5:]
+    ext = _reference(tiny_cnn, bad, batch_size=2, on_error="nan")
+    ext.streams_ = 2
+    with pytest.warns(Warning, match="1 of 10 images"):
+        out = ext.transform(bad)
+    assert list(ext.failed_indices_) == [5] and np.isnan(out[5]).all()
+    good = np.delete(out, 5, axis=0)
+    np.testing.assert_allclose(good, _reference(tiny_cnn, paths).transform(paths), rtol=1e-5, atol=1e-6)
