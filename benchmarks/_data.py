@@ -51,3 +51,30 @@ def write_results(path: str | Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
+
+
+def machine() -> dict:
+    """What every benchmark prints first: CPU model and capability (ISA, native bf16, VNNI, AMX), cores, torch."""
+    import platform
+
+    from featx._device import cpu_capability, describe_cpu
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu_model": model, **cpu_capability(), "line": f"{model}; {describe_cpu()}"}
+
+
+def make_big_jpegs(folder: str | Path, n: int, size: tuple[int, int] = (4000, 3000)) -> list[str]:
+    """``n`` phone-size JPEGs (12 MP by default): the same crops as :func:`make_jpegs`, upscaled."""
+    small, _ = make_jpegs(Path(folder) / "src", n)
+    out = []
+    for i, p in enumerate(small):
+        path = Path(folder) / f"big_{i:04d}.jpg"
+        if not path.exists():
+            Image.open(p).resize(size, Image.BICUBIC).save(path, quality=90)
+        out.append(str(path))
+    return out

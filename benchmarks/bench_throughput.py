@@ -1,23 +1,26 @@
-"""Throughput of featx against the bare model and a naive loop, and peak memory for N vs 4N images.
+"""CPU/GPU throughput of featx from JPEG files against the bare model, first call included, and 12 MP photos.
 
-    python benchmarks/bench_throughput.py [--n 256] [--device cpu] [--models efficientnet_lite0,resnet18,resnet50]
-                                          [--backends torch,onnxruntime]
+    python benchmarks/bench_throughput.py [--n 96,1024] [--models efficientnet_lite0,resnet50]
+                                          [--repeats 3] [--device cpu] [--no-rss]
 
-On the same real JPEG files (500x375 crops of scikit-image's photographs), in
-one run, per backbone, it prints images/s for:
+On real JPEG files (500x375 crops of scikit-image's photographs), in one run,
+per backbone, images/s of:
 
-  (a) featx end to end from files (transform on paths, cache off);
-  (b) the bare model's forward pass on already-decoded, already-resized,
-      normalised tensors, at its best batch size and memory format (a sweep);
-  (c) a naive per-image loop (PIL open, torchvision transforms, model(x[None]));
-  (d) featx on pre-decoded arrays (full-size uint8 images in memory);
+  (b)   the bare model's fp32 eager forward pass on already-decoded, resized,
+        normalised tensors, at its best batch size and memory format (a sweep);
+  (b16) the same with bf16 autocast, where the CPU has native bf16 (context);
+  (a)   featx with its defaults (``cache=None`` only) from files, for each N:
+        the *first* ``transform`` of a freshly fitted extractor and a second
+        call on the same N images;
+  (a32) featx with ``precision="fp32"`` from files (steady state);
+  (ort) featx with ``backend="onnxruntime"`` (fp32) from files, if installed;
 
-and the ratios a/b, a/c, d/b. With several --backends, (a) and (d) are
-measured for each (e.g. ``a[onnxruntime]/b``: featx with ONNX Runtime from
-files against the best *eager PyTorch* bare forward pass). Then the peak
-resident memory of a fresh process running featx on N and on 4N images, into
-an in-memory matrix and streamed to a memory-mapped .npy file. Timings are
-medians of --repeats runs, interleaved. Results go to a JSON file as well.
+and the ratios a/b (first call), first/second, a32/b, ort/a32. Then, on
+12-megapixel phone-size JPEGs (4000x3000): featx's default against a naive
+single-core loop (PIL open, convert, resize, center crop: no model at all),
+and featx's 12 MP rate as a fraction of its 500x375 rate. Optionally the peak
+resident memory for N vs 4N images. Timings are medians of --repeats runs,
+interleaved. The header states the CPU's capability; results go to JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,67 +40,125 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import make_jpegs, write_results  # noqa: E402
+from _data import machine, make_big_jpegs, make_jpegs, write_results  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
 from featx._backbones import build_backbone  # noqa: E402
-from featx._runner import tuned_batch_sizes  # noqa: E402
+from featx._engines import _ort_installed  # noqa: E402
 
 
-def _median_rate(fn, n_images: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return n_images / statistics.median(times)
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def _bare_runner(module, cfg, device, n: int, fmt: str, bs: int):
-    """A closure running the bare model over n pre-decoded, pre-resized, normalised images."""
+def _bare_rate(module, cfg, device, n: int, fmt: str, bs: int, dtype, repeats: int) -> float:
+    """Median images/s of the bare model over n pre-decoded, pre-resized, normalised images."""
     h, w = cfg["input_size"]
-    x_all = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     m = module.to(device).to(memory_format=mf).eval()
+    x_all = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
     batches = [x_all[i:i + bs].to(device).contiguous(memory_format=mf) for i in range(0, n, bs)]
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             for b in batches:
                 m(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run()  # warm-up
-    return run
+    run()
+    return n / statistics.median(_timed(run) for _ in range(repeats))
 
 
-def _bare_sweep(module, cfg, device, n: int, repeats: int) -> tuple[dict, list]:
-    """The best batch size and memory format of the bare model on this machine."""
-    best, best_cfg, table = 0.0, {}, []
+def _bare_best(module, cfg, device, n: int, repeats: int, dtype=None) -> tuple[float, dict]:
+    best, best_cfg = 0.0, {}
+    sizes = [1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]
     for fmt in ("contiguous", "channels_last"):
-        for bs in ([1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]):
-            rate = _median_rate(_bare_runner(module, cfg, device, n, fmt, bs), n, min(repeats, 3))
-            table.append({"memory_format": fmt, "batch_size": bs, "images_per_s": rate})
+        for bs in sizes:
+            rate = _bare_rate(module, cfg, device, n, fmt, bs, dtype, repeats)
             if rate > best:
                 best, best_cfg = rate, {"memory_format": fmt, "batch_size": bs}
-    return best_cfg, table
+    return best, best_cfg
 
 
-def _naive_loop(module, cfg, paths, device) -> None:
+def _naive_pil(paths: list[str], cfg: dict) -> None:
+    """What a user writes first: PIL open, convert, resize the shorter side, center crop (one core)."""
     from PIL import Image
-    from torchvision import transforms as T
 
-    tf = T.Compose([
-        T.Resize(cfg["resize_size"], interpolation=T.InterpolationMode(cfg["interpolation"])),
-        T.CenterCrop(cfg["input_size"]),
-        T.ToTensor(),
-        T.Normalize(cfg["mean"], cfg["std"]),
-    ])
-    with torch.no_grad():
-        for p in paths:
-            x = tf(Image.open(p).convert("RGB")).to(device)
-            module(x[None])
+    rs = cfg["resize_size"]
+    ch, cw = cfg["input_size"]
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        s = rs / min(w, h)
+        img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), Image.BICUBIC)
+        left, top = (img.size[0] - cw) // 2, (img.size[1] - ch) // 2
+        np.asarray(img.crop((left, top, left + cw, top + ch)))
+
+
+def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats: int, big: list[str]) -> dict:
+    weights = "DEFAULT" if model.startswith("efficientnet_lite") else None
+    kw = dict(weights=weights, device=str(device), progress=False)
+    default = PretrainedFeatureExtractor(model, **kw).fit()
+    cfg = default.preprocess_
+    row: dict = {"precision_auto": default.precision_, "streams": default.streams_}
+    module = build_backbone(model, weights).module
+    n_bare = 32
+    row["b_bare_fp32"], row["b_config"] = _bare_best(module, cfg, device, n_bare, repeats)
+    if default.autocast_dtype_ is not None:
+        row["b16_bare_bf16"], row["b16_config"] = _bare_best(module, cfg, device, n_bare, repeats, default.autocast_dtype_)
+    exts = {"a32": PretrainedFeatureExtractor(model, precision="fp32", **kw).fit()}
+    if device.type == "cpu" and _ort_installed():
+        exts["ort"] = PretrainedFeatureExtractor(model, backend="onnxruntime", cache=None, **kw).fit()
+    for ext in exts.values():
+        ext.transform(paths[:8])  # warm-up (ONNX export)
+    samples: dict[str, list[float]] = {}
+    nmax = max(sizes)
+    for _ in range(repeats):  # interleaved
+        for n in sizes:
+            fresh = PretrainedFeatureExtractor(model, **kw).fit()
+            samples.setdefault(f"a_first_{n}", []).append(n / _timed(lambda: fresh.transform(paths[:n])))
+            samples.setdefault(f"a_second_{n}", []).append(n / _timed(lambda: fresh.transform(paths[:n])))
+        for name, ext in exts.items():
+            samples.setdefault(name, []).append(nmax / _timed(lambda: ext.transform(paths[:nmax])))
+        samples.setdefault("a_12mp", []).append(len(big) / _timed(lambda: default.transform(big)))
+        samples.setdefault("naive_pil_12mp_1core", []).append(len(big) / _timed(lambda: _naive_pil(big, cfg)))
+    row.update({k: statistics.median(v) for k, v in samples.items()})
+    row["samples"] = samples
+    b = row["b_bare_fp32"]
+    for n in sizes:
+        row[f"a/b_first_{n}"] = row[f"a_first_{n}"] / b
+        row[f"first/second_{n}"] = row[f"a_first_{n}"] / row[f"a_second_{n}"]
+    row["a32/b"] = row["a32"] / b
+    if "ort" in row:
+        row["ort/a32"] = row["ort"] / row["a32"]
+    row["12mp/naive_pil"] = row["a_12mp"] / row["naive_pil_12mp_1core"]
+    row["12mp/500x375"] = row["a_12mp"] / row[f"a_second_{nmax}"]
+    return row
+
+
+def _print_model(model: str, row: dict, sizes: list[int], repeats: int) -> None:
+    p = lambda label, v, extra="": print(f"  {label:<58}{v:>8.1f} img/s{extra}")  # noqa: E731
+    print(f"\n{model}: featx default precision {row['precision_auto']}, {row['streams']} stream(s); "
+          f"medians of {repeats} interleaved runs")
+    p("(b) bare fp32 eager forward, best config", row["b_bare_fp32"],
+      f"   batch {row['b_config']['batch_size']}, {row['b_config']['memory_format']}")
+    if "b16_bare_bf16" in row:
+        p("(b16) bare bf16 autocast forward, best config (context)", row["b16_bare_bf16"],
+          f"   batch {row['b16_config']['batch_size']}, {row['b16_config']['memory_format']}")
+    for n in sizes:
+        p(f"(a) featx default from JPEG, first call, N={n}", row[f"a_first_{n}"], f"   a/b = {row[f'a/b_first_{n}']:.2f}")
+        p(f"(a) featx default from JPEG, second call, N={n}", row[f"a_second_{n}"],
+          f"   first/second = {row[f'first/second_{n}']:.2f}")
+    p("(a32) featx precision='fp32' from JPEG", row["a32"], f"   a32/b = {row['a32/b']:.2f}")
+    if "ort" in row:
+        p("(ort) featx backend='onnxruntime' (fp32) from JPEG", row["ort"], f"   ort/a32 = {row['ort/a32']:.2f}")
+    p("(12mp) featx default, 4000x3000 JPEGs", row["a_12mp"],
+      f"   {row['12mp/500x375']:.2f} of its 500x375 rate")
+    p("(pil) naive PIL loop on one core, 4000x3000 (no model)", row["naive_pil_12mp_1core"],
+      f"   featx/naive = {row['12mp/naive_pil']:.2f}")
 
 
 _RSS_CHILD = textwrap.dedent("""
@@ -122,102 +182,55 @@ _RSS_CHILD = textwrap.dedent("""
 def _peak_rss(model: str, paths: list[str], device: str, mode: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(paths, f)
-    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device, mode], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device, mode], capture_output=True,
+                         text=True, check=True)
     os.unlink(f.name)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _rss_rows(model: str, data: str, n: int, device: str) -> dict:
+    paths4, _ = make_jpegs(data, 4 * n)
+    rows = {}
+    for mode in ("memory", "npy"):
+        small, big = _peak_rss(model, paths4[:n], device, mode), _peak_rss(model, paths4, device, mode)
+        extra = big["out_bytes"] - small["out_bytes"]
+        growth = (big["peak_kib"] - small["peak_kib"]) * 1024
+        rows[mode] = {"model": model, "N": n, "N_peak_mib": small["peak_kib"] / 1024,
+                      "4N_peak_mib": big["peak_kib"] / 1024, "extra_output_mib": extra / 2**20,
+                      "growth_mib": growth / 2**20}
+        print(f"\npeak RSS ({model}, {mode}): N={n}: {small['peak_kib'] / 1024:.0f} MiB; 4N: "
+              f"{big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra output {extra / 2**20:.1f} MiB")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", default="96,1024", help="comma-separated transform sizes (first vs second call)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default="efficientnet_lite0,resnet18,resnet50")
-    ap.add_argument("--backends", default="torch,onnxruntime",
-                    help="comma-separated featx backends to measure (torch, onnxruntime, torch.compile)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--models", default="efficientnet_lite0,resnet50")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--big", type=int, default=8, help="12 MP JPEGs per timed run")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "featx-bench-jpegs"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_throughput.json"))
     ap.add_argument("--no-rss", action="store_true", help="skip the N vs 4N peak-memory measurement")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    paths, _ = make_jpegs(args.data, args.n)
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads)")
+    sizes = [int(v) for v in args.n.split(",")]
+    paths, _ = make_jpegs(args.data, max(sizes))
+    big = make_big_jpegs(Path(args.data) / "12mp", args.big)
+    mach = machine()
     if device.type == "cuda":
-        machine += f", {torch.cuda.get_device_name(device)}"
-    print(f"featx throughput: {len(paths)} JPEGs 500x375, device {device}; {machine}")
-    results = {"n_images": len(paths), "device": str(device), "machine": machine, "models": {}}
-
-    backends = args.backends.split(",")
+        mach["gpu"] = torch.cuda.get_device_name(device)
+    print(f"featx throughput, device {device}: {mach['line']}" + (f", {mach['gpu']}" if "gpu" in mach else ""))
+    print(f"{max(sizes)} JPEGs 500x375 and {len(big)} JPEGs 4000x3000")
+    results = {"device": str(device), "machine": mach, "sizes": sizes, "models": {}}
     for model in args.models.split(","):
-        weights = "DEFAULT" if model.startswith("efficientnet_lite") else None
-        bb = build_backbone(model, weights)
-        exts = {}
-        for backend in backends:
-            exts[backend] = PretrainedFeatureExtractor(model, weights=weights, device=str(device), progress=False,
-                                                       backend=backend).fit()
-            exts[backend].transform(paths)  # warm-up: export/compile, and batch_size="auto" tuning
-        cfg = exts[backends[0]].preprocess_
-
-        best_cfg, sweep = _bare_sweep(bb.module, cfg, device, min(len(paths), 32), args.repeats)
-        # The sweep's maximum is biased upwards on a noisy machine; the figures
-        # compared are medians of runs interleaved a, b, d, c, a, b, d, c, ...
-        bare = _bare_runner(bb.module, cfg, device, len(paths), best_cfg["memory_format"], best_cfg["batch_size"])
-        naive_n = min(len(paths), 64)
-        naive_model = build_backbone(model, weights).module.to(device).eval()
-        runs = {"b": (bare, len(paths)),
-                "c": (lambda: _naive_loop(naive_model, cfg, paths[:naive_n], device), naive_n)}
-        for backend, ext in exts.items():
-            runs[f"a[{backend}]"] = (lambda ext=ext: ext.transform(paths), len(paths))
-            runs[f"d[{backend}]"] = (lambda ext=ext: ext.transform(arrays), len(paths))
-        samples = {k: [] for k in runs}
-        for _ in range(args.repeats):
-            for k, (fn, n_img) in runs.items():
-                t = time.perf_counter()
-                fn()
-                samples[k].append(n_img / (time.perf_counter() - t))
-        rate = {k: statistics.median(v) for k, v in samples.items()}
-        rate_b, rate_c = rate["b"], rate["c"]
-        row = {"b_bare_best": rate_b, "b_best_config": best_cfg, "c_naive_loop": rate_c, "samples": samples,
-               "sweep": sweep, "backends": {}}
+        row = _model_rows(model, paths, sizes, device, args.repeats, big)
         results["models"][model] = row
-        tuned = {k[-1]: v for k, v in tuned_batch_sizes().items() if k[0] == exts[backends[0]].model_id_}
-        print(f"\n{model} (bare best: batch {best_cfg['batch_size']}, {best_cfg['memory_format']}; "
-              f"medians of {args.repeats} interleaved runs)")
-        print(f"  {'(b) bare eager forward, best config':<44}{rate_b:>8.1f} img/s")
-        print(f"  {'(c) naive per-image loop':<44}{rate_c:>8.1f} img/s")
-        for backend, ext in exts.items():
-            ra, rd = rate[f"a[{backend}]"], rate[f"d[{backend}]"]
-            bs = tuned.get(ext.backend_, ext.batch_size_)
-            row["backends"][backend] = {"used": ext.backend_, "batch_size": bs, "a_featx_files": ra,
-                                        "d_featx_arrays": rd, "a/b": ra / rate_b, "a/c": ra / rate_c,
-                                        "d/b": rd / rate_b}
-            label = f"{backend}" + ("" if ext.backend_ == backend else f" (fell back to {ext.backend_})")
-            print(f"  {'(a) featx from JPEG files, ' + label:<44}{ra:>8.1f} img/s   batch {bs}")
-            print(f"  {'(d) featx from decoded arrays, ' + label:<44}{rd:>8.1f} img/s")
-            print(f"      {backend}: a/b = {ra / rate_b:.2f}   a/c = {ra / rate_c:.2f}   d/b = {rd / rate_b:.2f}")
-
+        _print_model(model, row, sizes, args.repeats)
     if not args.no_rss:
-        model = args.models.split(",")[0]
-        paths4, _ = make_jpegs(args.data, 4 * args.n)
-        results["peak_rss"] = {}
-        for mode in ("memory", "npy"):
-            small = _peak_rss(model, paths4[: args.n], args.device, mode)
-            big = _peak_rss(model, paths4, args.device, mode)
-            extra_out = big["out_bytes"] - small["out_bytes"]
-            growth = (big["peak_kib"] - small["peak_kib"]) * 1024
-            allowed = extra_out + 0.10 * small["peak_kib"] * 1024
-            results["peak_rss"][mode] = {"model": model, "N": args.n, "N_peak_mib": small["peak_kib"] / 1024,
-                                         "4N_peak_mib": big["peak_kib"] / 1024, "extra_output_mib": extra_out / 2**20,
-                                         "growth_mib": growth / 2**20, "allowed_mib": allowed / 2**20}
-            where = "in-memory matrix" if mode == "memory" else "transform_to_npy (memory-mapped file)"
-            print(f"\npeak RSS ({model}, {where}): N={args.n}: {small['peak_kib'] / 1024:.0f} MiB; "
-                  f"4N={4 * args.n}: {big['peak_kib'] / 1024:.0f} MiB; growth {growth / 2**20:.1f} MiB vs extra "
-                  f"output matrix {extra_out / 2**20:.1f} MiB + 10% of N's peak = {allowed / 2**20:.0f} MiB allowed")
+        results["peak_rss"] = _rss_rows(args.models.split(",")[0], args.data, 256, args.device)
     write_results(args.out, results)
 
 

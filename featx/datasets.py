@@ -126,12 +126,20 @@ def make_demo_folder(
         raise ImportError(
             "make_demo_folder needs scikit-image for its bundled photographs: pip install 'featx[demo]'"
         ) from exc
+    return write_patches(root, {name: np.asarray(getattr(data, name)()) for name in DEMO_SOURCES},
+                         n_per_class=n_per_class, size=size, seed=seed)
+
+
+def write_patches(root: str | os.PathLike, sources: dict, *, n_per_class: int, size: int, seed: int = 0) -> Path:
+    """Folder-per-class JPEGs of random ``size`` px patches (randomly flipped) of each source image.
+
+    ``sources`` maps a class name to an image array (H x W or H x W x C, uint8).
+    """
     from PIL import Image
 
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for name in DEMO_SOURCES:
-        img = np.asarray(getattr(data, name)())
+    for name, img in sources.items():
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         img = img[..., :3].astype(np.uint8)

@@ -1,0 +1,118 @@
+"""bf16 vs fp32 features on the CPU: how close, and does it change what a classifier learns?
+
+    python benchmarks/bench_precision.py [--models efficientnet_lite0,torchvision:resnet18] [--n-per-class 20]
+
+For each model, on two labelled image sets made offline from bundled photos
+(the ``featx demo`` set: patches of 8 scikit-image photographs; and a second
+set of patches of 9 *other* photographs: Hubble deep field, histology,
+coins, moon, cells, retina, a motorcycle, and scikit-learn's china and
+flower), per layer (every stage and ``pre_logits``, average pooling):
+
+* the cosine similarity of each image's bf16 features to its fp32 features
+  (min and median over the images);
+* 5-fold cross-validated accuracy of logistic regression and a linear SVM
+  (standardised features, same folds) on fp32 and on bf16 features.
+
+The offline default backbone has real ImageNet weights; the torchvision
+model is random-init (torchvision's weights need a download), which still
+shows whether bf16 moves features more than a classifier can tolerate. The
+header states the CPU's capability: on a CPU without native bf16 the numbers
+are the same but bf16 is slower there (featx then defaults to fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import machine, write_results  # noqa: E402
+
+from featx import PretrainedFeatureExtractor, list_layers, load_image_folder  # noqa: E402
+from featx.datasets import make_demo_folder, write_patches  # noqa: E402
+
+OTHER_SOURCES = ("hubble_deep_field", "immunohistochemistry", "coins", "moon", "cell", "retina", "stereo_motorcycle")
+
+
+def second_set(root: Path, n_per_class: int, size: int) -> Path:
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    sources = {}
+    for name in OTHER_SOURCES:
+        img = getattr(data, name)()
+        sources[name] = np.asarray(img[0] if isinstance(img, tuple) else img)
+    for fname, img in zip(load_sample_images().filenames, load_sample_images().images):
+        sources[Path(fname).stem] = img
+    return write_patches(root, sources, n_per_class=n_per_class, size=size, seed=1)
+
+
+def cv_scores(X: np.ndarray, y: np.ndarray) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    out = {}
+    for name, clf in {"logreg": LogisticRegression(C=0.1, max_iter=2000), "linear_svm": LinearSVC(C=0.01)}.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[name] = float(cross_val_score(make_pipeline(StandardScaler(), clf), X, y, cv=folds).mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet_lite0,torchvision:resnet18")
+    ap.add_argument("--n-per-class", type=int, default=20)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_precision.json"))
+    args = ap.parse_args()
+    mach = machine()
+    print(f"bf16 vs fp32 features: {mach['line']}")
+    tmp = Path(tempfile.mkdtemp(prefix="featx-bench-precision-"))
+    sets = {"demo": make_demo_folder(tmp / "demo", n_per_class=args.n_per_class, size=args.size),
+            "other photos": second_set(tmp / "other", args.n_per_class, args.size)}
+    results: dict = {"machine": mach, "n_per_class": args.n_per_class, "size": args.size, "models": {}}
+    for model in args.models.split(","):
+        weights = "DEFAULT" if "efficientnet_lite" in model else None
+        layers = [r.alias for r in list_layers(model, weights=None) if r.alias and r.alias.startswith("stage")]
+        layers.append("pre_logits")
+        print(f"\n{model} ({'ImageNet weights' if weights else 'random init'}); layers {', '.join(layers)}")
+        print(f"  {'set':<13}{'layer':<11}{'cos min':>9}{'cos med':>9}   {'logreg fp32/bf16':>17}   {'linear SVM fp32/bf16':>21}")
+        rows = results["models"][model] = {}
+        for set_name, folder in sets.items():
+            paths, y, _ = load_image_folder(folder)
+            feats = {}
+            for prec in ("fp32", "bf16"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the emulated-bf16 warning on CPUs without it
+                    ext = PretrainedFeatureExtractor(model, weights=weights, layers=layers, precision=prec,
+                                                     progress=False).fit()
+                    feats[prec] = ext.transform(paths)
+            names = ext.get_feature_names_out()
+            for layer in layers:
+                cols = np.array([n.rsplit("_", 1)[0] in (layer, f"{layer}_avg") for n in names])
+                a, b = feats["fp32"][:, cols], feats["bf16"][:, cols]
+                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+                s32, s16 = cv_scores(a, y), cv_scores(b, y)
+                rows.setdefault(set_name, {})[layer] = {"cos_min": float(cos.min()), "cos_median": float(np.median(cos)),
+                                                        "fp32": s32, "bf16": s16}
+                print(f"  {set_name:<13}{layer:<11}{cos.min():>9.5f}{np.median(cos):>9.5f}   "
+                      f"{s32['logreg']:>8.3f}/{s16['logreg']:<8.3f}   {s32['linear_svm']:>10.3f}/{s16['linear_svm']:<10.3f}")
+    worst = max(abs(r["fp32"][c] - r["bf16"][c]) for m in results["models"].values() for s in m.values()
+                for r in s.values() for c in ("logreg", "linear_svm"))
+    results["max_accuracy_difference"] = worst
+    print(f"\nlargest |accuracy(fp32) - accuracy(bf16)| over every model, set, layer and classifier: {worst:.3f}")
+    write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
