@@ -4,7 +4,6 @@ Writes choose_layer.png next to this script (or to the path given as argument).
 """
 
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -16,13 +15,13 @@ from sklearn.model_selection import GridSearchCV  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from _common import demo_data  # noqa: E402
+from _common import demo_data, scratch_dir  # noqa: E402
 from featx import PretrainedFeatureExtractor, list_layers  # noqa: E402
 
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("choose_layer.png")
 paths, y, class_names = demo_data()
 layers = [r.alias for r in list_layers() if r.alias and r.alias.startswith("stage")] + ["pre_logits"]
-pipe = make_pipeline(PretrainedFeatureExtractor(cache=tempfile.mkdtemp()), StandardScaler(), LogisticRegression(max_iter=3000))
+pipe = make_pipeline(PretrainedFeatureExtractor(cache=scratch_dir()), StandardScaler(), LogisticRegression(max_iter=3000))
 search = GridSearchCV(pipe, {"pretrainedfeatureextractor__layers": layers}, cv=4).fit(paths, y)
 scores = search.cv_results_["mean_test_score"]
 stds = search.cv_results_["std_test_score"]

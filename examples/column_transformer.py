@@ -1,6 +1,5 @@
 """Image features next to tabular columns: a ColumnTransformer over a DataFrame with a column of paths."""
 
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from _common import demo_data
+from _common import demo_data, scratch_dir
 from featx import PretrainedFeatureExtractor
 
 paths, y, class_names = demo_data()
@@ -21,7 +20,7 @@ df = pd.DataFrame({
     "camera": rng.choice(["phone", "dslr"], len(paths)),
 })
 features = ColumnTransformer([
-    ("image", make_pipeline(PretrainedFeatureExtractor(cache=tempfile.mkdtemp()), StandardScaler()), "photo"),
+    ("image", make_pipeline(PretrainedFeatureExtractor(cache=scratch_dir()), StandardScaler()), "photo"),
     ("size", StandardScaler(), ["file_kb"]),
     ("camera", OneHotEncoder(sparse_output=False), ["camera"]),
 ])

@@ -4,18 +4,17 @@ Any two backbones combine the same way, e.g. PretrainedFeatureExtractor("resnet5
 next to the default (torchvision downloads its weights once, then works offline).
 """
 
-import tempfile
 
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import FeatureUnion, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from _common import demo_data
+from _common import demo_data, scratch_dir
 from featx import PretrainedFeatureExtractor
 
 paths, y, _ = demo_data()
-cache = tempfile.mkdtemp()
+cache = scratch_dir()
 union = FeatureUnion([
     ("texture", PretrainedFeatureExtractor(layers="stage4", pooling="gem", cache=cache)),
     ("semantics", PretrainedFeatureExtractor(cache=cache)),

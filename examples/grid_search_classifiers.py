@@ -4,7 +4,6 @@ The classifier itself is a grid parameter; the embedding cache makes the CNN
 run once per image for the whole search.
 """
 
-import tempfile
 
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -13,12 +12,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from _common import demo_data
+from _common import demo_data, scratch_dir
 from featx import PretrainedFeatureExtractor
 
 paths, y, class_names = demo_data()
 pipe = Pipeline([
-    ("features", PretrainedFeatureExtractor(cache=tempfile.mkdtemp())),
+    ("features", PretrainedFeatureExtractor(cache=scratch_dir())),
     ("scale", StandardScaler()),
     ("clf", SVC()),
 ])

@@ -1,6 +1,5 @@
 """What does pretraining buy? Pretrained features vs the same CNN with random weights vs raw pixels."""
 
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -9,7 +8,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from _common import demo_data
+from _common import demo_data, scratch_dir
 from featx import PretrainedFeatureExtractor
 
 
@@ -18,7 +17,7 @@ def raw_pixels(paths):
 
 
 paths, y, class_names = demo_data()
-cache = tempfile.mkdtemp()
+cache = scratch_dir()
 candidates = {
     "pretrained": PretrainedFeatureExtractor(cache=cache),
     "random-init": PretrainedFeatureExtractor(weights=None, cache=cache),

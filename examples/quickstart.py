@@ -22,8 +22,9 @@ from featx import PretrainedFeatureExtractor, load_image_folder, make_demo_folde
 
 
 def main(folder=None):
-    if folder is None:
-        folder = make_demo_folder(tempfile.mkdtemp(prefix="featx-demo-"), n_per_class=12)
+    if folder is None:  # the demo images live in a temporary folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="featx-demo-") as tmp:
+            return main(make_demo_folder(tmp, n_per_class=12))
     paths, y, class_names = load_image_folder(folder)
     print(f"{len(paths)} images, {len(class_names)} classes: {', '.join(class_names)}")
     start = time.perf_counter()

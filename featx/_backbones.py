@@ -13,6 +13,7 @@ A prefix forces the source: ``"timm:resnet50"``, ``"torchvision:resnet50"``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ._exceptions import ModelLoadError
+from ._hub import timm_weights_ready, torchvision_weights_ready
 
 __all__ = [
     "Backbone",
@@ -389,7 +391,10 @@ def _build_timm(name: str, weights: Any) -> Backbone:
             "to a local checkpoint."
         )
     try:
-        module = timm.create_model(name, pretrained=pretrained)
+        with timm_weights_ready(name) if pretrained else contextlib.nullcontext():
+            module = timm.create_model(name, pretrained=pretrained)
+    except ModelLoadError:
+        raise
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ValueError(f"model='timm:{name}' is not a timm model: {exc}") from exc
@@ -450,6 +455,8 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
             f"weights={weights!r} is not a weights name of torchvision model {name!r}.{hint} "
             f"Valid: {['DEFAULT', *members, None]}, or a path to a local checkpoint."
         )
+    if weights_enum is not None:
+        torchvision_weights_ready(name, weights_enum)
     try:
         module = torchvision.models.get_model(name, weights=weights_enum)
     except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError

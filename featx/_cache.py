@@ -373,9 +373,34 @@ class EmbeddingCache:
 
     # --------------------------------------------------------- management
 
+    def _db_bytes(self) -> int:
+        return sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
+
+    def graphs(self) -> list[Path]:
+        """The exported ONNX graphs kept beside the database (``backend="onnxruntime"``), least recently used first."""
+        found = []
+        for p in (self.root / "onnx").glob("*.onnx"):
+            try:
+                found.append((p.stat().st_mtime, p))
+            except OSError:  # removed meanwhile
+                continue
+        return [p for _, p in sorted(found)]
+
+    @staticmethod
+    def _bytes(paths: list[Path]) -> int:
+        total = 0
+        for p in paths:
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
+        return total
+
     def info(self) -> dict:
-        """Size on disk, entry counts and a per-namespace breakdown with provenance."""
-        size = sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
+        """Size on disk (database and exported graphs), entry counts and a per-namespace breakdown with provenance."""
+        db = self._db_bytes()
+        graphs = self.graphs()
+        graph_bytes = self._bytes(graphs)
         per_ns = self._read(
             "SELECT n.ns, n.info, n.created, COUNT(e.rowid), COALESCE(SUM(LENGTH(e.vec)), 0), "
             "COUNT(DISTINCT e.item), MAX(e.atime) FROM namespaces n LEFT JOIN embeddings e ON e.ns = n.ns "
@@ -391,27 +416,39 @@ class EmbeddingCache:
             )
         return {
             "path": str(self.path),
-            "size_bytes": size,
+            "size_bytes": db + graph_bytes,
+            "database_bytes": db,
+            "graphs": len(graphs),
+            "graph_bytes": graph_bytes,
             "entries": sum(n["entries"] for n in namespaces),
             "files_indexed": files,
             "namespaces": namespaces,
         }
 
     def clear(self) -> None:
-        """Delete every entry, namespace and file hash, and shrink the file."""
+        """Delete every entry, namespace, file hash and exported graph, and shrink the file."""
         self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")])
         self._vacuum()
+        for p in self.graphs():
+            p.unlink(missing_ok=True)
 
     def prune(self, max_bytes: int) -> int:
-        """Evict least-recently-used entries until the database is at most ``max_bytes``; return how many.
+        """Evict until the cache (database and graphs) is at most ``max_bytes``; return how many entries went.
 
-        Like ccache, it evicts down to 90% of the limit, so that the next few
-        writes do not immediately exceed it again.
+        Exported graphs go first, least recently used first (re-exporting one
+        takes seconds; an embedding took a forward pass), then the least
+        recently used entries. Like ccache, it evicts down to 90% of the
+        limit, so that the next few writes do not immediately exceed it again.
         """
+        self._vacuum()
+        graphs = self.graphs()
+        while graphs and self._db_bytes() + self._bytes(graphs) > max_bytes:
+            graphs.pop(0).unlink(missing_ok=True)
+        max_bytes -= self._bytes(graphs)
         removed = 0
         for _ in range(10):
             self._vacuum()
-            size = self.info()["size_bytes"]
+            size = self._db_bytes()
             if size <= max_bytes:
                 break
             rows = self._read("SELECT rowid, LENGTH(vec) FROM embeddings ORDER BY atime", ())

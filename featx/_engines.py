@@ -127,6 +127,9 @@ def _export(cap: LayerCapture, input_size: tuple[int, int], path: Path) -> None:
                     module, (x,), tmp, dynamo=False, opset_version=OPSET, input_names=["x"], output_names=names,
                     dynamic_axes={"x": {0: "batch"}, **{n: {0: "batch"} for n in names}},
                 )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache's graphs from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -138,6 +141,11 @@ def _ort_engine(cap: LayerCapture, path: Path, input_size: tuple[int, int], thre
 
     if not path.exists():
         _export(cap, input_size, path)
+    else:
+        try:
+            os.utime(path)  # marks it used: `featx cache prune` evicts the least recently used graphs first
+        except OSError:
+            pass
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -28,6 +28,22 @@ from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_te
 __all__ = ["PretrainedFeatureExtractor"]
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside featx and scikit-learn.
+
+    ``transform`` is reached through scikit-learn's wrappers (``set_output``,
+    ``Pipeline``, ``fit_transform``), so a fixed level would name one of
+    their lines instead of the user's.
+    """
+    import sklearn
+
+    skip = (str(Path(__file__).resolve().parent), str(Path(sklearn.__file__).resolve().parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     """Embed images with the frozen layers of a pretrained CNN.
 
@@ -194,6 +210,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     failed_indices_ : ndarray of int
         Indices of the items the last ``transform`` could not read
         (``on_error="nan"``); empty when all were read.
+    failed_reasons_ : list of (int, str)
+        The same items with the reason each could not be read.
 
     Examples
     --------
@@ -457,6 +475,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         else:
             failed = transform_cached(self, items, out, cache, opts)
         self.failed_indices_ = np.asarray([i for i, _ in failed], dtype=np.intp)
+        self.failed_reasons_ = [(int(i), reason) for i, reason in failed]
         if self._runner is not None:
             self.backend_ = self._runner.backend  # "torch" if the requested backend could not run
         if failed:
@@ -467,7 +486,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
                 f"{len(failed)} of {len(items)} images could not be read; their rows are NaN "
                 f"(indices in failed_indices_). First: {shown}",
                 ImageLoadWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
 
     def _show_progress(self) -> bool:

@@ -209,13 +209,11 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
                 name = stage_alias.get(req, req)
             rec = pr.records.get(name)
             if rec is None or rec.shape is None:
-                pool_names = valid + list(stage_alias) + [PRE_LOGITS]
-                close = difflib.get_close_matches(req, pool_names, n=3, cutoff=0.5)
-                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-                shown = list(stage_alias) + [PRE_LOGITS] + valid
-                listing = ", ".join(shown[:40]) + (", ..." if len(shown) > 40 else "")
+                aliases = list(stage_alias) + [PRE_LOGITS, OUTPUT]
+                close = difflib.get_close_matches(req, aliases + valid, n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
                 raise ValueError(
-                    f"layer {req!r} not found.{hint} Valid: {listing}. "
+                    f"layer {req!r} not found{hint} Aliases: {', '.join(aliases)}; or any module name. "
                     "See featx.list_layers(model) for every name with its output shape."
                 )
             tgt = Target(req, name, "output", rec.calls, rec.shape)

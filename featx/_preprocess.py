@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,12 @@ _INTERP = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-#: Pillow formats featx decodes; anything else (EPS, PSD, ICO, PDF, ...) is refused.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG includes MPO (multi-picture phone photos)
+#: Pillow formats featx decodes; anything else (EPS, PSD, ICO, PDF, ...) is refused. JPEG includes MPO
+#: (multi-picture phone photos); AVIF needs Pillow >= 11.2 (native), HEIF (iPhone HEIC) the heif extra.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "HEIF")
+
+#: ISO-BMFF brands of HEIF images (``ftyp`` box): HEIC/HEVC stills and sequences, and the generic ones.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 #: An image whose long side, once resized, would exceed this many times the
 #: crop is first cropped around its centre (bounds memory for 10000x3 strips).
@@ -296,6 +301,32 @@ def _jpeg_op():
 _JPEG_OP: Any = False
 
 
+def _is_heif(data: bytes) -> bool:
+    """An ISO-BMFF ``ftyp`` box naming a HEIF brand (and not AVIF, which Pillow reads itself)."""
+    if data[4:8] != b"ftyp":
+        return False
+    brands = data[8:12], *(data[i:i + 4] for i in range(16, min(len(data), int.from_bytes(data[:4], "big")), 4))
+    return b"avif" not in brands and b"avis" not in brands and any(b in _HEIF_BRANDS for b in brands)
+
+
+_HEIF_READY: list[bool] = []
+_HEIF_LOCK = threading.Lock()
+
+
+def _heif_opener() -> None:
+    """Register pillow-heif's HEIF reader with Pillow once, or say which extra installs it."""
+    with _HEIF_LOCK:
+        if _HEIF_READY:
+            return
+        try:
+            import pillow_heif
+        except ImportError:
+            raise _BadItem("a HEIC/HEIF image (iPhone photo); reading it needs the heif extra: "
+                           "pip install 'featx[heif]'") from None
+        pillow_heif.register_heif_opener()
+        _HEIF_READY.append(True)
+
+
 def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
     """Decode image-file bytes with Pillow under featx's rules (files are read by the caller).
 
@@ -383,6 +414,8 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
                 raise _BadItem("permission denied") from None
         else:
             data = bytes(item)
+        if _is_heif(data):
+            _heif_opener()
         fast = _device_jpeg(data, decode_device) if decode_device is not None else _fast_jpeg(data, draft_size)
         if fast is not None:
             return fast

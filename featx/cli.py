@@ -39,6 +39,24 @@ class _CliError(Exception):
     """A runtime error shown as one line (exit code 1)."""
 
 
+_FLAG_PARAMS = ("weights", "model", "layers", "pooling", "device", "precision", "batch_size", "backend", "tta",
+                "on_error")
+_PARAM = re.compile(rf"\b({'|'.join(_FLAG_PARAMS)})=('([^']*)'|\[[^\]]*\]|None|<[^>]*>|[\w.:/-]+)")
+
+
+def _cli_message(msg: str, args: argparse.Namespace) -> str:
+    """A library message in the command line's terms: ``weights=None`` -> ``--weights none``,
+    ``featx.list_layers(model)`` -> ``featx layers MODEL``."""
+    def flag(m: re.Match) -> str:
+        value = m.group(3) if m.group(3) is not None else m.group(2)
+        value = {"None": "none"}.get(value, value).strip("[]").replace("'", "").replace(", ", ",")
+        return f"--{m.group(1).replace('_', '-')} {value}"
+
+    model = getattr(args, "model", None) or "MODEL"
+    msg = msg.replace("featx.list_layers(model)", f"'featx layers {model}'")
+    return _PARAM.sub(flag, msg)
+
+
 # ------------------------------------------------------------------- layers
 
 
@@ -100,7 +118,11 @@ def _write_features(path: Path, feats, paths: list[str], names) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from . import PretrainedFeatureExtractor
+    import warnings
+
+    import numpy as np
+
+    from . import ImageLoadWarning, PretrainedFeatureExtractor
     from ._runner import last_run
 
     out = Path(args.output)
@@ -112,21 +134,42 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cache = args.cache_dir if args.cache_dir else (True if args.cache else None)
     ext = PretrainedFeatureExtractor(
         args.model, weights=weights, layers=layers, pooling=args.pooling, device=args.device,
-        precision=args.precision, batch_size=args.batch_size if args.batch_size else "auto", cache=cache,
-        progress=False if args.no_progress else None, backend=args.backend,
+        precision=args.precision, batch_size=args.batch_size or "auto", cache=cache,
+        progress=False if args.no_progress else None, backend=args.backend, tta=args.tta,
+        on_error="raise" if args.on_error == "raise" else "nan",
     )
     start = time.perf_counter()
     ext.fit(paths)
-    if out.suffix.lower() == ".npy":  # streamed into a memory-mapped file: any number of images
-        feats = ext.transform_to_npy(paths, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageLoadWarning)  # reported below, one line per file
+        if out.suffix.lower() == ".npy":  # streamed into a memory-mapped file: any number of images
+            feats = ext.transform_to_npy(paths, out)
+        else:
+            feats = ext.transform(paths)
+    failed = {int(i) for i in ext.failed_indices_}
+    kept = paths
+    if failed and args.on_error == "skip":
+        keep = [i for i in range(len(paths)) if i not in failed]
+        kept, feats = [paths[i] for i in keep], feats[keep]
+        if out.suffix.lower() == ".npy":
+            np.save(out, feats)
+    if out.suffix.lower() == ".npy":
+        side = out.with_name(out.stem + ".paths.txt")
+        side.write_text("".join(p + "\n" for p in kept))
     else:
-        feats = ext.transform(paths)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_features(out, feats, paths, ext.get_feature_names_out())
+        _write_features(out, feats, kept, ext.get_feature_names_out())
     seconds = time.perf_counter() - start
     stats = last_run()
-    print(f"{len(paths)} images, {feats.shape[1]} features, {seconds:.1f} s, "
+    print(f"{len(kept)} images, {feats.shape[1]} features, {seconds:.1f} s, "
           f"{len(paths) / max(seconds, 1e-9):.1f} images/s, cache hits {stats.cache_hits} -> {out}")
+    if out.suffix.lower() == ".npy":
+        print(f"row i of {out.name} is line i of {side}")
+    if failed:
+        what = "skipped" if args.on_error == "skip" else "NaN rows"
+        print(f"{len(failed)} of {len(paths)} images could not be read ({what}):", file=sys.stderr)
+        for i, reason in ext.failed_reasons_:
+            print(f"  {paths[i]}: {reason}", file=sys.stderr)
     print(f"computed on {ext.device_} in {ext.precision_} with {ext.backend_}"
           + (f", {ext.streams_} single-threaded streams" if ext.streams_ > 1 else ""))
     return 0
@@ -145,7 +188,8 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
     result = evaluate_folder(
         folder, model=args.model, layers=args.layers.split(",") if args.layers else None,
         classifiers=tuple(args.classifiers.split(",")), compare=compare, cv=args.cv, cache=cache,
-        device=args.device, precision=args.precision, log=lambda line: print(line, flush=True), tta=args.tta,
+        device=args.device, precision=args.precision, on_error=args.on_error,
+        log=lambda line: print(line, flush=True), tta=args.tta,
         finetune=args.finetune,
         finetune_params={"max_epochs": args.finetune_epochs, "trainable_from": args.trainable_from},
     )
@@ -170,11 +214,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .datasets import DEMO_SOURCES, make_demo_folder
 
-    data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="featx-demo-"))
-    make_demo_folder(data, n_per_class=args.n_per_class, size=args.size)
-    print(f"demo data: {args.n_per_class} patches of {args.size} x {args.size} px from each of {len(DEMO_SOURCES)} "
-          f"images bundled with scikit-image ({', '.join(DEMO_SOURCES)}) in {data}")
-    return _run_evaluation(data, args, compare=not args.no_compare)
+    with tempfile.TemporaryDirectory(prefix="featx-demo-") as tmp:
+        data = Path(args.data) if args.data else Path(tmp)
+        make_demo_folder(data, n_per_class=args.n_per_class, size=args.size)
+        where = f"in {data}" if args.data else "in a temporary folder (removed afterwards; keep it with --data DIR)"
+        print(f"demo data: {args.n_per_class} patches of {args.size} x {args.size} px from each of "
+              f"{len(DEMO_SOURCES)} images bundled with scikit-image ({', '.join(DEMO_SOURCES)}) {where}")
+        return _run_evaluation(data, args, compare=not args.no_compare)
 
 
 def _int_or_str(value: str) -> int | str:
@@ -184,15 +230,16 @@ def _int_or_str(value: str) -> int | str:
 def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
     p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages and pre_logits)")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma-separated, from {','.join(CLASSIFIERS)}")
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
     p.add_argument("--cache-dir", help="embedding cache directory (default: $FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
-    p.add_argument("--tta", choices=["hflip", "five_crop", "ten_crop", "multiscale"],
-                   help="also evaluate features averaged over test-time augmentation views")
+    p.add_argument("--tta", choices=_TTA, help="also evaluate features averaged over test-time augmentation views")
+    p.add_argument("--on-error", default="skip", choices=["raise", "skip"],
+                   help="an unreadable image: skip (default: left out and reported) or raise (stop with an error)")
     p.add_argument("--finetune", action="store_true",
                    help="also cross-validate a fine-tuned classifier (FineTunedClassifier; slow on a CPU)")
     p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
@@ -216,7 +263,7 @@ def _open_cache(args: argparse.Namespace):
     from ._cache import DB_NAME, EmbeddingCache, resolve_cache_dir
 
     root = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(True)
-    if not (root / DB_NAME).exists():
+    if not (root / DB_NAME).exists() and not list((root / "onnx").glob("*.onnx")):
         return root, None
     return root, EmbeddingCache.open(root)
 
@@ -229,20 +276,23 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_cmd == "info":
         info = cache.info()
         print(f"cache      {info['path']}")
-        print(f"size       {_human(info['size_bytes'])}")
+        print(f"size       {_human(info['size_bytes'])} (database {_human(info['database_bytes'])}, "
+              f"{info['graphs']} exported ONNX graph{'' if info['graphs'] == 1 else 's'} {_human(info['graph_bytes'])})")
         print(f"entries    {info['entries']} in {len(info['namespaces'])} namespace(s); {info['files_indexed']} files indexed")
         for ns in info["namespaces"]:
             prov = ns["provenance"]
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(ns["last_used"])) if ns["last_used"] else "never"
-            print(f"- {prov['model']}  weights={prov.get('weights')}  images={ns['images']}  entries={ns['entries']}  "
+            tta = f"  tta={prov['tta']}" if prov.get("tta") else ""
+            print(f"- {prov['model']}  weights={prov.get('weights')}{tta}  images={ns['images']}  entries={ns['entries']}  "
                   f"vectors={_human(ns['vector_bytes'])}  last used {used}")
             print(f"    namespace {ns['namespace']}: featx {prov.get('featx')}, torch {prov.get('torch_full')}, "
                   f"{'/'.join(prov.get('library_full') or ['-'])}, precision {prov.get('precision')}, "
                   f"input {prov['preprocess'].get('input_size')}")
     elif args.cache_cmd == "clear":
-        n = cache.info()["entries"]
+        info = cache.info()
         cache.clear()
-        print(f"removed {n} entries from {cache.path}")
+        print(f"removed {info['entries']} entries and {info['graphs']} exported graph"
+              f"{'' if info['graphs'] == 1 else 's'} from {root}")
     elif args.cache_cmd == "prune":
         before = cache.info()["size_bytes"]
         removed = cache.prune(args.max_size)
@@ -255,40 +305,80 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- main
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a positive number of images (or leave it "
+                                         "out for the automatic choice)")
+    return value
+
+
+def _debug_parent(top: bool) -> argparse.ArgumentParser:
+    """``--debug``, accepted before and after the command (SUPPRESS: a later parser keeps an earlier True)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show full tracebacks on errors")
+    return p
+
+
+def _cache_dir_parent(top: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--cache-dir", default=None if top else argparse.SUPPRESS,
+                   help="cache directory (default: $FEATX_CACHE_DIR or the user cache directory)")
+    return p
+
+
+_TTA = ["hflip", "five_crop", "ten_crop", "multiscale"]
+_MODEL_HELP = ("backbone: efficientnet_lite0 (offline default), a torchvision or timm name (e.g. resnet50, "
+               "timm:convnext_tiny; needs downloaded weights), or a checkpoint via --weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.")
+    debug = _debug_parent(top=False)
+    parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.",
+                                     parents=[_debug_parent(top=True)])
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("layers", help="list a model's selectable layers with output shapes",
+    p = sub.add_parser("layers", help="list a model's selectable layers with output shapes", parents=[debug],
                        description="List the layers PretrainedFeatureExtractor(layers=...) accepts, with output shapes.")
     p.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name (default: efficientnet_lite0)")
     p.add_argument("--input-size", type=int, help="input size in pixels (default: the model's own)")
     p.add_argument("--all", action="store_true", help="every module, not only stages and top-level blocks")
     p.set_defaults(func=_cmd_layers)
 
-    p = sub.add_parser("extract", help="embed images into a feature file",
+    p = sub.add_parser("extract", help="embed images into a feature file", parents=[debug],
                        description="Embed the images of SOURCE (a folder, searched recursively; a text file of "
-                                   "paths; or a glob) and write the features to OUT (.npy, .npz, .csv, .parquet).")
+                                   "paths; or a glob) and write the features to OUT (.npy, .npz, .csv, .parquet). "
+                                   "An image that cannot be read does not stop the run: see --on-error.")
     p.add_argument("source")
-    p.add_argument("-o", "--output", required=True, help="output file: .npy, .npz (features + paths), .csv or .parquet")
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .npy (paths in OUT.paths.txt beside it), .npz (features + paths), .csv or "
+                        ".parquet (a path column first)")
+    p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem", "flatten"])
     _add_compute_options(p)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory")
     p.add_argument("--backend", default="torch", choices=["torch", "torch.compile", "onnxruntime", "auto"],
                    help="inference backend (default: torch; onnxruntime needs featx[onnx])")
+    p.add_argument("--tta", choices=_TTA, help="average features over test-time augmentation views")
+    p.add_argument("--on-error", default="nan", choices=["raise", "nan", "skip"],
+                   help="an unreadable image: nan (default: a NaN row, listed on stderr), skip (no row; listed), "
+                        "or raise (stop with an error)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("evaluate", help="cross-validate classifiers x layers on a folder of labelled photos",
+                       parents=[debug],
                        description="How well does transfer learning work on FOLDER (one sub-folder per class)? "
                                    "Embeds each image once (cached), runs GridSearchCV for each classifier x layer, "
                                    "prints a table and writes a report folder (JSON, accuracy-per-layer plot, "
@@ -298,25 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, "featx-report")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("demo", help="run evaluate on a small real image set that needs no download",
+    p = sub.add_parser("demo", help="run evaluate on a small real image set that needs no download", parents=[debug],
                        description="Run 'featx evaluate --compare' on patches of photographs bundled with "
                                    "scikit-image, one class per photograph, with the offline default backbone.")
-    p.add_argument("--data", help="where to write the demo images (default: a temporary folder)")
+    p.add_argument("--data", help="where to write the demo images (default: a temporary folder, removed afterwards)")
     p.add_argument("--n-per-class", type=int, default=20, help="images per class (default 20)")
     p.add_argument("--size", type=int, default=64, help="patch size in pixels (default 64)")
     p.add_argument("--no-compare", action="store_true", help="skip the random-init and raw-pixel baselines")
     _add_eval_options(p, "featx-demo-report")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("cache", help="inspect and manage the embedding cache",
-                       description="Inspect and manage the embedding cache.")
-    p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or the user cache directory)")
+    cache_dir = _cache_dir_parent(top=False)
+    p = sub.add_parser("cache", help="inspect and manage the embedding cache", parents=[debug, _cache_dir_parent(True)],
+                       description="Inspect and manage the embedding cache (embeddings and exported ONNX graphs).")
     csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
-    csub.add_parser("info", help="size, entries and a per-model breakdown with provenance",
+    csub.add_parser("info", help="size, entries and a per-model breakdown with provenance", parents=[debug, cache_dir],
                     description="Show the cache's size, entries and a per-model breakdown with provenance.")
-    csub.add_parser("clear", help="delete every entry", description="Delete every cache entry.")
-    pr = csub.add_parser("prune", help="evict least-recently-used entries down to a size",
-                         description="Evict least-recently-used entries until the cache is at most --max-size.")
+    csub.add_parser("clear", help="delete every entry", parents=[debug, cache_dir],
+                    description="Delete every cache entry and exported graph.")
+    pr = csub.add_parser("prune", help="evict least-recently-used entries down to a size", parents=[debug, cache_dir],
+                         description="Evict exported graphs, then least-recently-used entries, until the cache is "
+                                     "at most --max-size.")
     pr.add_argument("--max-size", type=parse_size, required=True, help="e.g. 500M, 2G")
     p.set_defaults(func=_cmd_cache)
     return parser
@@ -331,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"featx {args.command}: error: {msg}", file=sys.stderr)
+        print(f"featx {args.command}: error: {_cli_message(msg, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 __all__ = ["load_image_folder", "make_demo_folder", "IMAGE_EXTENSIONS", "DEMO_SOURCES"]
 
 #: File extensions :func:`load_image_folder` treats as images (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif")
 
 
 def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:

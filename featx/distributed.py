@@ -70,6 +70,36 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_resources(ray: Any, concurrency: int, num_gpus: float, num_cpus: float | None, reads: bool) -> None:
+    """Fail at once when the cluster cannot place the actors (Ray would wait for them forever).
+
+    Actors reserve ``num_cpus`` each (Ray Data's default: 1, GPU actors
+    included); a Dataset input also needs a CPU for its read tasks, or the
+    actors take every CPU and the reads starve.
+    """
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use; done here to read the cluster's resources
+    have = ray.cluster_resources()
+    cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
+    per_cpu = 1.0 if num_cpus is None else float(num_cpus)
+    if num_gpus * concurrency > gpus:
+        raise ValueError(
+            f"ray_transform asks for {concurrency} actor(s) x num_gpus={num_gpus:g} = {num_gpus * concurrency:g} GPU(s), "
+            f"but the Ray cluster has {gpus:g}. Pass num_gpus=0 to run on CPUs, or start Ray on nodes with GPUs "
+            "(on an autoscaling cluster that adds them on demand, pass check_resources=False)."
+        )
+    spare = 1.0 if reads else 0.0
+    if per_cpu * concurrency + spare > cpus:
+        fit = max(1, int((cpus - spare) // per_cpu)) if cpus - spare >= per_cpu else 0
+        why = " and leave one for the Dataset's read tasks" if reads else ""
+        fix = (f"concurrency={fit}" if fit else f"num_cpus={max(0.0, cpus - spare) or 0.5:g}")
+        raise ValueError(
+            f"ray_transform asks for {concurrency} actor(s) x num_cpus={per_cpu:g} = {per_cpu * concurrency:g} CPU(s)"
+            f"{why}, but the Ray cluster has {cpus:g} CPU(s): the job would wait forever. Pass {fix} "
+            "(on an autoscaling cluster, check_resources=False)."
+        )
+
+
 def _rows_dataset(ray: Any, paths: list[str], column: str, batch_size: int) -> Any:
     """A Dataset of (row id, path) rows cut into one block per batch of ``batch_size``.
 
@@ -94,6 +124,8 @@ def ray_transform(
     num_gpus: float = 0,
     num_cpus: float | None = None,
     write_parquet: str | None = None,
+    parquet_columns: list[str] | None = None,
+    check_resources: bool = True,
 ) -> Any:
     """Embed images with Ray Data: one actor per ``concurrency``, the backbone loaded once per actor.
 
@@ -122,10 +154,20 @@ def ray_transform(
         CPUs reserved per actor (Ray's default: 1). Ray sets the actor's
         ``OMP_NUM_THREADS`` to it, so it is also the number of threads
         PyTorch uses there: on CPUs, ``concurrency`` x ``num_cpus`` should
-        cover the cores; GPU actors need several CPUs each to decode images
+        cover the cores (minus one for a Dataset input, whose read tasks
+        need a CPU); GPU actors need several CPUs each to decode images
         fast enough to keep the GPU busy.
     write_parquet : str or None
-        Also write the result (paths and features) as Parquet files here.
+        Also write the result as Parquet files here: the row id (list input)
+        or every input column except binary ones (image bytes), and the
+        features.
+    parquet_columns : list of str or None
+        The columns to write instead (``output_column`` is always written).
+    check_resources : bool, default=True
+        Before submitting, check that the cluster has the CPUs and GPUs the
+        actors (and a Dataset's reads) need, and raise ``ValueError`` saying
+        what to pass if not; Ray itself would wait for them forever. Turn it
+        off on an autoscaling cluster that adds nodes on demand.
 
     Returns
     -------
@@ -139,6 +181,8 @@ def ray_transform(
     import ray
 
     as_list = not isinstance(data, ray.data.Dataset)
+    if check_resources:
+        _check_resources(ray, concurrency, num_gpus, num_cpus, reads=not as_list)
     if as_list:
         paths = [str(p) for p in data]
         if not paths:
@@ -158,7 +202,7 @@ def ray_transform(
     )
     if write_parquet is not None:
         result = result.materialize()
-        result.write_parquet(write_parquet)
+        _parquet_view(result, output_column, parquet_columns).write_parquet(write_parquet)
     if not as_list:
         return result
     # whole blocks back, placed by row id (select_columns would add a Project task per block)
@@ -172,6 +216,20 @@ def ray_transform(
     if seen != len(paths):
         raise RuntimeError(f"Ray returned {seen} rows for {len(paths)} images")
     return out
+
+
+def _parquet_view(result: Any, output_column: str, columns: list[str] | None) -> Any:
+    """The columns worth writing: ids, paths and features, not the raw image bytes (unless asked)."""
+    import pyarrow as pa
+
+    schema = result.schema()
+    names = list(schema.names)
+    if columns is None:
+        types = dict(zip(names, schema.types))
+        columns = [n for n in names if not (isinstance(types[n], pa.DataType) and
+                                            (pa.types.is_binary(types[n]) or pa.types.is_large_binary(types[n])))]
+    keep = list(dict.fromkeys([*columns, output_column]))
+    return result if keep == names else result.select_columns(keep)
 
 
 def spark_udf(extractor: Any, *, batch_size: int = 64):

@@ -70,6 +70,7 @@ class EvalResult:
     extract_seconds: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
     confusion: list[list[int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out (on_error="skip")
 
 
 def _raw_pixels(paths: list[str], size: int = 16) -> np.ndarray:
@@ -102,6 +103,7 @@ def evaluate_folder(
     cache: Any = True,
     device: str = "auto",
     precision: str = "auto",
+    on_error: str = "raise",
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
@@ -135,6 +137,10 @@ def evaluate_folder(
         The embedding cache: the backbone runs once per image, and reruns are free.
     device, precision, progress
         As for :class:`featx.PretrainedFeatureExtractor`.
+    on_error : {"raise", "skip"}, default="raise"
+        An image that cannot be read: ``"raise"`` stops with
+        :class:`featx.ImageLoadError`; ``"skip"`` leaves it out of every
+        evaluation and lists it in ``EvalResult.skipped`` (and in the log).
     log : callable
         Receives progress lines.
 
@@ -146,8 +152,10 @@ def evaluate_folder(
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 
-    from . import PretrainedFeatureExtractor, list_layers, load_image_folder
+    from . import ImageLoadWarning, PretrainedFeatureExtractor, list_layers, load_image_folder
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r} is invalid. Use 'raise' or 'skip'.")
     unknown = set(classifiers) - set(CLASSIFIERS)
     if unknown:
         raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from {list(CLASSIFIERS)}")
@@ -172,12 +180,31 @@ def evaluate_folder(
     for label, weights, views in variants:
         t = time.perf_counter()
         ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), cache=cache,
-                                         device=device, precision=precision, progress=progress, tta=views)
-        feats = ext.fit_transform(paths)
+                                         device=device, precision=precision, progress=progress, tta=views,
+                                         on_error="nan" if on_error == "skip" else "raise")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageLoadWarning)  # reported once, below
+            feats = ext.fit_transform(paths)
+        for i, reason in ext.failed_reasons_:
+            if paths[i] not in {p for p, _ in result.skipped}:
+                result.skipped.append((paths[i], reason))
         result.extract_seconds[label] = time.perf_counter() - t
         log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
             f"({ext.device_}, {ext.precision_}, {ext.streams_} stream{'s' if ext.streams_ > 1 else ''})")
         feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
+    if result.skipped:
+        bad = {p for p, _ in result.skipped}
+        keep = np.array([p not in bad for p in paths])
+        log(f"skipped {len(bad)} of {len(paths)} images that could not be read:")
+        for p, reason in result.skipped:
+            log(f"  {p}: {reason}")
+        paths, y = [p for p, k in zip(paths, keep) if k], y[keep]
+        feature_sets = [(label, f[keep], names, lyr) for label, f, names, lyr in feature_sets]
+        result.n_images = len(paths)
+        folds = int(min(folds, np.bincount(y, minlength=len(class_names)).min()))
+        if folds < 2:
+            raise ValueError("after skipping unreadable images, a class has fewer than 2 images left")
+        result.cv_folds, splitter = folds, StratifiedKFold(folds, shuffle=True, random_state=0)
     if compare:
         t = time.perf_counter()
         raw = _raw_pixels(paths)

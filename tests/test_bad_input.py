@@ -241,3 +241,26 @@ def test_sigkill_at_20_random_moments_never_corrupts(image_paths, tmp_path):
     assert killed_with_work >= 10, "most children should have been killed mid-work"
     with sqlite3.connect(os.path.join(cache_dir, DB_NAME)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_image_load_warning_points_at_the_callers_line(tiny_cnn, tmp_path):
+    """Through scikit-learn's set_output wrapper and a Pipeline, the warning names this file, not sklearn's."""
+    import warnings
+
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featx import ImageLoadWarning, PretrainedFeatureExtractor
+
+    X = [np.zeros((20, 20, 3), np.uint8), str(tmp_path / "missing.jpg")]
+    ext = PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 16, "resize_size": 18}, on_error="nan",
+                                     progress=False).fit()
+    pipe = make_pipeline(PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 16, "resize_size": 18},
+                                                    on_error="nan", progress=False), StandardScaler())
+    for call in (lambda: ext.transform(X), lambda: ext.set_output(transform="default").transform(X),
+                 lambda: pipe.fit_transform(X)):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            call()
+        (w,) = [w for w in got if issubclass(w.category, ImageLoadWarning)]
+        assert w.filename == __file__, w.filename

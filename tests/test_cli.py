@@ -87,7 +87,11 @@ def test_extract_from_list_file_and_glob(image_folder, tmp_path, capsys):
         (["extract", ".", "-o", "x.txt"], 1, "use a .npy, .npz, .csv or .parquet"),
         (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet5O"], 1, "Did you mean 'resnet50'"),
         (["extract", "IMAGES", "-o", "x.npy", "--layers", "stage9"], 1, "layer 'stage9' not found"),
-        (["extract", "BROKEN", "-o", "x.npy"], 1, "cannot load item 0"),
+        (["extract", "BROKEN", "-o", "x.npy", "--on-error", "raise"], 1, "cannot load item 0"),
+        (["extract", "IMAGES", "-o", "x.npy", "--batch-size", "0"], 2, "use a positive number of images"),
+        (["extract", "IMAGES", "-o", "x.npy", "--layers", "stage9"], 1, "'featx layers efficientnet_lite0'"),
+        (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet18", "--layers", "layr4"], 1,
+         "did you mean 'layer4'?"),
         (["cache", "prune"], 2, "--max-size"),
         (["cache", "prune", "--max-size", "lots"], 2, "invalid size"),
         (["frobnicate"], 2, "invalid choice"),
@@ -113,7 +117,7 @@ def test_errors_are_one_line_with_exit_codes(args, code, message, image_folder, 
 
 def test_unreadable_image_exit_code_in_a_real_process(tmp_path):
     (tmp_path / "a.jpg").write_text("<html>")
-    res = featx("extract", tmp_path, "-o", tmp_path / "x.npy")
+    res = featx("extract", tmp_path, "-o", tmp_path / "x.npy", "--on-error", "raise")
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -204,3 +208,106 @@ def test_evaluate_errors(tmp_path, capsys):
     (tmp_path / "only" / "a.jpg").write_bytes(b"")
     assert main(["evaluate", str(tmp_path)]) == 1
     assert "at least two" in capsys.readouterr().err
+
+
+def test_errors_speak_the_command_lines_language(image_folder, tmp_path, capsys):
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "x.npy"), "--model", "resnet18",
+                 "--layers", "layr4"]) == 1
+    err = capsys.readouterr().err
+    assert "featx.list_layers" not in err and "'featx layers resnet18'" in err
+    assert "stage1, stage2" in err and "layer4.0.conv1" not in err  # aliases, not forty module names
+
+
+def _folder_with_a_broken_image(image_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(image_folder, root)
+    (root / "cat" / "zz_broken.jpg").write_text("<html>")
+    return root
+
+
+@pytest.mark.parametrize("on_error", [None, "nan", "skip"])
+def test_extract_survives_a_broken_image(image_folder, tmp_path, capsys, on_error):
+    root = _folder_with_a_broken_image(image_folder, tmp_path)
+    out = tmp_path / "f.npy"
+    extra = [] if on_error is None else ["--on-error", on_error]
+    assert main(["extract", str(root), "-o", str(out), "--no-progress", "--precision", "fp32", *extra]) == 0
+    cap = capsys.readouterr()
+    assert "1 of 25 images could not be read" in cap.err and "zz_broken.jpg: not a recognised image format" in cap.err
+    feats = np.load(out)
+    listed = (tmp_path / "f.paths.txt").read_text().splitlines()
+    assert len(listed) == feats.shape[0] and "f.paths.txt" in cap.out
+    if on_error == "skip":
+        assert feats.shape[0] == 24 and not np.isnan(feats).any() and not any("zz_broken" in p for p in listed)
+    else:  # the default: a NaN row where the broken file is, so rows stay aligned with the paths
+        bad = [i for i, p in enumerate(listed) if p.endswith("zz_broken.jpg")]
+        assert feats.shape[0] == 25 and np.isnan(feats[bad]).all() and not np.isnan(np.delete(feats, bad, 0)).any()
+
+
+def test_extract_npz_records_paths_and_tta(image_folder, tmp_path, capsys):
+    out, tta = tmp_path / "f.npz", tmp_path / "t.npz"
+    assert main(["extract", str(image_folder), "-o", str(out), "--no-progress", "--precision", "fp32"]) == 0
+    assert main(["extract", str(image_folder), "-o", str(tta), "--no-progress", "--precision", "fp32",
+                 "--tta", "hflip"]) == 0
+    a, b = np.load(out), np.load(tta)
+    assert a["features"].shape == b["features"].shape and not np.allclose(a["features"], b["features"])
+    assert a["paths"].tolist() == b["paths"].tolist()
+
+
+def test_evaluate_skips_a_broken_image(image_folder, tmp_path, capsys):
+    root = _folder_with_a_broken_image(image_folder, tmp_path)
+    rc = main(["evaluate", str(root), "--classifiers", "logreg", "--cv", "3", "--no-cache", "--precision", "fp32",
+               "-o", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "skipped 1 of 25 images" in out and "zz_broken.jpg" in out
+    assert main(["evaluate", str(root), "--classifiers", "logreg", "--cv", "3", "--no-cache", "--on-error", "raise",
+                 "-o", str(tmp_path / "report")]) == 1
+    assert "zz_broken.jpg" in capsys.readouterr().err
+
+
+def test_options_in_any_position(image_folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "x.npz"), "--cache-dir", str(cache),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    for argv in (["cache", "info", "--cache-dir", str(cache)], ["cache", "--cache-dir", str(cache), "info"],
+                 ["--debug", "cache", "info", "--cache-dir", str(cache)]):
+        assert main(argv) == 0
+        assert "images=24" in capsys.readouterr().out, argv
+    for argv in (["extract", "/no/such/folder", "-o", "x.npy", "--debug"], ["--debug", "extract", "/no/such", "-o", "x.npy"]):
+        with pytest.raises(Exception, match="is not a folder"):  # --debug: the real exception, not a one-line message
+            main(argv)
+    assert main(["extract", "/no/such/folder", "-o", "x.npy"]) == 1
+
+
+def test_cache_commands_cover_exported_graphs(image_folder, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    cache = tmp_path / "cache"
+    common = ["--model", "resnet18", "--weights", "none", "--no-progress", "--cache-dir", str(cache)]
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "a.npz"), "--backend", "onnxruntime", *common]) == 0
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "b.npz"), "--tta", "hflip", *common]) == 0
+    (graph,) = (cache / "onnx").glob("*.onnx")
+    assert graph.stat().st_mode & 0o044  # readable by others (mkstemp's 0600 hid it), as the database is
+    capsys.readouterr()
+    assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    info = capsys.readouterr().out
+    size_line = next(line for line in info.splitlines() if line.startswith("size"))
+    assert "1 exported ONNX graph" in size_line
+    graph_mib = graph.stat().st_size / 2**20
+    assert float(size_line.split()[1]) >= graph_mib * 0.99  # the total counts the graph
+    assert "tta=hflip" in info and info.count("torchvision:resnet18") == 2
+    assert main(["cache", "prune", "--max-size", f"{int(graph.stat().st_size * 0.5)}", "--cache-dir", str(cache)]) == 0
+    assert not graph.exists()  # graphs go first
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "a.npz"), "--backend", "onnxruntime", *common]) == 0
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert "1 exported graph" in capsys.readouterr().out and not list((cache / "onnx").glob("*.onnx"))
+
+
+def test_demo_leaves_no_temporary_folder(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    res = featx("demo", "--n-per-class", "4", "--cv", "2", "--classifiers", "logreg", "--no-compare", "-o",
+                tmp_path / "out", "--cache-dir", tmp_path / "cache", env_extra={"TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stderr
+    assert "removed afterwards" in res.stdout and list(tmp.iterdir()) == []

@@ -86,6 +86,27 @@ def test_ray_dataset_of_bytes_and_parquet(ray_session, paths, local, tmp_path):
         np.testing.assert_allclose(by_path[os.path.basename(p)], local[i], rtol=1e-5, atol=1e-6)
     table = pq.read_table(tmp_path / "pq")
     assert table.num_rows == len(paths) and "features" in table.column_names
+    assert "bytes" not in table.column_names and "path" in table.column_names  # no copy of every image
+    asked = ray_transform(ds, _extractor(), column="bytes", batch_size=16, write_parquet=str(tmp_path / "pq2"),
+                          parquet_columns=["path", "bytes"])
+    assert asked.count() == len(paths) and "bytes" in pq.read_table(tmp_path / "pq2").column_names
+
+
+def test_ray_fails_at_once_when_the_cluster_cannot_place_the_actors(ray_session, paths):
+    import time
+
+    from featx.distributed import ray_transform
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"1 GPU\(s\), but the Ray cluster has 0\. Pass num_gpus=0"):
+        ray_transform(paths, _extractor(), concurrency=4, num_gpus=0.25)
+    with pytest.raises(ValueError, match=r"3 CPU\(s\), but the Ray cluster has 2 CPU\(s\).*Pass concurrency=2"):
+        ray_transform(paths, _extractor(), concurrency=3, num_cpus=1)
+    # a Dataset's read tasks need a CPU: the README's old advice (concurrency = cores) deadlocked here
+    ds = ray_session.data.read_binary_files(os.path.dirname(paths[0]), include_paths=True)
+    with pytest.raises(ValueError, match="leave one for the Dataset's read tasks.*Pass concurrency=1"):
+        ray_transform(ds, _extractor(), column="bytes", concurrency=2, num_cpus=1)
+    assert time.monotonic() - start < 30
 
 
 def test_ray_recovers_from_a_killed_actor(ray_session, paths, tmp_path):

@@ -319,3 +319,66 @@ def test_fast_jpeg_path_matches_pillow(orientation, mode):
     cmyk = io.BytesIO()
     img.convert("CMYK").save(cmyk, format="JPEG")
     assert _fast_jpeg(cmyk.getvalue(), None) is None  # CMYK goes through Pillow's conversion
+
+
+# ------------------------------------------------------------------ phone formats
+
+
+def _phone_photo(tmp_path, fmt, orientation=1):
+    rng = np.random.default_rng(4)
+    arr = make_image(rng, 2, (48, 64))
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo_{orientation}.{fmt}"
+    if fmt == "heic":
+        pillow_heif = pytest.importorskip("pillow_heif")
+        pillow_heif.register_heif_opener()
+    img.save(path, exif=exif.tobytes(), quality=95)
+    return path, arr
+
+
+@pytest.mark.parametrize("fmt", ["avif", "heic"])
+def test_phone_formats_decode_like_pillow_with_orientation_and_cache(fmt, ext, tmp_path):
+    from PIL import features
+
+    if fmt == "avif" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support (Pillow >= 11.2 reads it natively)")
+    path, arr = _phone_photo(tmp_path, fmt)
+    t = load_item(str(path))
+    assert t.dtype == torch.uint8 and tuple(t.shape) == (3, 48, 64)
+    assert np.abs(t.permute(1, 2, 0).numpy().astype(int) - arr).mean() < 8  # lossy, but the same picture
+    with Image.open(path) as img:  # an independent decode of the same file
+        np.testing.assert_array_equal(ext.transform([str(path)]), ext.transform([np.asarray(img.convert("RGB"))]))
+    rotated, _ = _phone_photo(tmp_path, fmt, orientation=6)
+    assert tuple(load_item(str(rotated)).shape) == (3, 64, 48)  # EXIF orientation applied
+    from featx._runner import last_run
+
+    cached = PretrainedFeatureExtractor(ext.model, layers=["stem"], preprocess=SMALL, cache=str(tmp_path / "c"),
+                                        progress=False).fit()
+    first = cached.transform([str(path), str(rotated)])
+    np.testing.assert_array_equal(cached.transform([str(path), str(rotated)]), first)
+    assert last_run().cache_hits == 2  # keyed by the file's bytes, as for JPEG
+
+
+def test_heic_without_the_plugin_names_the_extra(tmp_path, monkeypatch, ext):
+    import sys
+
+    import featx._preprocess as pre
+
+    path, _ = _phone_photo(tmp_path, "heic")
+    monkeypatch.setattr(pre, "_HEIF_READY", [])
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # not installed
+    with pytest.raises(ImageLoadError, match=r"HEIC/HEIF.*pip install 'featx\[heif\]'"):
+        ext.transform([str(path)])
+
+
+def test_huge_avif_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("no AVIF support in this Pillow")
+    path, _ = _phone_photo(tmp_path, "avif")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Exception, match="decompression bomb"):
+        load_item(str(path))
