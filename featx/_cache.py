@@ -381,7 +381,8 @@ class EmbeddingCache:
         found = []
         for p in (self.root / "onnx").glob("*.onnx"):
             try:
-                found.append((p.stat().st_mtime, p))
+                st = p.stat()
+                found.append((max(st.st_atime, st.st_mtime), p))  # exported, or last used (featx sets atime)
             except OSError:  # removed meanwhile
                 continue
         return [p for _, p in sorted(found)]

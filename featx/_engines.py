@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -142,8 +143,8 @@ def _ort_engine(cap: LayerCapture, path: Path, input_size: tuple[int, int], thre
     if not path.exists():
         _export(cap, input_size, path)
     else:
-        try:
-            os.utime(path)  # marks it used: `featx cache prune` evicts the least recently used graphs first
+        try:  # marks it used (atime; mtime stays the export time): `featx cache prune` evicts the least recently used first
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
         except OSError:
             pass
     so = ort.SessionOptions()

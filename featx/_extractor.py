@@ -35,9 +35,10 @@ def _user_stacklevel() -> int:
     ``Pipeline``, ``fit_transform``), so a fixed level would name one of
     their lines instead of the user's.
     """
+    import joblib
     import sklearn
 
-    skip = (str(Path(__file__).resolve().parent), str(Path(sklearn.__file__).resolve().parent))
+    skip = tuple(str(Path(m.__file__).resolve().parent) for m in (sys.modules[__package__], sklearn, joblib))
     frame, level = sys._getframe(1), 1
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
         frame, level = frame.f_back, level + 1

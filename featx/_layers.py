@@ -210,7 +210,9 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
             rec = pr.records.get(name)
             if rec is None or rec.shape is None:
                 aliases = list(stage_alias) + [PRE_LOGITS, OUTPUT]
-                close = difflib.get_close_matches(req, aliases + valid, n=3, cutoff=0.6)
+                top = aliases + [n for n in valid if "." not in n]  # submodules only when nothing above is close
+                close = (difflib.get_close_matches(req, top, n=3, cutoff=0.6)
+                         or difflib.get_close_matches(req, valid, n=3, cutoff=0.6))
                 hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
                 raise ValueError(
                     f"layer {req!r} not found{hint} Aliases: {', '.join(aliases)}; or any module name. "

@@ -336,7 +336,8 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
     threads and ``warnings.catch_warnings`` is not thread-safe).
     """
     try:
-        with Image.open(src, formats=ALLOWED_FORMATS) as img:
+        Image.init()
+        with Image.open(src, formats=[f for f in ALLOWED_FORMATS if f in Image.OPEN]) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.size[0] * img.size[1] > limit:
                 raise _BadItem(

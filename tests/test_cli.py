@@ -90,7 +90,7 @@ def test_extract_from_list_file_and_glob(image_folder, tmp_path, capsys):
         (["extract", "BROKEN", "-o", "x.npy", "--on-error", "raise"], 1, "cannot load item 0"),
         (["extract", "IMAGES", "-o", "x.npy", "--batch-size", "0"], 2, "use a positive number of images"),
         (["extract", "IMAGES", "-o", "x.npy", "--layers", "stage9"], 1, "'featx layers efficientnet_lite0'"),
-        (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet18", "--layers", "layr4"], 1,
+        (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet18", "--weights", "none", "--layers", "layr4"], 1,
          "did you mean 'layer4'?"),
         (["cache", "prune"], 2, "--max-size"),
         (["cache", "prune", "--max-size", "lots"], 2, "invalid size"),
@@ -212,7 +212,7 @@ def test_evaluate_errors(tmp_path, capsys):
 
 def test_errors_speak_the_command_lines_language(image_folder, tmp_path, capsys):
     assert main(["extract", str(image_folder), "-o", str(tmp_path / "x.npy"), "--model", "resnet18",
-                 "--layers", "layr4"]) == 1
+                 "--weights", "none", "--layers", "layr4"]) == 1
     err = capsys.readouterr().err
     assert "featx.list_layers" not in err and "'featx layers resnet18'" in err
     assert "stage1, stage2" in err and "layer4.0.conv1" not in err  # aliases, not forty module names
@@ -297,11 +297,14 @@ def test_cache_commands_cover_exported_graphs(image_folder, tmp_path, capsys):
     graph_mib = graph.stat().st_size / 2**20
     assert float(size_line.split()[1]) >= graph_mib * 0.99  # the total counts the graph
     assert "tta=hflip" in info and info.count("torchvision:resnet18") == 2
-    assert main(["cache", "prune", "--max-size", f"{int(graph.stat().st_size * 0.5)}", "--cache-dir", str(cache)]) == 0
-    assert not graph.exists()  # graphs go first
-    assert main(["extract", str(image_folder), "-o", str(tmp_path / "a.npz"), "--backend", "onnxruntime", *common]) == 0
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
     assert "1 exported graph" in capsys.readouterr().out and not list((cache / "onnx").glob("*.onnx"))
+    # exported again (the cleared cache computes again), then pruned: graphs go first
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "a.npz"), "--backend", "onnxruntime", *common]) == 0
+    (graph,) = (cache / "onnx").glob("*.onnx")
+    db = (cache / "featx-cache.sqlite").stat().st_size
+    assert main(["cache", "prune", "--max-size", str(db + graph.stat().st_size // 2), "--cache-dir", str(cache)]) == 0
+    assert not graph.exists() and "evicted 0 " in capsys.readouterr().out  # the graph went, the entries stayed
 
 
 def test_demo_leaves_no_temporary_folder(tmp_path):
