@@ -91,7 +91,7 @@ def test_extract_from_list_file_and_glob(image_folder, tmp_path, capsys):
         (["extract", "IMAGES", "-o", "x.npy", "--batch-size", "0"], 2, "use a positive number of images"),
         (["extract", "IMAGES", "-o", "x.npy", "--layers", "stage9"], 1, "'featx layers efficientnet_lite0'"),
         (["extract", "IMAGES", "-o", "x.npy", "--model", "resnet18", "--weights", "none", "--layers", "layr4"], 1,
-         "did you mean 'layer4'?"),
+         "did you mean 'layer4' or 'layer3'"),
         (["cache", "prune"], 2, "--max-size"),
         (["cache", "prune", "--max-size", "lots"], 2, "invalid size"),
         (["frobnicate"], 2, "invalid choice"),
