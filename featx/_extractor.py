@@ -98,9 +98,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
         older ones); on the CPU, bf16 autocast where the CPU computes bf16
-        natively (AVX512_BF16 or AMX, as PyTorch reports it: about 2x the
-        speed of fp32, features within cosine 0.999 of fp32's and the same
-        cross-validated accuracy, see the README) and fp32 elsewhere. The
+        natively (AVX512_BF16 or AMX, as PyTorch reports it: 1.6-1.9x the
+        bare fp32 forward pass; features with a median cosine of 0.997 or
+        more to fp32's, and cross-validated accuracy within 1.3 points, see
+        the README) and fp32 elsewhere. The
         choice is in ``precision_`` and in the cache key. ``"fp32"`` is exact
         everywhere; ``"bf16"`` on a CPU that only emulates it warns
         (:class:`featx.DeviceWarning`) that it is slower there.
