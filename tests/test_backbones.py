@@ -214,6 +214,8 @@ def _empty_caches(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a loopback proxy would pass the session's network guard
     return hf
 
 
