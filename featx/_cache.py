@@ -447,8 +447,7 @@ class EmbeddingCache:
             graphs.pop(0).unlink(missing_ok=True)
         max_bytes -= self._bytes(graphs)
         removed = 0
-        for _ in range(10):
-            self._vacuum()
+        for _ in range(10):  # the file has been compacted (above, or at the end of the last pass)
             size = self._db_bytes()
             if size <= max_bytes:
                 break
@@ -470,7 +469,7 @@ class EmbeddingCache:
                 c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
             ])
             removed += len(victims)
-        self._vacuum()
+            self._vacuum()
         return removed
 
     def _vacuum(self) -> None:

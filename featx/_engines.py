@@ -55,8 +55,6 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
     precision is fp32 on the CPU: where the CPU has native bf16, ``"auto"``
     precision is bf16 and eager PyTorch with bf16 (about 2x fp32) wins.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid. It must be one of {list(BACKENDS)}.")
     if backend == "onnxruntime" and precision == "auto":
         precision = "fp32"
     dtype = resolve_precision(precision, device)

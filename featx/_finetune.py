@@ -20,7 +20,7 @@ from ._exceptions import ImageLoadError
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._loading import PARALLEL, batches
 from ._pickling import pack_state, unpack_state
-from ._preprocess import ImageDataset, Items, as_items, collate, common_dtype, item_path, normalize_batch
+from ._preprocess import ImageDataset, Items, as_items, collate, item_path, normalize_batch
 from ._runner import probe_template
 
 __all__ = ["FineTunedClassifier"]
@@ -322,7 +322,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     def _load(self, items: Items, indices: np.ndarray, cfg: dict) -> torch.Tensor:
         """Decode and resize ``items[indices]`` into one tensor, in order (training data)."""
         parts = [batch for _, batch in self._stream(items, indices, cfg)]
-        return torch.cat(common_dtype(parts)) if parts else torch.empty(0, 3, *cfg["input_size"], dtype=torch.uint8)
+        return torch.cat(parts) if parts else torch.empty(0, 3, *cfg["input_size"], dtype=torch.uint8)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network_

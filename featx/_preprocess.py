@@ -548,7 +548,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
-    """Stack a batch; uint8 stays uint8 unless mixed with float inputs."""
+    """Stack a batch (uint8: every image is 8-bit by featx's rule)."""
     idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
     errors = [(b[0], b[2]) for b in batch if b[2] is not None]
     imgs = [b[1] for b in batch if b[1] is not None]
@@ -556,19 +556,12 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[
         idx = torch.tensor([b[0] for b in batch if b[1] is not None], dtype=torch.long)
     if not imgs:
         return idx, None, errors
-    return idx, torch.stack(common_dtype(imgs)), errors
+    return idx, torch.stack(imgs), errors
 
 
 def as_unit_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in [0, 1]; a float tensor (already in [0, 1]) -> float32."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def common_dtype(imgs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors as they are when they share a dtype, else all as float32 in [0, 1] (to stack or concatenate)."""
-    if len({t.dtype for t in imgs}) <= 1:
-        return imgs
-    return [as_unit_float(t) for t in imgs]
 
 
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

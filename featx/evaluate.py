@@ -174,6 +174,7 @@ def evaluate_folder(
     grids = _classifiers()
 
     feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
+    skipped: dict[str, str] = {}  # path -> reason, once per image whichever variant failed on it
     variants = [("pretrained", "DEFAULT", None)] + ([("random-init", None, None)] if compare else [])
     if tta is not None:
         variants.append((f"tta {tta}", "DEFAULT", tta))
@@ -186,16 +187,15 @@ def evaluate_folder(
             warnings.simplefilter("ignore", ImageLoadWarning)  # reported once, below
             feats = ext.fit_transform(paths)
         for i, reason in ext.failed_reasons_:
-            if paths[i] not in {p for p, _ in result.skipped}:
-                result.skipped.append((paths[i], reason))
+            skipped.setdefault(paths[i], reason)
         result.extract_seconds[label] = time.perf_counter() - t
         log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
             f"({ext.device_}, {ext.precision_}, {ext.streams_} stream{'s' if ext.streams_ > 1 else ''})")
         feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
-    if result.skipped:
-        bad = {p for p, _ in result.skipped}
-        keep = np.array([p not in bad for p in paths])
-        log(f"skipped {len(bad)} of {len(paths)} images that could not be read:")
+    if skipped:
+        result.skipped = list(skipped.items())
+        keep = np.array([p not in skipped for p in paths])
+        log(f"skipped {len(skipped)} of {len(paths)} images that could not be read:")
         for p, reason in result.skipped:
             log(f"  {p}: {reason}")
         paths, y = [p for p, k in zip(paths, keep) if k], y[keep]
