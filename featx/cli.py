@@ -175,6 +175,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+# the cache key spells a precision as str(dtype); the CLI speaks its own option values
+_PRECISION_SHOWN = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
 # ----------------------------------------------------------- evaluate, demo
 
 
@@ -286,7 +289,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             print(f"- {prov['model']}  weights={prov.get('weights')}{tta}  images={ns['images']}  entries={ns['entries']}  "
                   f"vectors={_human(ns['vector_bytes'])}  last used {used}")
             print(f"    namespace {ns['namespace']}: featx {prov.get('featx')}, torch {prov.get('torch_full')}, "
-                  f"{'/'.join(prov.get('library_full') or ['-'])}, precision {prov.get('precision')}, "
+                  f"{'/'.join(prov.get('library_full') or ['-'])}, precision {_PRECISION_SHOWN.get(prov.get('precision'), prov.get('precision'))}, "
                   f"input {prov['preprocess'].get('input_size')}")
     elif args.cache_cmd == "clear":
         info = cache.info()

@@ -166,12 +166,12 @@ def test_evaluate_with_tta_and_fine_tuning(image_folder, tmp_path, capsys):
                  "--tta", "hflip", "--finetune", "--finetune-epochs", "1", "-o", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     text = capsys.readouterr().out
-    assert "tta hflip" in text and "fine-tuned" in text and "seconds" in text
+    assert "tta hflip" in text and "fine-tuned" in text and "fit s" in text and "embedded: pretrained" in text
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["features"] for r in rows} == {"pretrained", "tta hflip", "fine-tuned"}
     tuned = next(r for r in rows if r["features"] == "fine-tuned")
     assert tuned["best_params"] == {"trainable_from": 1, "max_epochs": 1} and 0 <= tuned["mean"] <= 1
-    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["fit_seconds"] > 0 for r in rows)
 
 
 def test_extract_streams_npy_with_onnxruntime(image_folder, tmp_path, capsys):

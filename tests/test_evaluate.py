@@ -1,0 +1,48 @@
+"""evaluate_folder: what it times and how it runs the classifier fits."""
+
+import time
+
+import numpy as np
+import pytest
+
+import featx
+from featx.evaluate import evaluate_folder, format_table
+
+
+def test_fit_times_exclude_embedding_time(image_folder, monkeypatch):
+    real = featx.PretrainedFeatureExtractor.fit_transform
+
+    def slow(self, X, y=None, **kw):
+        time.sleep(1.0)
+        return real(self, X, y, **kw)
+
+    monkeypatch.setattr(featx.PretrainedFeatureExtractor, "fit_transform", slow)
+    res = evaluate_folder(image_folder, layers=["pre_logits"], classifiers=("logreg",),
+                          cv=2, cache=None, log=lambda line: None)
+    assert res.extract_seconds["pretrained"] >= 1.0
+    assert all(0 < r.fit_seconds < 1.0 for r in res.rows), [r.fit_seconds for r in res.rows]
+    table = format_table(res)
+    assert "fit s" in table and "embedded: pretrained" in table
+
+
+def test_classifier_fits_use_one_blas_thread(image_folder, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from sklearn.model_selection import GridSearchCV
+
+    seen = []
+    real = GridSearchCV.fit
+
+    def spy(self, X, y=None, **kw):
+        seen.extend(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        return real(self, X, y, **kw)
+
+    monkeypatch.setattr(GridSearchCV, "fit", spy)
+    before = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        inside = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        evaluate_folder(image_folder, layers=["pre_logits"], classifiers=("logreg",),
+                        cv=2, cache=None, log=lambda line: None)
+        after = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert seen and set(seen) == {1}
+    assert after == inside  # the caller's limits are restored
+    assert before  # numpy has a BLAS that threadpoolctl sees (else the test proves nothing)
