@@ -366,6 +366,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self._runner = None
         # an nn.Module template is already a private copy: keep it rather than copy again
         self._template = None if template.shared else template
+        self._get_runner()  # the backbone is heavy state: built here, so the first transform pays nothing extra
         return self
 
     @property

@@ -76,8 +76,10 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         ``"auto"``: CUDA, then MPS, then the CPU.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         Autocast dtype (``"auto"``: bf16/fp16 on CUDA, fp32 elsewhere).
-    random_state : int, default=0
-        Seeds the split, the shuffling, the augmentations and dropout.
+    random_state : int, RandomState or None, default=0
+        Seeds the split, the shuffling, the augmentations and dropout. An int
+        repeats exactly (on the CPU); None draws a fresh seed at each ``fit``;
+        a ``numpy.random.RandomState`` gives the seed (drawn from it).
     progress : bool or None, default=None
         A progress bar per epoch; None shows it when stderr is a terminal.
 
@@ -182,6 +184,11 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             )
         if self.augment not in (True, False):
             raise ValueError(f"augment={self.augment!r} is invalid. Use True or False.")
+        rs = self.random_state
+        if not (rs is None or isinstance(rs, np.random.RandomState)
+                or (isinstance(rs, (int, np.integer)) and not isinstance(rs, bool) and 0 <= rs < 2**32)):
+            raise ValueError(f"random_state={rs!r} is invalid. Use None (a fresh seed), an int in [0, 2**32) "
+                             "or a numpy RandomState.")
 
     # ------------------------------------------------------------------- fit
 
@@ -230,19 +237,20 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         trainable = names[names.index(start):] if start is not None else []
         self.trainable_parameters_ = [n for n in trainable if unused is None or not n.startswith(unused)]
 
-        rng = np.random.default_rng(self.random_state)
+        seed = _seed(self.random_state)
+        rng = np.random.default_rng(seed)
         train_idx, val_idx = _split(y_enc, self.validation_fraction, rng)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.random_state)
+            torch.manual_seed(seed)
             head = nn.Linear(pre_logits.shape[0], len(classes))
             self.network_ = _Network(backbone, head, pre_logits, cfg).to(device)
             _set_trainable(self.network_, set(self.trainable_parameters_))
-            self._train(items, y_enc, train_idx, val_idx, rng)
+            self._train(items, y_enc, train_idx, val_idx, rng, seed)
         self.classes_ = classes
         return self
 
     def _train(self, items: Items, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-               rng: np.random.Generator) -> None:
+               rng: np.random.Generator, seed: int) -> None:
         net, device = self.network_, self.device_
         cfg = self.preprocess_
         rs = max(cfg["resize_size"], *cfg["input_size"])
@@ -260,7 +268,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
         self.history_ = []
         show = bool(self.progress) if self.progress is not None else sys.stderr.isatty()
-        gen = torch.Generator().manual_seed(int(self.random_state))
+        gen = torch.Generator().manual_seed(seed)
         for epoch in range(1, int(self.max_epochs) + 1):
             t0 = time.perf_counter()
             net.train_mode()
@@ -374,7 +382,14 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True
-        tags.non_deterministic = str(self.device) != "cpu"  # seeded training repeats exactly on the CPU only
+        # seeded training repeats exactly on the CPU only; "auto" is the CPU on a machine without an accelerator
+        device = self.__dict__.get("device_")
+        if device is None:
+            try:
+                device = resolve_device(self.device)
+            except (ValueError, RuntimeError):  # an invalid or absent device: fit will say so
+                device = torch.device("cuda")
+        tags.non_deterministic = device.type != "cpu"
         return tags
 
     # -------------------------------------------------------------- pickling
@@ -452,6 +467,15 @@ def _set_trainable(net: _Network, trainable: set[str]) -> None:
         p.requires_grad_(name in trainable)
     for p in net.head.parameters():
         p.requires_grad_(True)
+
+
+def _seed(random_state: Any) -> int:
+    """One int seed for numpy and torch: the int itself, or one drawn (from fresh entropy for None)."""
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    return int(random_state)
 
 
 def _split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -246,3 +246,36 @@ def test_tta_parameter_errors():
         PretrainedFeatureExtractor(tta="rot90").fit()
     with pytest.raises(ValueError, match="pooling='flatten'"):
         PretrainedFeatureExtractor(tta="hflip", pooling="flatten").fit()
+
+
+def _noise(n=12):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8), np.array([0, 1, 2] * (n // 3))
+
+
+def test_random_state_none_int_and_generator():
+    """None means a fresh seed (as everywhere in scikit-learn); an int repeats; a RandomState is accepted."""
+    X, y = _noise()
+    kw = dict(trainable_from=1, max_epochs=1, preprocess=SMALL, progress=False, validation_fraction=0)
+    m = TinyCNN()
+
+    def head(clf):
+        return clf.network_.head.weight.detach().clone()
+
+    a, b = (FineTunedClassifier(m, random_state=None, **kw).fit(X, y) for _ in range(2))
+    assert not torch.equal(head(a), head(b))
+    c, d = (FineTunedClassifier(m, random_state=3, **kw).fit(X, y) for _ in range(2))
+    assert torch.equal(head(c), head(d))
+    e = FineTunedClassifier(m, random_state=np.random.RandomState(3), **kw).fit(X, y)
+    assert e.classes_.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="random_state='x' is invalid"):
+        FineTunedClassifier(m, random_state="x", **kw).fit(X, y)
+
+
+def test_non_deterministic_tag_follows_the_resolved_device(monkeypatch):
+    import featx._device as dev
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert FineTunedClassifier().__sklearn_tags__().non_deterministic is False  # "auto" on a CPU-only machine
+    assert FineTunedClassifier(device="cpu").__sklearn_tags__().non_deterministic is False
+    assert dev.resolve_device("auto").type == "cpu"
