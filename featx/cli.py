@@ -69,8 +69,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r.alias is not None or r.name.count(".") <= 1]
     width = max(len(r.name) for r in rows)
     print(f"{'layer':<{width}}  {'alias':<10}  {'channels':>8}  output shape")
+    from ._pooling import pooled_width
+
     for r in rows:
-        channels = r.shape[0]
+        channels = pooled_width(tuple(r.shape), "avg")  # (C, H, W) maps and (tokens, C) sequences alike
         print(f"{r.name:<{width}}  {r.alias or '':<10}  {channels:>8}  {tuple(r.shape)}")
     return 0
 
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name (default: efficientnet_lite0)")
     p.add_argument("--input-size", type=int, help="input size in pixels (default: the model's own)")
     p.add_argument("--all", action="store_true", help="every module, not only stages and top-level blocks")
+    p.add_argument("--weights", help="accepted as in extract, and not needed: the layers and their shapes do not "
+                   "depend on the weights, so nothing is ever downloaded to list them")
     p.set_defaults(func=_cmd_layers)
 
     p = sub.add_parser("extract", help="embed images into a feature file", parents=[debug],

@@ -314,3 +314,11 @@ def test_demo_leaves_no_temporary_folder(tmp_path):
                 tmp_path / "out", "--cache-dir", tmp_path / "cache", env_extra={"TMPDIR": str(tmp)})
     assert res.returncode == 0, res.stderr
     assert "removed afterwards" in res.stdout and list(tmp.iterdir()) == []
+
+
+def test_layers_channels_of_token_outputs(capsys):
+    """A ViT block outputs (tokens, C): the channels column is C (what pooling gives), not the token count."""
+    assert main(["layers", "vit_tiny_patch16_224", "--weights", "none"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    block = rows["blocks.0"]
+    assert "(197, 192)" in block and block.split()[-3] == "192", block
