@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import multiprocessing as mp
 import os
@@ -19,7 +20,8 @@ from featx._preprocess import ImageDataset, _device_jpeg, _fast_jpeg, as_items
 
 from .conftest import SMALL, TinyCNN
 
-ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                               reason="the onnx extra is not installed")
 
 CPU = torch.device("cpu")
 
@@ -45,6 +47,7 @@ CASES = [
 ]
 
 
+@needs_ort
 @pytest.mark.parametrize("model,weights,layers,pooling", CASES)
 def test_onnxruntime_matches_torch(model, weights, layers, pooling, images, tmp_path):
     kw = dict(weights=weights, layers=layers, pooling=pooling, preprocess={"input_size": 64}, progress=False)
@@ -59,6 +62,7 @@ def test_onnxruntime_matches_torch(model, weights, layers, pooling, images, tmp_
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 
 
+@needs_ort
 def test_onnx_graph_is_truncated_and_exported_once(tiny_cnn, images, tmp_path):
     import onnx
 
@@ -94,6 +98,7 @@ def _export_in_child(args):
     return ext.backend_, ext.transform(imgs)
 
 
+@needs_ort
 def test_concurrent_exports_do_not_corrupt(tmp_path):
     with mp.get_context("spawn").Pool(3) as pool:
         results = pool.map(_export_in_child, [(str(tmp_path), s) for s in (1, 1, 1)])
@@ -102,9 +107,12 @@ def test_concurrent_exports_do_not_corrupt(tmp_path):
         np.testing.assert_allclose(feats, results[0][1], rtol=1e-5)
     files = list((tmp_path / "onnx").iterdir())
     assert [f.suffix for f in files] == [".onnx"]  # one finished file, no temporaries left behind
+    import onnxruntime as ort
+
     ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
 
 
+@needs_ort
 def test_damaged_onnx_file_is_exported_again(tiny_cnn, images, tmp_path):
     kw = dict(layers=["stage2"], preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path)
     first = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
@@ -124,6 +132,7 @@ class _Unexportable(TinyCNN):
         return self.fc(torch.from_numpy(feats.mean((2, 3)).numpy()))  # leaves torch: cannot be traced
 
 
+@needs_ort
 def test_export_failure_falls_back_to_torch_with_one_warning(images, tmp_path):
     torch.manual_seed(0)
     m = _Unexportable()
@@ -137,6 +146,7 @@ def test_export_failure_falls_back_to_torch_with_one_warning(images, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
+@needs_ort
 def test_backend_validation():
     with pytest.raises(ValueError, match="backend='onnx' is invalid"):
         resolve_backend("onnx", CPU, None)
@@ -155,6 +165,7 @@ def test_backend_validation():
         PretrainedFeatureExtractor(backend="tensorrt").fit()
 
 
+@needs_ort
 def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
     import featx._device as dev
 
@@ -172,6 +183,7 @@ def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path,
     np.testing.assert_allclose(ext.transform(images), ref, rtol=1e-4, atol=1e-6)
 
 
+@needs_ort
 def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
     from featx._runner import last_run
 

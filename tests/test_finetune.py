@@ -18,14 +18,13 @@ from featx._preprocess import TTA_VIEWS, resize_crop, tta_views
 
 from .conftest import SMALL, TinyCNN
 
-pytest.importorskip("skimage")
-
 SIZE = {"input_size": 64, "resize_size": 72}
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Real photographs: 4 classes x 8 patches of scikit-image's bundled images."""
+    pytest.importorskip("skimage")  # only the tests on real photographs need it
     from featx import load_image_folder, make_demo_folder
 
     root = make_demo_folder(tmp_path_factory.mktemp("demo"), n_per_class=8, size=64, seed=1)
