@@ -62,6 +62,7 @@ def _cli_message(msg: str, args: argparse.Namespace) -> str:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from . import list_layers
+    from ._pooling import pooled_width
 
     pre = {"input_size": args.input_size} if args.input_size else None
     rows = list_layers(args.model, weights=None, preprocess=pre)
@@ -69,8 +70,6 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r.alias is not None or r.name.count(".") <= 1]
     width = max(len(r.name) for r in rows)
     print(f"{'layer':<{width}}  {'alias':<10}  {'channels':>8}  output shape")
-    from ._pooling import pooled_width
-
     for r in rows:
         channels = pooled_width(tuple(r.shape), "avg")  # (C, H, W) maps and (tokens, C) sequences alike
         print(f"{r.name:<{width}}  {r.alias or '':<10}  {channels:>8}  {tuple(r.shape)}")

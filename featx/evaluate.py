@@ -213,17 +213,15 @@ def evaluate_folder(
         feature_sets.append(("raw pixels", raw, np.array([f"px_{i}" for i in range(raw.shape[1])]), ["16x16 RGB"]))
 
     best = None
-    # one BLAS thread for the fits: on a few hundred samples a multi-threaded
-    # OpenBLAS spends its time waking threads (logreg fits measured 10-25x slower
-    # with 2 threads than with 1 on 2 cores)
-    blas = threadpool_limits(limits=1, user_api="blas")
     for label, feats, names, layer_list in feature_sets:
         for clf_name in classifiers:
             estimator, grid = grids[clf_name]
             for layer in layer_list:
                 X = feats if label == "raw pixels" else feats[:, _layer_columns(names, layer)]
                 t = time.perf_counter()
-                with warnings.catch_warnings():
+                # one BLAS thread: on a few hundred samples a multi-threaded OpenBLAS spends its
+                # time waking threads (logreg fits measured 10-25x slower with 2 than with 1, 2 cores)
+                with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
                     warnings.simplefilter("ignore")  # convergence chatter on tiny folds
                     search = GridSearchCV(clone(estimator), grid, cv=splitter).fit(X, y)
                 i = search.best_index_
@@ -234,7 +232,6 @@ def evaluate_folder(
                 result.rows.append(row)
                 if label == "pretrained" and (best is None or row.mean > best[0].mean):
                     best = (row, search.best_estimator_, X)
-    blas.restore_original_limits()
     if finetune:
         result.rows.append(_finetune_row(model, paths, y, splitter, finetune_params, device, log))
     if best is not None:
