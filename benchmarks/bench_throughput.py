@@ -7,7 +7,11 @@ On real JPEG files (500x375 crops of scikit-image's photographs), in one run,
 per backbone, images/s of:
 
   (b)   the bare model's fp32 eager forward pass on already-decoded, resized,
-        normalised tensors, at its best batch size and memory format (a sweep);
+        normalised tensors, at its best batch size and memory format: a sweep
+        (medians of interleaved runs per configuration) picks the
+        configuration, which is then timed in the same interleaved rounds as
+        featx, so a/b compares runs minutes apart on this noisy shared machine
+        never, and the sweep's best-of-many pick is not inflated by noise;
   (b16) the same with bf16 autocast, where the CPU has native bf16 (context);
   (a)   featx with its defaults (``cache=None`` only) from files, for each N:
         the *first* ``transform`` of a freshly fitted extractor and a second
@@ -19,8 +23,9 @@ and the ratios a/b (first call), first/second, a32/b, ort/a32. Then, on
 12-megapixel phone-size JPEGs (4000x3000): featx's default against a naive
 single-core loop (PIL open, convert, resize, center crop: no model at all),
 and featx's 12 MP rate as a fraction of its 500x375 rate. Optionally the peak
-resident memory for N vs 4N images. Timings are medians of --repeats runs,
-interleaved. The header states the CPU's capability; results go to JSON.
+resident memory for N vs 4N images. Rates are medians of --repeats runs,
+interleaved; each ratio is the median of the ratios within a round (paired).
+The header states the CPU's capability; results go to JSON.
 """
 
 from __future__ import annotations
@@ -53,34 +58,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _bare_rate(module, cfg, device, n: int, fmt: str, bs: int, dtype, repeats: int) -> float:
-    """Median images/s of the bare model over n pre-decoded, pre-resized, normalised images."""
+def _bare_runner(module, cfg, device, n: int, fmt: str, bs: int, dtype):
+    """A callable timing the bare model over n pre-decoded, pre-resized, normalised images (images/s)."""
     h, w = cfg["input_size"]
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-    m = module.to(device).to(memory_format=mf).eval()
     x_all = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
     batches = [x_all[i:i + bs].to(device).contiguous(memory_format=mf) for i in range(0, n, bs)]
 
     def run():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             for b in batches:
-                m(b)
+                module(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run()
-    return n / statistics.median(_timed(run) for _ in range(repeats))
+    def rate() -> float:
+        module.to(device).to(memory_format=mf).eval()  # the module is shared by the configurations
+        run()  # warm-up: first-call costs of this configuration are not part of the steady state
+        return n / _timed(run)
+
+    return rate
 
 
-def _bare_best(module, cfg, device, n: int, repeats: int, dtype=None) -> tuple[float, dict]:
-    best, best_cfg = 0.0, {}
+def _bare_best(module, cfg, device, n: int, repeats: int, dtype=None) -> tuple[dict, object]:
+    """The best batch size x memory format by median of interleaved runs, and a timer for it."""
     sizes = [1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]
-    for fmt in ("contiguous", "channels_last"):
-        for bs in sizes:
-            rate = _bare_rate(module, cfg, device, n, fmt, bs, dtype, repeats)
-            if rate > best:
-                best, best_cfg = rate, {"memory_format": fmt, "batch_size": bs}
-    return best, best_cfg
+    configs = [{"memory_format": fmt, "batch_size": bs} for fmt in ("contiguous", "channels_last") for bs in sizes]
+    runners = [_bare_runner(module, cfg, device, n, c["memory_format"], c["batch_size"], dtype) for c in configs]
+    rates: list[list[float]] = [[] for _ in configs]
+    for _ in range(repeats):
+        for r, rn in zip(rates, runners):
+            r.append(rn())
+    best = max(range(len(configs)), key=lambda i: statistics.median(rates[i]))
+    return configs[best], runners[best]
 
 
 def _naive_pil(paths: list[str], cfg: dict) -> None:
@@ -98,6 +108,11 @@ def _naive_pil(paths: list[str], cfg: dict) -> None:
         np.asarray(img.crop((left, top, left + cw, top + ch)))
 
 
+def _paired(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over the interleaved rounds of the ratio of two rates measured in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
 def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats: int, big: list[str]) -> dict:
     weights = "DEFAULT" if model.startswith("efficientnet_lite") else None
     kw = dict(weights=weights, device=str(device), progress=False)
@@ -105,10 +120,12 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
     cfg = default.preprocess_
     row: dict = {"precision_auto": default.precision_, "streams": default.streams_}
     module = build_backbone(model, weights).module
-    n_bare = 32
-    row["b_bare_fp32"], row["b_config"] = _bare_best(module, cfg, device, n_bare, repeats)
+    n_bare = 64
+    bare = {}
+    row["b_config"], bare["b_bare_fp32"] = _bare_best(module, cfg, device, n_bare, repeats)
     if default.autocast_dtype_ is not None:
-        row["b16_bare_bf16"], row["b16_config"] = _bare_best(module, cfg, device, n_bare, repeats, default.autocast_dtype_)
+        row["b16_config"], bare["b16_bare_bf16"] = _bare_best(module, cfg, device, n_bare, repeats,
+                                                              default.autocast_dtype_)
     exts = {"a32": PretrainedFeatureExtractor(model, precision="fp32", **kw).fit()}
     if device.type == "cpu" and _ort_installed():
         exts["ort"] = PretrainedFeatureExtractor(model, backend="onnxruntime", cache=None, **kw).fit()
@@ -116,7 +133,9 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
         ext.transform(paths[:8])  # warm-up (ONNX export)
     samples: dict[str, list[float]] = {}
     nmax = max(sizes)
-    for _ in range(repeats):  # interleaved
+    for _ in range(repeats):  # interleaved: the bare baselines too
+        for name, rate in bare.items():
+            samples.setdefault(name, []).append(rate())
         for n in sizes:
             fresh = PretrainedFeatureExtractor(model, **kw).fit()
             samples.setdefault(f"a_first_{n}", []).append(n / _timed(lambda: fresh.transform(paths[:n])))
@@ -127,15 +146,14 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
         samples.setdefault("naive_pil_12mp_1core", []).append(len(big) / _timed(lambda: _naive_pil(big, cfg)))
     row.update({k: statistics.median(v) for k, v in samples.items()})
     row["samples"] = samples
-    b = row["b_bare_fp32"]
     for n in sizes:
-        row[f"a/b_first_{n}"] = row[f"a_first_{n}"] / b
-        row[f"first/second_{n}"] = row[f"a_first_{n}"] / row[f"a_second_{n}"]
-    row["a32/b"] = row["a32"] / b
+        row[f"a/b_first_{n}"] = _paired(samples, f"a_first_{n}", "b_bare_fp32")
+        row[f"first/second_{n}"] = _paired(samples, f"a_first_{n}", f"a_second_{n}")
+    row["a32/b"] = _paired(samples, "a32", "b_bare_fp32")
     if "ort" in row:
-        row["ort/a32"] = row["ort"] / row["a32"]
-    row["12mp/naive_pil"] = row["a_12mp"] / row["naive_pil_12mp_1core"]
-    row["12mp/500x375"] = row["a_12mp"] / row[f"a_second_{nmax}"]
+        row["ort/a32"] = _paired(samples, "ort", "a32")
+    row["12mp/naive_pil"] = _paired(samples, "a_12mp", "naive_pil_12mp_1core")
+    row["12mp/500x375"] = _paired(samples, "a_12mp", f"a_second_{nmax}")
     return row
 
 
