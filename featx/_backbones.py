@@ -233,6 +233,12 @@ def _timm_preprocess(model: nn.Module) -> dict[str, Any]:
 
     cfg = timm.data.resolve_model_data_config(model)
     _, h, w = cfg["input_size"]
+    # A model built with another img_size (timm.create_model(..., img_size=...)) keeps its
+    # pretrained config's size; a patch embedding that insists on its own size wins.
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if getattr(pe, "strict_img_size", False) and isinstance(size, (tuple, list)) and len(size) == 2:
+        h, w = int(size[0]), int(size[1])
     crop_pct = cfg.get("crop_pct") or 1.0
     interp = cfg.get("interpolation", "bilinear")
     return {
@@ -411,13 +417,12 @@ def _build_timm(name: str, weights: Any) -> Backbone:
     elif weights is not None:
         _load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
         weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
-    stages = [fi["module"] for fi in module.feature_info] if hasattr(module, "feature_info") else None
     return Backbone(
         module=module,
         preprocess=_timm_preprocess(module),
         identity=f"timm:{name}",
         weights=weights_id,
-        stages=stages,
+        stages=_feature_info_stages(module),
         classifier=_timm_classifier_name(module),
     )
 
@@ -492,7 +497,8 @@ def _build_module(module: nn.Module, weights: Any) -> Backbone:
     cls = type(module)
     return Backbone(
         module=module,
-        preprocess=dict(DEFAULT_PREPROCESS),
+        preprocess=_module_preprocess(module),
+        stages=_feature_info_stages(module),
         # The class name, not its import path: the same class imported as
         # `mypkg.net` or run from `__main__` is the same model. The source code
         # digest (in `code`) tells edited classes apart.
@@ -501,6 +507,28 @@ def _build_module(module: nn.Module, weights: Any) -> Backbone:
         classifier=_timm_classifier_name(module),
         code=_source_digest(module),
     )
+
+
+def _feature_info_stages(module: nn.Module) -> list[str] | None:
+    """The stage modules timm's ``feature_info`` names (None if the module has none)."""
+    info = getattr(module, "feature_info", None)
+    try:
+        return [fi["module"] for fi in info] if info else None
+    except (TypeError, KeyError):  # a feature_info of another shape: find the stages by probing
+        return None
+
+
+def _module_preprocess(module: nn.Module) -> dict[str, Any]:
+    """A module's own preprocessing: timm's data config for a timm model, the input size of a
+    Hugging Face vision model's config (ImageNet mean and std), else featx's default."""
+    if isinstance(getattr(module, "pretrained_cfg", None), dict):
+        return _timm_preprocess(module)
+    size = getattr(getattr(module, "config", None), "image_size", None)
+    if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
+        h, w = (size, size) if isinstance(size, int) else size
+        crop = DEFAULT_PREPROCESS["input_size"][0] / DEFAULT_PREPROCESS["resize_size"]
+        return dict(DEFAULT_PREPROCESS, input_size=(int(h), int(w)), resize_size=int(min(h, w) / crop))
+    return dict(DEFAULT_PREPROCESS)
 
 
 def _source_digest(module: nn.Module) -> str | None:

@@ -21,7 +21,7 @@ from ._engines import resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import resolve_layers
 from ._pickling import _ModuleState, _restore_module, pack_state, unpack_state  # noqa: F401 (old pickles)
-from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width
+from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width, pooling_error
 from ._preprocess import TTA_VIEWS, as_items, item_path
 from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_template, transform_cached
 
@@ -81,15 +81,22 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         Which layers to read. None is ``"pre_logits"``: the global-pooled
         penultimate features (the input of the classifier head). Otherwise
         module names as ``model.named_modules()`` reports them, the aliases
-        ``"stage1"`` ... ``"stageK"`` for the backbone's stages, or
+        ``"stage1"`` ... ``"stageK"`` for the backbone's stages,
+        ``"block1"`` ... ``"blockN"`` for a vision transformer's blocks, or
         ``"output"``. Several layers are concatenated in the order given. See
         :func:`featx.list_layers`.
-    pooling : {"avg", "max", "avgmax", "gem", "flatten"}, default="avg"
-        How a spatial map ``C x H x W`` becomes a vector: global average,
-        global max, both concatenated (``2C``), generalised mean with exponent
-        ``gem_p``, or all ``C*H*W`` values (refused beyond
-        262,144 values per image). Layers that already output vectors are left
-        as they are.
+    pooling : {"avg", "max", "avgmax", "gem", "flatten", "cls", "cls+avg"}, default="avg"
+        How a layer's output becomes a vector. For a spatial map (``C x H x W``,
+        or ``H x W x C`` as Swin's stages give, pooled over H and W either way):
+        global average, global max, both concatenated (``2C``), generalised
+        mean with exponent ``gem_p``, or all ``C*H*W`` values (refused beyond
+        262,144 values per image). For a transformer's token sequence
+        (``L x C``): ``"avg"``, ``"max"`` and ``"gem"`` pool the patch tokens
+        only (the class and register tokens excluded, as timm's
+        ``global_pool="avg"``), ``"cls"`` is the class token, ``"cls+avg"``
+        the class token and the patch tokens' mean side by side (``2C``, the
+        DINOv2 linear-evaluation recipe). Layers that already output vectors
+        (``pre_logits``) are left as they are.
     gem_p : float, default=3.0
         Exponent of GeM pooling (1 is average pooling; large values approach max).
     preprocess : dict or None, default=None
@@ -337,14 +344,17 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         targets = resolve_layers(self.layers, pr)
         names: list[str] = []
         for t in targets:
-            width = pooled_width(t.shape, self.pooling)
+            problem = pooling_error(self.pooling, t.display, t.shape, t.layout, t.prefix)
+            if problem:
+                raise ValueError(problem)
+            width = pooled_width(t.shape, self.pooling, t.layout)
             if self.pooling == "flatten" and width > FLATTEN_MAX_FEATURES:
                 raise ValueError(
                     f"pooling='flatten' on layer {t.display!r} (output {t.shape}) gives {width:,} features per "
                     f"image, over the limit of {FLATTEN_MAX_FEATURES:,}. Use pooling='avg' or 'gem', a deeper "
                     "layer, or a smaller preprocess={'input_size': ...}."
                 )
-            names.extend(column_names(t.display, t.shape, self.pooling))
+            names.extend(column_names(t.display, t.shape, self.pooling, t.layout))
 
         self.device_ = device
         self.autocast_dtype_ = dtype

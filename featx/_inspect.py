@@ -28,10 +28,14 @@ def list_layers(model: Any = DEFAULT_MODEL, *, weights: Any = None, preprocess: 
     Returns
     -------
     layers : list of LayerInfo
-        ``(name, alias, shape)`` per layer, in execution order, starting with
-        ``pre_logits`` when the model has a classifier head. ``alias`` is
-        ``"stageK"``, ``"pre_logits"``, ``"output"`` or None; ``shape`` is the
-        per-image output shape (``(C, H, W)`` for maps).
+        ``(name, alias, shape, layout, prefix)`` per layer, in execution
+        order, starting with ``pre_logits`` when the model has a classifier
+        head. ``alias`` is ``"stageK"``, ``"blockK"`` (a transformer's
+        blocks), ``"pre_logits"``, ``"output"`` or None; ``shape`` is the
+        per-image output shape; ``layout`` says how to read it: ``"nchw"``
+        (``(C, H, W)`` maps), ``"nhwc"`` (``(H, W, C)`` maps, e.g. Swin),
+        ``"tokens"`` (``(L, C)``: ``prefix`` class/register tokens, then
+        patch tokens) or ``"vec"``. ``.channels`` is the width of one pooling.
 
     Examples
     --------

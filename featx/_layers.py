@@ -11,27 +11,39 @@ from __future__ import annotations
 
 import difflib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ._pooling import pool
+from ._pooling import channels, default_layout, pool
 
-__all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "stage_names"]
+__all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "stage_names", "block_names",
+           "prefix_tokens"]
 
 PRE_LOGITS = "pre_logits"
 OUTPUT = "output"
 
 
 class LayerInfo(NamedTuple):
-    """One selectable layer: its module name, its featx alias (or None), and its
-    per-image output shape (no batch axis)."""
+    """One selectable layer: its module name, its featx alias (or None), its
+    per-image output shape (no batch axis) and that shape's layout: ``"nchw"``
+    (``(C, H, W)`` maps), ``"nhwc"`` (``(H, W, C)`` maps), ``"tokens"``
+    (``(L, C)`` sequences) or ``"vec"``, and for token sequences the number of
+    class/register tokens at their start."""
 
     name: str
     alias: str | None
     shape: tuple[int, ...]
+    layout: str = "nchw"
+    prefix: int = 0  # class/register tokens first in a token sequence (excluded by avg/max/gem)
+
+    @property
+    def channels(self) -> int:
+        """Features per image of one elementary pooling (``avg``, ``max``, ``cls``...) of this layer."""
+        return channels(self.shape, self.layout)
 
 
 @dataclass
@@ -41,6 +53,8 @@ class _Record:
     calls: int
     leaf: bool
     module_type: type
+    layout: str = ""  # see LayerInfo; set once the probe has run
+    prefix: int = 0  # class/register tokens at the start of a token sequence
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Probe:
     classifier: str | None  # module whose input is pre_logits
     classifier_input: tuple[int, ...] | None
     stages: list[str]
+    blocks: list[str] = field(default_factory=list)  # transformer blocks (aliases blockK)
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,8 @@ class Target:
     kind: str  # "output" or "input"
     calls: int
     shape: tuple[int, ...]
+    layout: str = ""  # "" (from extractors pickled before layouts existed): by rank, see default_layout
+    prefix: int = 0
 
 
 class _StopForward(Exception):
@@ -69,8 +86,12 @@ class _StopForward(Exception):
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module's output stands for: itself, the first of a tuple, or the first
+    value of a mapping (a Hugging Face ``ModelOutput``, e.g. ``last_hidden_state``)."""
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     return None
@@ -88,7 +109,8 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
 
         def hook(_m, args, out):
             t = _first_tensor(out)
-            shape = tuple(t.shape[1:]) if t is not None else None
+            # one row per image, or it cannot be pooled per image (e.g. Swin's attention windows)
+            shape = tuple(t.shape[1:]) if t is not None and t.ndim >= 2 and t.shape[0] == 1 else None
             rec = records.get(name)
             if rec is None:
                 records[name] = _Record(name, shape, 1, leaf, type(sub))
@@ -106,7 +128,13 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((1, 3, *input_size), generator=gen).to(device)
         with torch.inference_mode():
-            module(x)
+            try:
+                module(x)
+            except Exception as exc:
+                raise ValueError(
+                    f"the model failed on a {input_size[0]}x{input_size[1]} input ({type(exc).__name__}: {exc}). "
+                    "If it expects another size, pass preprocess={'input_size': ...}."
+                ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -116,9 +144,87 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
         if leaves and issubclass(leaves[-1].module_type, nn.Linear):
             classifier = leaves[-1].name
     cin = cls_input.get(classifier) if classifier else None
+    _set_layouts(module, records, input_size)
     if stages is None:
         stages = stage_names(module, records)
-    return Probe(records=records, classifier=classifier, classifier_input=cin, stages=stages)
+    blocks = block_names(module, records)
+    if blocks == stages:  # timm lists a ViT's blocks as its feature stages: they are blocks
+        stages = []
+    return Probe(records=records, classifier=classifier, classifier_input=cin, stages=stages, blocks=blocks)
+
+
+_NCHW_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def prefix_tokens(module: nn.Module) -> int:
+    """Class, register and distillation tokens at the start of a transformer's token sequences.
+
+    timm models say it (``num_prefix_tokens``); a Hugging Face ViT/DINOv2 has a
+    class token plus ``config.num_register_tokens``; an open_clip or
+    torchvision ViT has a class token (``class_embedding`` / ``class_token``).
+    """
+    n = getattr(module, "num_prefix_tokens", None)
+    if isinstance(n, int):
+        return n
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "image_size") and hasattr(config, "hidden_size"):
+        return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    if any(hasattr(module, a) for a in ("class_embedding", "class_token", "cls_token")):
+        return 1
+    return 0
+
+
+def _map_layout(rec: _Record, input_size: tuple[int, int], root_fmt: str) -> str:
+    """``"nchw"`` or ``"nhwc"`` for a 3-D per-image shape.
+
+    Convolutions, 2-D batch norms and 2-D pools produce (C, H, W). Otherwise
+    the two axes whose ratio is the input's aspect ratio are the spatial ones
+    (H == W for square inputs); when both readings fit (e.g. 16 x 16 x 16),
+    the model's own ``output_fmt`` decides (timm's Swin says ``"NHWC"``).
+    """
+    if issubclass(rec.module_type, _NCHW_TYPES):
+        return "nchw"
+    a, b, c = rec.shape
+    aspect = input_size[0] / input_size[1]
+
+    def fits(h: int, w: int) -> bool:
+        return abs(h / w - aspect) <= 0.5 * aspect / min(h, w) + 1e-9
+
+    chw, hwc = fits(b, c), fits(a, b)
+    if chw != hwc:
+        return "nchw" if chw else "nhwc"
+    return "nhwc" if root_fmt.upper() == "NHWC" else "nchw"
+
+
+def _set_layouts(module: nn.Module, records: dict[str, _Record], input_size: tuple[int, int]) -> None:
+    root_fmt = str(getattr(module, "output_fmt", "NCHW"))
+    prefix = prefix_tokens(module)
+    lengths = [r.shape[0] for r in records.values() if r.shape is not None and len(r.shape) == 2]
+    # prefix tokens belong to sequences of the transformer's main length (not e.g. a patch embedding's)
+    seq_len = max(lengths, key=lengths.count) if lengths else None
+    for rec in records.values():
+        if rec.shape is None:
+            continue
+        rec.layout = _map_layout(rec, input_size, root_fmt) if len(rec.shape) == 3 else default_layout(rec.shape)
+        if rec.layout == "tokens" and rec.shape[0] == seq_len and rec.shape[0] > prefix:
+            rec.prefix = prefix
+
+
+def block_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
+    """A transformer's blocks: the longest list of modules (``nn.Sequential`` / ``nn.ModuleList``)
+    whose children all output token sequences of one shape (timm's ``blocks``, Hugging Face's
+    ``encoder.layer``, open_clip's ``transformer.resblocks``); [] for other models."""
+    best: list[str] = []
+    for name, sub in module.named_modules():
+        if not isinstance(sub, (nn.Sequential, nn.ModuleList)) or len(sub) < 2:
+            continue
+        names = [f"{name}.{k}" if name else k for k, _ in sub.named_children()]
+        recs = [records.get(n) for n in names]
+        shapes = {r.shape for r in recs if r is not None}
+        if (all(r is not None and r.layout == "tokens" for r in recs) and len(shapes) == 1
+                and len(names) > len(best)):
+            best = names
+    return best
 
 
 def stage_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
@@ -132,7 +238,9 @@ def stage_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
     """
     def spatial(n: str):
         rec = records.get(n)
-        return rec.shape[1:] if rec is not None and rec.shape is not None and len(rec.shape) == 3 else None
+        if rec is None or rec.shape is None or len(rec.shape) != 3:
+            return None
+        return rec.shape[:2] if rec.layout == "nhwc" else rec.shape[1:]
 
     candidates: list[str] = []
     for name, child in module.named_children():
@@ -143,13 +251,11 @@ def stage_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
         else:
             candidates.append(name)
     order = {n: i for i, n in enumerate(records)}
-    maps = [(order[n], n, records[n].shape) for n in candidates
-            if n in records and records[n].shape is not None and len(records[n].shape) == 3]
+    maps = [(order[n], n, spatial(n)) for n in candidates if spatial(n) is not None]
     maps.sort()
     stages: list[str] = []
     last_hw = None
-    for _, name, shape in maps:
-        hw = shape[1:]
+    for _, name, hw in maps:
         if hw == (1, 1):
             continue
         if hw == last_hw:
@@ -162,17 +268,24 @@ def stage_names(module: nn.Module, records: dict[str, _Record]) -> list[str]:
 
 def layer_table(pr: Probe) -> list[LayerInfo]:
     """Every selectable layer in execution order, with aliases and shapes."""
-    aliases = {s: f"stage{i + 1}" for i, s in enumerate(pr.stages)}
+    aliases = {v: k for k, v in _aliases(pr).items()}
     rows = []
     if pr.classifier_input is not None:
-        rows.append(LayerInfo(PRE_LOGITS, PRE_LOGITS, pr.classifier_input))
+        rows.append(LayerInfo(PRE_LOGITS, PRE_LOGITS, pr.classifier_input, "vec"))
     for name, rec in pr.records.items():
         if rec.shape is None:
             continue
         display = name or OUTPUT
         alias = aliases.get(name, OUTPUT if name == "" else None)
-        rows.append(LayerInfo(display, alias, rec.shape))
+        rows.append(LayerInfo(display, alias, rec.shape, rec.layout, rec.prefix))
     return rows
+
+
+def _aliases(pr: Probe) -> dict[str, str]:
+    """``stageK`` and ``blockK`` -> module name."""
+    out = {f"stage{i + 1}": s for i, s in enumerate(pr.stages)}
+    out.update({f"block{i + 1}": b for i, b in enumerate(getattr(pr, "blocks", []))})
+    return out
 
 
 def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
@@ -188,7 +301,7 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
             f"layers={layers!r} is invalid. Pass None (the pre-logits features), a layer name, "
             "or a non-empty list of layer names (see featx.list_layers(model))."
         )
-    stage_alias = {f"stage{i + 1}": s for i, s in enumerate(pr.stages)}
+    stage_alias = _aliases(pr)
     valid = [n or OUTPUT for n, r in pr.records.items() if r.shape is not None]
     targets: list[Target] = []
     seen: dict[tuple[str, str], str] = {}
@@ -196,10 +309,10 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
         if req == PRE_LOGITS:
             if pr.classifier is not None and pr.classifier_input is not None:
                 rec = pr.records[pr.classifier]
-                tgt = Target(PRE_LOGITS, pr.classifier, "input", rec.calls, pr.classifier_input)
+                tgt = Target(PRE_LOGITS, pr.classifier, "input", rec.calls, pr.classifier_input, "vec")
             else:  # no classifier head: the model's own output is the embedding
                 rec = pr.records[""]
-                tgt = Target(PRE_LOGITS, "", "output", rec.calls, rec.shape)
+                tgt = Target(PRE_LOGITS, "", "output", rec.calls, rec.shape, rec.layout, rec.prefix)
         else:
             if req == OUTPUT:
                 name = ""
@@ -218,7 +331,7 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
                     f"layer {req!r} not found{hint} Aliases: {', '.join(aliases)}; or any module name. "
                     "See featx.list_layers(model) for every name with its output shape."
                 )
-            tgt = Target(req, name, "output", rec.calls, rec.shape)
+            tgt = Target(req, name, "output", rec.calls, rec.shape, rec.layout, rec.prefix)
         key = (tgt.module, tgt.kind)
         if key in seen:
             raise ValueError(
@@ -263,7 +376,9 @@ class LayerCapture:
         if st.counts[i] != self.targets[i].calls:
             return
         t = _first_tensor(value)
-        st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p) for p in self.parts[i]}
+        tg = self.targets[i]
+        st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p, tg.layout, tg.prefix)
+                         for p in self.parts[i]}
         st.missing -= 1
         if st.missing == 0:
             raise _StopForward

@@ -29,7 +29,7 @@ from ._engines import build_engine, graph_key, onnx_path
 from ._exceptions import DeviceWarning, ImageLoadError
 from ._loading import PARALLEL, batches, ordered_streams
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
-from ._pooling import pool_parts
+from ._pooling import part_width, pool_parts, pooling_error
 from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
 
 __all__ = ["Plan", "RunOptions", "Runner", "RunStats", "begin_run", "last_run", "total_computed", "probe_template",
@@ -49,14 +49,6 @@ def probe_template(template: Backbone, input_size: tuple[int, int]) -> Probe:
     return pr
 
 
-def _part_width(shape: tuple[int, ...], part: str) -> int:
-    if part == "vec":
-        return shape[0]
-    if part == "flatten":
-        return int(np.prod(shape))
-    return shape[0] if len(shape) == 3 else shape[-1]
-
-
 @dataclass
 class Plan:
     """What a fitted extractor computes, as fields."""
@@ -71,29 +63,42 @@ class Plan:
 
     def field(self, t: Target, part: str) -> str:
         name = f"gem:{self.gem_p!r}" if part == "gem" else part
+        # featx < 0.2 pooled (H, W, C) maps over the wrong axes and token sequences with their class
+        # token: the layout goes into those fields' names, so no such cache entry is ever read back
+        if t.layout == "nhwc":
+            name += "@nhwc"
+        elif t.layout == "tokens" and t.prefix and part not in ("cls", "flatten"):
+            name += f"@patch{t.prefix}"
         return f"{t.kind}:{t.module}|{name}"
 
     @classmethod
     def build(cls, targets: list[Target], pr: Probe, pooling: str, gem_p: float) -> "Plan":
-        def parts_of(t: Target, wanted: list[str]) -> tuple[str, ...]:
-            return ("vec",) if len(t.shape) == 1 else tuple(dict.fromkeys(wanted))
+        def parts_of(t: Target, wanted: list[str], stored: bool = False) -> tuple[str, ...]:
+            if len(t.shape) == 1:
+                return ("vec",)
+            if stored and t.layout == "tokens" and t.prefix:
+                wanted = [*wanted, "cls"]  # a later pooling="cls" or "cls+avg" then hits the cache too
+            return tuple(p for p in dict.fromkeys(wanted)
+                         if not pooling_error(p, t.display, t.shape, t.layout, t.prefix))
 
         req = pool_parts(pooling)
         parts = [parts_of(t, req) for t in targets]
         extra_parts = [p for p in ["avg", "max", *req] if p != "flatten"]
         all_targets = list(targets)
-        all_parts = [parts_of(t, [*req, "avg", "max"]) for t in targets]
+        all_parts = [parts_of(t, [*req, "avg", "max"], stored=True) for t in targets]
         seen = {(t.module, t.kind) for t in targets}
-        for name in [f"stage{i + 1}" for i in range(len(pr.stages))] + [PRE_LOGITS]:
+        names = [f"stage{i + 1}" for i in range(len(pr.stages))]
+        names += [f"block{i + 1}" for i in range(len(getattr(pr, "blocks", [])))]
+        for name in names + [PRE_LOGITS]:
             t = resolve_layers([name], pr)[0]
             if (t.module, t.kind) not in seen:
                 seen.add((t.module, t.kind))
                 all_targets.append(t)
-                all_parts.append(parts_of(t, extra_parts))
+                all_parts.append(parts_of(t, extra_parts, stored=True))
         plan = cls(targets, parts, all_targets, all_parts, gem_p, [], {})
         for t, ps in zip(all_targets, all_parts):
             for p in ps:
-                plan.widths[plan.field(t, p)] = _part_width(t.shape, p)
+                plan.widths[plan.field(t, p)] = part_width(t.shape, p, t.layout)
         plan.out_fields = [plan.field(t, p) for t, ps in zip(targets, parts) for p in ps]
         return plan
 

@@ -62,7 +62,6 @@ def _cli_message(msg: str, args: argparse.Namespace) -> str:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from . import list_layers
-    from ._pooling import pooled_width
 
     pre = {"input_size": args.input_size} if args.input_size else None
     rows = list_layers(args.model, weights=None, preprocess=pre)
@@ -71,8 +70,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     width = max(len(r.name) for r in rows)
     print(f"{'layer':<{width}}  {'alias':<10}  {'channels':>8}  output shape")
     for r in rows:
-        channels = pooled_width(tuple(r.shape), "avg")  # (C, H, W) maps and (tokens, C) sequences alike
-        print(f"{r.name:<{width}}  {r.alias or '':<10}  {channels:>8}  {tuple(r.shape)}")
+        note = {"nhwc": "  (H, W, C)", "tokens": f"  tokens, {r.prefix} prefix" if r.prefix else "  tokens"}
+        print(f"{r.name:<{width}}  {r.alias or '':<10}  {r.channels:>8}  {tuple(r.shape)}{note.get(r.layout, '')}")
     return 0
 
 

@@ -321,4 +321,5 @@ def test_layers_channels_of_token_outputs(capsys):
     assert main(["layers", "vit_tiny_patch16_224", "--weights", "none"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     block = rows["blocks.0"]
-    assert "(197, 192)" in block and block.split()[-3] == "192", block
+    assert block.split()[1:3] == ["block1", "192"] and block.endswith("(197, 192)  tokens, 1 prefix"), block
+    assert rows["patch_embed"].endswith("(196, 192)  tokens"), rows["patch_embed"]  # no class token there yet

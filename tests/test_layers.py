@@ -15,7 +15,8 @@ def test_list_layers_tiny(tiny_cnn):
     rows = list_layers(tiny_cnn, preprocess=SMALL)
     assert all(isinstance(r, LayerInfo) for r in rows)
     by_name = {r.name: r for r in rows}
-    assert rows[0] == LayerInfo("pre_logits", "pre_logits", (16,))
+    assert rows[0] == LayerInfo("pre_logits", "pre_logits", (16,), "vec")
+    assert {r.layout for r in rows if len(r.shape) == 3} == {"nchw"} and by_name["stem"].channels == 8
     assert by_name["stem"].shape == (8, 16, 16) and by_name["stem"].alias == "stage1"
     assert by_name["stage1"].shape == (12, 8, 8) and by_name["stage1"].alias == "stage2"
     assert by_name["stage2"].shape == (16, 4, 4) and by_name["stage2"].alias == "stage3"

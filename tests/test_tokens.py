@@ -1,0 +1,191 @@
+"""Transformer and NHWC backbones: token layers, their poolings, Swin's (H, W, C) maps, ConvNeXt.
+
+Every pooling is checked against the model's own API (timm's
+``forward_intermediates`` and ``forward_head``) on the exact input featx
+feeds the model; all models are tiny and randomly initialised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from featx import PretrainedFeatureExtractor, list_layers  # noqa: E402
+from featx._preprocess import load_item, normalize_batch, resize_crop  # noqa: E402
+
+
+def _vit(reg_tokens: int = 4, class_token: bool = True):
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=3, num_heads=2, reg_tokens=reg_tokens, class_token=class_token,
+                             global_pool="token" if class_token else "avg", num_classes=5).eval()
+
+
+def _swin():
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, patch_size=4,
+                             window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                             num_classes=5).eval()
+
+
+def _convnext():
+    torch.manual_seed(0)
+    return timm.create_model("convnext_tiny", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64),
+                             num_classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40 + 3 * i, 48, 3), dtype=np.uint8) for i in range(5)]
+
+
+def _ext(model, **kw):
+    kw.setdefault("precision", "fp32")
+    return PretrainedFeatureExtractor(model, device="cpu", progress=False, **kw).fit()
+
+
+def _model_input(ext, images) -> torch.Tensor:
+    """The batch featx feeds the model (its preprocessing is tested elsewhere)."""
+    cfg = ext.preprocess_
+    x = torch.stack([resize_crop(load_item(im), cfg) for im in images])
+    return normalize_batch(x, torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+
+
+def _vit_tokens(model, x, index: int):
+    with torch.inference_mode():
+        out, = model.forward_intermediates(x, indices=[index], norm=False, output_fmt="NLC",
+                                           return_prefix_tokens=True, intermediates_only=True)
+    if not isinstance(out, tuple):  # no prefix tokens
+        return out.numpy(), None
+    return out[0].numpy(), out[1].numpy()
+
+
+def test_vit_layers_are_blocks_with_token_layout():
+    rows = {r.name: r for r in list_layers(_vit())}
+    assert [rows[f"blocks.{i}"].alias for i in range(3)] == ["block1", "block2", "block3"]
+    blk = rows["blocks.1"]
+    assert (blk.shape, blk.layout, blk.prefix, blk.channels) == ((21, 32), "tokens", 5, 32)
+    assert rows["patch_embed"].prefix == 0  # patch tokens only: nothing to exclude
+    assert rows["pre_logits"].layout == "vec"
+    assert not any(r.alias and r.alias.startswith("stage") for r in rows.values())  # a ViT has blocks, not stages
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg", "max", "gem", "cls+avg", "avgmax", "flatten"])
+def test_vit_token_poolings_match_forward_intermediates(images, pooling):
+    vit = _vit()
+    ext = _ext(vit, layers="block2", pooling=pooling)
+    got = ext.transform(images)
+    patches, prefix = _vit_tokens(vit, _model_input(ext, images), 1)
+    cls = prefix[:, 0]
+    want = {
+        "cls": cls,
+        "avg": patches.mean(1),
+        "max": patches.max(1),
+        "gem": np.power(np.power(np.clip(patches, 1e-6, None), 3.0).mean(1), 1 / 3.0),
+        "cls+avg": np.concatenate([cls, patches.mean(1)], 1),
+        "avgmax": np.concatenate([patches.mean(1), patches.max(1)], 1),
+        "flatten": np.concatenate([prefix, patches], 1).reshape(len(images), -1),
+    }[pooling]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    names = ext.get_feature_names_out()
+    assert len(names) == got.shape[1]
+    part = {"cls+avg": "cls", "avgmax": "avg"}.get(pooling, pooling)
+    assert names[0] == f"block2_{part}_0"
+    if pooling == "cls+avg":
+        assert names[32] == "block2_avg_0"
+
+
+def test_vit_pre_logits_is_forward_head_pre_logits(images):
+    vit = _vit()
+    ext = _ext(vit)
+    x = _model_input(ext, images)
+    with torch.inference_mode():
+        want = vit.forward_head(vit.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(ext.transform(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_features_do_not_depend_on_batch_size(images):
+    vit = _vit()
+    ref = _ext(vit, layers=["block1", "block3"], pooling="cls+avg", batch_size=1).transform(images)
+    for bs in (2, 5):
+        np.testing.assert_allclose(_ext(vit, layers=["block1", "block3"], pooling="cls+avg",
+                                        batch_size=bs).transform(images), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cls_pooling_refused_where_there_is_no_class_token(tiny_cnn):
+    with pytest.raises(ValueError, match=r"pooling='cls' takes a transformer's class token, but layer 'stage2'"):
+        _ext(tiny_cnn, layers="stage2", pooling="cls")
+    with pytest.raises(ValueError, match=r"layer 'block1' .* has no class token. Use 'avg'"):
+        _ext(_vit(reg_tokens=0, class_token=False), layers="block1", pooling="cls+avg")
+
+
+def test_vit_without_class_token_avg_uses_every_token(images):
+    vit = _vit(reg_tokens=0, class_token=False)
+    ext = _ext(vit, layers="block3")
+    patches, _ = _vit_tokens(vit, _model_input(ext, images), 2)
+    np.testing.assert_allclose(ext.transform(images), patches.mean(1), rtol=1e-4, atol=1e-5)
+
+
+def test_swin_stages_are_nhwc_and_pooled_over_space(images):
+    swin = _swin()
+    rows = {r.name: r for r in list_layers(swin)}
+    assert (rows["layers.1"].alias, rows["layers.1"].layout, rows["layers.1"].channels) == ("stage2", "nhwc", 32)
+    assert rows["patch_embed.proj"].layout == "nchw"  # a convolution, though its shape reads either way
+    ext = _ext(swin, layers="stage2", pooling="avgmax")
+    x = _model_input(ext, images)
+    with torch.inference_mode():
+        ref, = swin.forward_intermediates(x, indices=[1], intermediates_only=True)  # N x C x H x W
+    ref = ref.numpy()
+    np.testing.assert_allclose(ext.transform(images), np.concatenate([ref.mean((2, 3)), ref.max((2, 3))], 1),
+                               rtol=1e-4, atol=1e-5)
+    flat = _ext(swin, layers="stage2", pooling="flatten").transform(images)
+    np.testing.assert_allclose(flat, ref.reshape(len(images), -1), rtol=1e-4, atol=1e-5)  # C, H, W order
+
+
+def test_swin_pre_logits_is_forward_head_pre_logits(images):
+    swin = _swin()
+    ext = _ext(swin)
+    x = _model_input(ext, images)
+    with torch.inference_mode():
+        want = swin.forward_head(swin.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(ext.transform(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_convnext_stages_match_forward_intermediates(images):
+    cnx = _convnext()
+    ext = _ext(cnx, layers=["stage2", "stage4"], pooling="gem", preprocess={"input_size": 64})
+    x = _model_input(ext, images)
+    with torch.inference_mode():
+        maps = cnx.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    gem = [np.power(np.power(np.clip(m.numpy(), 1e-6, None), 3.0).mean((2, 3)), 1 / 3.0) for m in maps]
+    np.testing.assert_allclose(ext.transform(images), np.concatenate(gem, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_grid_over_vit_layers_and_poolings_runs_the_backbone_once(images, tmp_path):
+    from featx._runner import total_computed
+
+    vit = _vit()
+    before = total_computed()
+    ref = {}
+    for layers in ("block1", "block3", ["block2", "pre_logits"]):
+        for pooling in ("avg", "cls", "cls+avg", "max"):
+            ext = _ext(vit, layers=layers, pooling=pooling, cache=str(tmp_path))
+            ref[(str(layers), pooling)] = ext.transform(images)
+    assert total_computed() - before == len(images)
+    fresh = _ext(vit, layers="block3", pooling="cls+avg")
+    np.testing.assert_allclose(ref[("block3", "cls+avg")], fresh.transform(images), rtol=1e-5, atol=1e-6)
+
+
+def test_module_preprocess_comes_from_the_timm_model():
+    ext = _ext(_vit())
+    assert ext.preprocess_["input_size"] == (32, 32)  # the model's img_size, not its pretrained config's 224
+    assert ext.preprocess_["interpolation"] == "bicubic" and ext.preprocess_["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_model_refusing_the_input_size_says_how_to_fix_it():
+    with pytest.raises(ValueError, match=r"failed on a 48x48 input .*preprocess=\{'input_size'"):
+        _ext(_vit(), preprocess={"input_size": 48})
