@@ -96,6 +96,8 @@ class Backbone:
     code: str | None = None  # digest of a user module's source code
     #: probe results per input size (shapes and call counts do not depend on device or weights)
     probes: dict = field(default_factory=dict, repr=False)
+    #: extra layer aliases -> module names (e.g. a CLIP tower's "embedding" -> "", its output)
+    aliases: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- names
@@ -117,7 +119,7 @@ def _parse_name(name: str) -> tuple[str, str]:
     """Return (source, name) for a model string."""
     if ":" in name:
         prefix, _, rest = name.partition(":")
-        if prefix in ("timm", "torchvision", "featx"):
+        if prefix in ("timm", "torchvision", "featx", "open_clip"):
             return prefix, rest
     if name in OFFLINE_MODELS:
         return "featx", name
@@ -133,7 +135,8 @@ def _parse_name(name: str) -> tuple[str, str]:
     raise ValueError(
         f"model={name!r} is not a known model.{hint} Use a featx offline model "
         f"({', '.join(OFFLINE_MODELS)}), a torchvision or timm model name "
-        "(prefix 'timm:' or 'torchvision:' to choose the source), or pass a torch.nn.Module."
+        "(prefix 'timm:' or 'torchvision:' to choose the source), an open_clip image tower "
+        "('open_clip:ViT-B-32'), or pass a torch.nn.Module."
     )
 
 
@@ -427,6 +430,12 @@ def _build_timm(name: str, weights: Any) -> Backbone:
     )
 
 
+def _build_open_clip(name: str, weights: Any) -> Backbone:
+    from ._open_clip import build_open_clip
+
+    return build_open_clip(name, weights, Backbone, _download_message)
+
+
 def _download_message(what: str, exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     return (
@@ -597,7 +606,8 @@ def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
     source, name = _parse_name(model)
     if source == "featx" and name not in OFFLINE_MODELS:
         raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
-    builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision}[source]
+    builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision,
+               "open_clip": _build_open_clip}[source]
     # Seeded: weights=None gives the same random initialisation in every
     # process (a reproducible baseline), without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):

@@ -45,7 +45,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         The starting weights, as for :class:`featx.PretrainedFeatureExtractor`.
     trainable_from : int or str, default=1
         What is trained. An int ``k``: the head and the last ``k`` stages
-        (``0``: the head only, a linear probe trained by gradient descent).
+        (the last ``k`` blocks of a vision transformer, and what follows
+        them, e.g. its final norm; ``0``: the head only, a linear probe
+        trained by gradient descent).
         A layer name or alias (``"layer4"``, ``"stage5"``, ``"blocks.6"``):
         the head and every parameter from that layer on, in the order the
         model registers them (its execution order for torchvision and timm
@@ -446,13 +448,15 @@ def _first_trainable(backbone: nn.Module, trainable_from: int | str, pr) -> str 
         k = int(trainable_from)
         if k == 0:
             return None
-        n = len(pr.stages)
+        # a transformer's units are its blocks (a ViT has no stages)
+        units, word = (pr.stages, "stage") if pr.stages else (getattr(pr, "blocks", []), "block")
+        n = len(units)
         if k > n:
             raise ValueError(
-                f"trainable_from={k} asks for more stages than the model has ({n}: "
-                f"{', '.join(f'stage{i + 1}' for i in range(n))}). Use at most {n}, or a layer name."
+                f"trainable_from={k} asks for more {word}s than the model has ({n}: "
+                f"{', '.join(f'{word}{i + 1}' for i in range(n))}). Use at most {n}, or a layer name."
             )
-        prefix = pr.stages[n - k]
+        prefix = units[n - k]
     for name, _ in backbone.named_parameters():
         if prefix == "" or name.startswith(prefix + "."):
             return name

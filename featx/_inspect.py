@@ -45,5 +45,5 @@ def list_layers(model: Any = DEFAULT_MODEL, *, weights: Any = None, preprocess: 
     """
     bb = build_backbone(model, weights)
     cfg = resolve_preprocess(bb.preprocess, preprocess)
-    pr = probe(bb.module, cfg["input_size"], torch.device("cpu"), bb.classifier, bb.stages)
+    pr = probe(bb.module, cfg["input_size"], torch.device("cpu"), bb.classifier, bb.stages, bb.aliases)
     return layer_table(pr)

@@ -66,6 +66,7 @@ class Probe:
     classifier_input: tuple[int, ...] | None
     stages: list[str]
     blocks: list[str] = field(default_factory=list)  # transformer blocks (aliases blockK)
+    aliases: dict[str, str] = field(default_factory=dict)  # the backbone's own aliases (e.g. CLIP's "embedding")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 
 def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
-          classifier: str | None = None, stages: list[str] | None = None) -> Probe:
+          classifier: str | None = None, stages: list[str] | None = None,
+          aliases: dict[str, str] | None = None) -> Probe:
     """Run one dummy image through ``module`` and record every module's output."""
     records: dict[str, _Record] = {}
     cls_input: dict[str, tuple[int, ...]] = {}
@@ -145,12 +147,14 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
             classifier = leaves[-1].name
     cin = cls_input.get(classifier) if classifier else None
     _set_layouts(module, records, input_size)
-    if stages is None:
-        stages = stage_names(module, records)
     blocks = block_names(module, records)
+    if stages is None:
+        # a transformer's patchify convolution is not a stage: probed stages only for non-transformers
+        stages = [] if blocks else stage_names(module, records)
     if blocks == stages:  # timm lists a ViT's blocks as its feature stages: they are blocks
         stages = []
-    return Probe(records=records, classifier=classifier, classifier_input=cin, stages=stages, blocks=blocks)
+    return Probe(records=records, classifier=classifier, classifier_input=cin, stages=stages, blocks=blocks,
+                 aliases=dict(aliases or {}))
 
 
 _NCHW_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -285,6 +289,7 @@ def _aliases(pr: Probe) -> dict[str, str]:
     """``stageK`` and ``blockK`` -> module name."""
     out = {f"stage{i + 1}": s for i, s in enumerate(pr.stages)}
     out.update({f"block{i + 1}": b for i, b in enumerate(getattr(pr, "blocks", []))})
+    out.update(getattr(pr, "aliases", {}))
     return out
 
 

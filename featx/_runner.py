@@ -44,7 +44,8 @@ def probe_template(template: Backbone, input_size: tuple[int, int]) -> Probe:
     with _PROBE_LOCK:
         pr = template.probes.get(key)
         if pr is None:
-            pr = probe(template.module, key, torch.device("cpu"), template.classifier, template.stages)
+            pr = probe(template.module, key, torch.device("cpu"), template.classifier, template.stages,
+                       getattr(template, "aliases", None))
             template.probes[key] = pr
     return pr
 
@@ -346,6 +347,10 @@ def namespace_of(est: Any) -> tuple[str, dict]:
     source = est.model_id_.split(":", 1)[0]
     library = {"featx": ("timm", timm.__version__), "timm": ("timm", timm.__version__),
                "torchvision": ("torchvision", torchvision.__version__)}.get(source)
+    if source == "open_clip":
+        import open_clip
+
+        library = ("open_clip", open_clip.__version__)
     key = {
         "format": FORMAT_VERSION,
         "model": est.model_id_,

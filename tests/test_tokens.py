@@ -189,3 +189,96 @@ def test_module_preprocess_comes_from_the_timm_model():
 def test_model_refusing_the_input_size_says_how_to_fix_it():
     with pytest.raises(ValueError, match=r"failed on a 48x48 input .*preprocess=\{'input_size'"):
         _ext(_vit(), preprocess={"input_size": 48})
+
+
+# ------------------------------------------------------------ Hugging Face transformers, open_clip
+
+
+def _hf_dinov2(registers: int = 0):
+    transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    torch.manual_seed(0)
+    kw = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+              intermediate_size=64)
+    if registers:
+        return transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw)).eval()
+    return transformers.Dinov2Model(transformers.Dinov2Config(**kw)).eval()
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_blocks_and_poolings_match_hidden_states(images, registers):
+    model = _hf_dinov2(registers)
+    rows = {r.name: r for r in list_layers(model)}
+    blk = rows["encoder.layer.1"]
+    assert (blk.alias, blk.layout, blk.prefix) == ("block2", "tokens", 1 + registers)
+    ext = _ext(model, layers=["block2", "output"], pooling="cls+avg")
+    assert ext.preprocess_["input_size"] == (32, 32)  # from the model's config
+    x = _model_input(ext, images)
+    with torch.inference_mode():
+        out = model(x, output_hidden_states=True)  # a ModelOutput: featx reads its first tensor
+    hidden = out.hidden_states[2].numpy()  # [0] is the embeddings, [k] the output of block k
+    last = out.last_hidden_state.numpy()
+    p = 1 + registers
+
+    def cls_avg(t):
+        return np.concatenate([t[:, 0], t[:, p:].mean(1)], 1)
+
+    np.testing.assert_allclose(ext.transform(images), np.concatenate([cls_avg(hidden), cls_avg(last)], 1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_open_clip_embedding_is_encode_image(images):
+    open_clip = pytest.importorskip("open_clip", reason="the clip extra is not installed")
+    rows = {r.alias: r for r in list_layers("open_clip:ViT-S-32") if r.alias}
+    assert rows["embedding"].layout == "vec" and rows["block1"].prefix == 1 and "stage1" not in rows
+    ext = _ext("open_clip:ViT-S-32", weights=None, layers="embedding")
+    assert ext.preprocess_["interpolation"] == "bicubic" and ext.preprocess_["resize_size"] == 224
+    torch.manual_seed(0)  # featx builds weights=None models with seed 0: the same weights
+    clip = open_clip.create_model("ViT-S-32", pretrained=None)
+    x = _model_input(ext, images[:2])
+    with torch.inference_mode():
+        want = clip.encode_image(x).numpy()
+    assert ext.get_feature_names_out()[0] == "embedding_0"
+    np.testing.assert_allclose(ext.transform(images[:2]), want, rtol=1e-3, atol=1e-4)
+
+
+def test_open_clip_bad_names_and_tags():
+    pytest.importorskip("open_clip", reason="the clip extra is not installed")
+    with pytest.raises(ValueError, match="not an open_clip model"):
+        _ext("open_clip:ViT-Q-99", weights=None)
+    with pytest.raises(ValueError, match=r"weights='nope' is not a pretrained tag of open_clip model 'ViT-B-32'\. "
+                                         r"Tags: openai"):
+        _ext("open_clip:ViT-B-32", weights="nope")
+
+
+def test_finetune_trainable_from_counts_vit_blocks(images):
+    from featx import FineTunedClassifier
+
+    y = np.array([0, 1, 0, 1, 0])
+    clf = FineTunedClassifier(_vit(), trainable_from=2, max_epochs=1, batch_size=5, progress=False,
+                              validation_fraction=0, device="cpu").fit(images, y)
+    trained = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+               for n in clf.trainable_parameters_}
+    assert trained == {"blocks.1", "blocks.2", "norm"}  # the last two blocks and what follows them
+    assert clf.predict(images).shape == (5,)
+    with pytest.raises(ValueError, match=r"more blocks than the model has \(3: block1, block2, block3\)"):
+        FineTunedClassifier(_vit(), trainable_from=4, progress=False).fit(images, y)
+
+
+@pytest.mark.parametrize("make,layers,size", [(_vit, ["block2", "pre_logits"], 32), (_swin, ["stage2"], 64)])
+def test_onnxruntime_and_tta_with_token_and_nhwc_layers(tmp_path, make, layers, size):
+    from featx._engines import _ort_installed
+
+    model = make()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    kw = dict(layers=layers, pooling="avgmax", preprocess={"resize_size": size})  # no resampling: exact flips
+    ref = _ext(model, **kw).transform(images)
+    if _ort_installed():
+        ort = _ext(model, backend="onnxruntime", cache=str(tmp_path), **kw)
+        assert ort.backend_ == "onnxruntime"
+        np.testing.assert_allclose(ort.transform(images), ref, rtol=1e-4, atol=1e-5)
+    flipped = _ext(model, **kw).transform([np.ascontiguousarray(im[:, ::-1]) for im in images])
+    assert np.abs(flipped - ref).max() > 1e-2  # the views differ, so the mean below tests something
+    np.testing.assert_allclose(_ext(model, tta="hflip", **kw).transform(images), (ref + flipped) / 2,
+                               rtol=1e-5, atol=1e-6)
