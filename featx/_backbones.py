@@ -433,7 +433,7 @@ def _build_timm(name: str, weights: Any) -> Backbone:
 def _build_open_clip(name: str, weights: Any) -> Backbone:
     from ._open_clip import build_open_clip
 
-    return build_open_clip(name, weights, Backbone, _download_message)
+    return build_open_clip(name, weights)
 
 
 def _download_message(what: str, exc: BaseException) -> str:
@@ -534,9 +534,7 @@ def _module_preprocess(module: nn.Module) -> dict[str, Any]:
         return _timm_preprocess(module)
     size = getattr(getattr(module, "config", None), "image_size", None)
     if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
-        h, w = (size, size) if isinstance(size, int) else size
-        crop = DEFAULT_PREPROCESS["input_size"][0] / DEFAULT_PREPROCESS["resize_size"]
-        return dict(DEFAULT_PREPROCESS, input_size=(int(h), int(w)), resize_size=int(min(h, w) / crop))
+        return resolve_preprocess(DEFAULT_PREPROCESS, {"input_size": tuple(size) if isinstance(size, list) else size})
     return dict(DEFAULT_PREPROCESS)
 
 

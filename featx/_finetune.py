@@ -449,7 +449,7 @@ def _first_trainable(backbone: nn.Module, trainable_from: int | str, pr) -> str 
         if k == 0:
             return None
         # a transformer's units are its blocks (a ViT has no stages)
-        units, word = (pr.stages, "stage") if pr.stages else (getattr(pr, "blocks", []), "block")
+        units, word = (pr.stages, "stage") if pr.stages else (pr.blocks, "block")
         n = len(units)
         if k > n:
             raise ValueError(

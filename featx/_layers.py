@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import difflib
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -286,10 +286,10 @@ def layer_table(pr: Probe) -> list[LayerInfo]:
 
 
 def _aliases(pr: Probe) -> dict[str, str]:
-    """``stageK`` and ``blockK`` -> module name."""
+    """``stageK``, ``blockK`` and the backbone's own aliases -> module name."""
     out = {f"stage{i + 1}": s for i, s in enumerate(pr.stages)}
-    out.update({f"block{i + 1}": b for i, b in enumerate(getattr(pr, "blocks", []))})
-    out.update(getattr(pr, "aliases", {}))
+    out.update({f"block{i + 1}": b for i, b in enumerate(pr.blocks)})
+    out.update(pr.aliases)
     return out
 
 
@@ -380,7 +380,7 @@ class LayerCapture:
         st.counts[i] += 1
         if st.counts[i] != self.targets[i].calls:
             return
-        t = _first_tensor(value)
+        t = _first_tensor(value).float()  # once for all its parts (pool would convert it for each)
         tg = self.targets[i]
         st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p, tg.layout, tg.prefix)
                          for p in self.parts[i]}

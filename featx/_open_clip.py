@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ._backbones import Backbone, _download_message
 from ._exceptions import ModelLoadError
 
 __all__ = ["build_open_clip", "EMBEDDING"]
@@ -32,7 +33,7 @@ def _import():
     return open_clip
 
 
-def build_open_clip(name: str, weights: Any, backbone_cls, download_message) -> Any:
+def build_open_clip(name: str, weights: Any) -> Backbone:
     """The image tower of open_clip model ``name`` as a ``Backbone``.
 
     ``weights``: ``"DEFAULT"`` (the first pretrained tag open_clip lists for
@@ -61,7 +62,7 @@ def build_open_clip(name: str, weights: Any, backbone_cls, download_message) -> 
     except Exception as exc:  # a download that failed (offline) surfaces in many types
         if tag is None:
             raise
-        raise ModelLoadError(download_message(f"open_clip model {name!r} ({tag})", exc)) from exc
+        raise ModelLoadError(_download_message(f"open_clip model {name!r} ({tag})", exc)) from exc
     finally:
         quiet.setLevel(level)
     visual = model.visual
@@ -76,7 +77,7 @@ def build_open_clip(name: str, weights: Any, backbone_cls, download_message) -> 
         "std": tuple(float(v) for v in pc.get("std", open_clip.OPENAI_DATASET_STD)),
         "interpolation": interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",
     }
-    return backbone_cls(
+    return Backbone(
         module=visual,
         preprocess=preprocess,
         identity=f"open_clip:{name}",

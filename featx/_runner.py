@@ -45,7 +45,7 @@ def probe_template(template: Backbone, input_size: tuple[int, int]) -> Probe:
         pr = template.probes.get(key)
         if pr is None:
             pr = probe(template.module, key, torch.device("cpu"), template.classifier, template.stages,
-                       getattr(template, "aliases", None))
+                       template.aliases)
             template.probes[key] = pr
     return pr
 
@@ -89,7 +89,7 @@ class Plan:
         all_parts = [parts_of(t, [*req, "avg", "max"], stored=True) for t in targets]
         seen = {(t.module, t.kind) for t in targets}
         names = [f"stage{i + 1}" for i in range(len(pr.stages))]
-        names += [f"block{i + 1}" for i in range(len(getattr(pr, "blocks", [])))]
+        names += [f"block{i + 1}" for i in range(len(pr.blocks))]
         for name in names + [PRE_LOGITS]:
             t = resolve_layers([name], pr)[0]
             if (t.module, t.kind) not in seen:

@@ -99,12 +99,13 @@ def test_vit_token_poolings_match_forward_intermediates(images, pooling):
         assert names[32] == "block2_avg_0"
 
 
-def test_vit_pre_logits_is_forward_head_pre_logits(images):
-    vit = _vit()
-    ext = _ext(vit)
+@pytest.mark.parametrize("make", [_vit, _swin])
+def test_pre_logits_is_forward_head_pre_logits(images, make):
+    model = make()
+    ext = _ext(model)
     x = _model_input(ext, images)
     with torch.inference_mode():
-        want = vit.forward_head(vit.forward_features(x), pre_logits=True).numpy()
+        want = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
     np.testing.assert_allclose(ext.transform(images), want, rtol=1e-4, atol=1e-5)
 
 
@@ -144,15 +145,6 @@ def test_swin_stages_are_nhwc_and_pooled_over_space(images):
                                rtol=1e-4, atol=1e-5)
     flat = _ext(swin, layers="stage2", pooling="flatten").transform(images)
     np.testing.assert_allclose(flat, ref.reshape(len(images), -1), rtol=1e-4, atol=1e-5)  # C, H, W order
-
-
-def test_swin_pre_logits_is_forward_head_pre_logits(images):
-    swin = _swin()
-    ext = _ext(swin)
-    x = _model_input(ext, images)
-    with torch.inference_mode():
-        want = swin.forward_head(swin.forward_features(x), pre_logits=True).numpy()
-    np.testing.assert_allclose(ext.transform(images), want, rtol=1e-4, atol=1e-5)
 
 
 def test_convnext_stages_match_forward_intermediates(images):
