@@ -45,13 +45,6 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _auto_batch(device: torch.device, backend: str, streams: int) -> int:
-    """``batch_size="auto"``: see the parameter's documentation for the measurements behind it."""
-    if device.type == "cuda":
-        return 64
-    return 4 if streams > 1 or backend == "onnxruntime" else 2
-
-
 class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     """Embed images with the frozen layers of a pretrained CNN.
 
@@ -120,11 +113,12 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         everywhere; ``"bf16"`` on a CPU that only emulates it warns
         (:class:`featx.DeviceWarning`) that it is slower there.
     batch_size : int or "auto", default="auto"
-        Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 4 per
-        stream with bf16 streams (see ``streams_``) or ONNX Runtime, and 2
-        for eager fp32 (batch 4 ran efficientnet_lite0 at 69-137 img/s from
-        run to run, batch 2 at 104-119, resnet50 within 5%). Results do not
-        depend on it (within 1e-5 in fp32).
+        Images per forward pass. ``"auto"``: 64 on CUDA; 4 on the CPU (per
+        stream with bf16 streams, see ``streams_``). Batch 4 is the bare
+        model's best on the CPU, and featx's too: in fp32 from JPEG files,
+        1.26x batch 2 for efficientnet_lite0 and 1.11x for resnet50; batch 8
+        fell to 0.57x and 0.82x (2-core AVX512_BF16 machine, interleaved
+        medians). Results do not depend on it (within 1e-5 in fp32).
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
         (0: in the main thread). ``"auto"``: on CUDA, up to 8 worker processes
@@ -369,7 +363,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.layers_ = [t.display for t in targets]
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)
-        self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else _auto_batch(device, backend, self.streams_)
+        self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else (64 if device.type == "cuda" else 4)
         self.cache_dir_ = None if cache_dir is None else str(cache_dir)
         self._feature_names = np.asarray(names, dtype=object)
         self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))

@@ -311,12 +311,12 @@ def test_auto_precision_follows_native_bf16(tiny_cnn, monkeypatch, native):
     assert ext.precision_ == ("bf16" if native else "fp32")
     assert ext.autocast_dtype_ == (torch.bfloat16 if native else None)
     assert ext.streams_ == (torch.get_num_threads() if native else 1)
-    # batch "auto": 4 per bf16 stream, 2 for one eager fp32 stream (measured; see the parameter's docs)
-    assert ext.batch_size_ == (4 if native and ext.streams_ > 1 else 2)
+    # batch "auto" on the CPU: 4, per bf16 stream and for one eager fp32 stream (measured; see the parameter's docs)
+    assert ext.batch_size_ == 4
     # explicit fp32 stays exact, whatever the CPU
     exact = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="fp32", progress=False).fit()
     assert exact.precision_ == "fp32" and exact.autocast_dtype_ is None and exact.streams_ == 1
-    assert exact.batch_size_ == 2
+    assert exact.batch_size_ == 4
 
 
 def test_explicit_bf16_warns_only_where_emulated(tiny_cnn, monkeypatch):
