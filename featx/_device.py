@@ -11,7 +11,7 @@ import torch
 from ._exceptions import DeviceWarning
 
 __all__ = ["resolve_device", "resolve_precision", "precision_name", "cpu_capability", "cpu_native_bf16",
-           "cpu_streams", "autocast", "load_device"]
+           "cpu_streams", "fp32_stream_candidates", "autocast", "load_device"]
 
 from ._options import PRECISIONS  # noqa: E402
 
@@ -146,12 +146,20 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     throughput of one stream using every core (efficientnet_lite0, resnet50;
     2-core AVX512_BF16 machine, ``benchmarks/bench_streams.py``), because the
     bf16 kernels of small batches scale badly across threads. In fp32 the gain
-    is model-dependent (0.87-1.21x), so fp32 keeps one all-core stream, as do
-    GPUs, ``torch.compile`` and ONNX Runtime (which has its own threads).
+    is model- and machine-dependent (0.75-1.31x), so in fp32 featx measures it
+    (:func:`fp32_stream_candidates`, :mod:`featx._schedule`). GPUs,
+    ``torch.compile`` and ONNX Runtime (which has its own threads) keep one stream.
     The count is the process's torch thread count when ``fit`` runs
     (``torch.set_num_threads`` or ``OMP_NUM_THREADS`` limit it).
     """
     if device.type != "cpu" or backend != "torch" or dtype is None:
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def fp32_stream_candidates(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
+    """Streams worth measuring against one all-core stream for eager fp32 on the CPU (1: nothing to measure)."""
+    if device.type != "cpu" or backend != "torch" or dtype is not None:
         return 1
     return max(1, torch.get_num_threads())
 

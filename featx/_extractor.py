@@ -16,13 +16,14 @@ from torch import nn
 
 from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
 from ._cache import EmbeddingCache, default_cache_dir, resolve_cache_dir
-from ._device import cpu_streams, precision_name, resolve_device
+from ._device import cpu_streams, fp32_stream_candidates, precision_name, resolve_device
 from ._engines import resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import resolve_layers
 from ._pickling import _ModuleState, _restore_module, pack_state, unpack_state  # noqa: F401 (old pickles)
 from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width, pooling_error
 from ._preprocess import TTA_VIEWS, as_items, item_path
+from ._schedule import recall, schedule_key
 from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_template, transform_cached
 
 __all__ = ["PretrainedFeatureExtractor"]
@@ -194,7 +195,13 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     streams_ : int
         Forward passes run side by side. On the CPU with bf16, one
         single-threaded stream per torch thread, each decoding and computing
-        its own batches (2-2.4x one all-core stream there); 1 otherwise.
+        its own batches (2-2.4x one all-core stream there). With eager fp32
+        on a multi-core CPU the faster of the two depends on the model and
+        the machine (0.75-1.31x), so the first ``transform`` of at least 16
+        batches measures both on its own images and keeps the faster one,
+        remembered across processes in ``schedules.json`` in the cache
+        directory (see :mod:`featx._schedule`): ``streams_`` is the remembered
+        choice, or 1 until it is measured. 1 on GPUs and other backends.
     backend_ : str
         The backend in use: ``"auto"`` resolved, and ``"torch"`` after a
         fallback.
@@ -354,7 +361,6 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.autocast_dtype_ = dtype
         self.precision_ = precision_name(dtype)
         self.backend_ = backend
-        self.streams_ = cpu_streams(device, dtype, backend)
         self.preprocess_ = cfg
         self.model_id_ = template.identity
         self.weights_id_ = template.weights
@@ -368,10 +374,25 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self._feature_names = np.asarray(names, dtype=object)
         self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))
         self._runner = None
+        self._set_schedule()
         # an nn.Module template is already a private copy: keep it rather than copy again
         self._template = None if template.shared else template
         self._get_runner()  # the backbone is heavy state: built here, so the first transform pays nothing extra
         return self
+
+    def _set_schedule(self) -> None:
+        """``streams_`` and, for eager fp32 on a multi-core CPU never measured here, what to measure."""
+        self.streams_ = cpu_streams(self.device_, self.autocast_dtype_, self.backend_)
+        self._tune = None
+        candidates = fp32_stream_candidates(self.device_, self.autocast_dtype_, self.backend_)
+        if candidates > 1:
+            directory = Path(self.cache_dir_) if self.cache_dir_ is not None else default_cache_dir()
+            key = schedule_key(self.model_id_, self.weights_digest_, tuple(self.preprocess_["input_size"]),
+                               self.batch_size_, candidates, self._plan.out_fields)
+            remembered = recall(directory, key)
+            self.streams_ = remembered or 1
+            if remembered is None:
+                self._tune = (directory, key, candidates)
 
     @property
     def backbone_(self) -> nn.Module:
@@ -401,7 +422,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             self._runner = Runner(module, self._plan, self.device_, self.autocast_dtype_, self.preprocess_,
                                   backend=self.backend_, onnx_dir=onnx_dir, namespace=ns or "",
                                   threads=max(1, cores - int(workers)), gpu_decode=bool(self.gpu_decode),
-                                  tta=self.tta, streams=self.streams_)
+                                  tta=self.tta, streams=self.streams_, tune=self._tune)
         return self._runner
 
     # -------------------------------------------------------------- transform
@@ -552,7 +573,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         if "n_features_out_" in state:
             state.setdefault("backend_", "torch")
         state = unpack_state(state)
-        if "n_features_out_" in state:  # the device (and so the streams) may have changed with the machine
+        if "n_features_out_" in state:
             state["precision_"] = precision_name(state.get("autocast_dtype_"))
-            state["streams_"] = cpu_streams(state["device_"], state.get("autocast_dtype_"), state["backend_"])
         super().__setstate__(state)
+        if "n_features_out_" in state:  # the device (and so the schedule) may have changed with the machine
+            self._set_schedule()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from ._backbones import Backbone
 from ._cache import FORMAT_VERSION, EmbeddingCache, content_key
@@ -31,6 +33,7 @@ from ._loading import PARALLEL, batches, ordered_streams
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, probe, resolve_layers
 from ._pooling import part_width, pool_parts, pooling_error
 from ._preprocess import ImageDataset, Items, collate, item_path, normalize_batch
+from ._schedule import PHASE_BATCHES, TUNE_BATCHES, recall, remember
 
 __all__ = ["Plan", "RunOptions", "Runner", "RunStats", "begin_run", "last_run", "total_computed", "probe_template",
            "namespace_of", "transform_cached"]
@@ -120,6 +123,7 @@ class RunStats:
     computed: int = 0  # images that went through the backbone
     cache_hits: int = 0
     duplicates: int = 0  # same content twice in one call: computed once
+    streams: int = 1  # forward passes side by side (after the fp32 schedule was measured, the winner)
 
 
 _LAST = RunStats()
@@ -153,9 +157,11 @@ class Runner:
 
     def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
                  backend: str = "torch", onnx_dir: Path | None = None, namespace: str = "", threads: int = 0,
-                 gpu_decode: bool = False, tta: str | None = None, streams: int = 1):
+                 gpu_decode: bool = False, tta: str | None = None, streams: int = 1,
+                 tune: tuple[Path, str, int] | None = None):
         self.module = place(module, device)
         self.streams = streams  # > 1: single-threaded CPU streams that decode and compute their own batches
+        self.tune = tune  # (directory, key, candidate streams): fp32 schedule still to be measured
         self.tta = tta
         self.decode_device = device if gpu_decode else None
         self.backend = backend  # requested; becomes "torch" if the requested one cannot run
@@ -307,17 +313,53 @@ class Runner:
         With several CPU streams, each stream decodes and computes whole
         batches (single-threaded); otherwise batches are decoded (see
         :func:`featx._loading.batches`) and computed here, one after the other.
+        An fp32 schedule not yet measured (``tune``) is measured on the first
+        :data:`~featx._schedule.TUNE_BATCHES` batches, if there are that many.
         """
-        size = opts.batch_size
-        n = len(dataset)
-        if self.streams > 1 and n > size:
+        n_jobs = -(-len(dataset) // opts.batch_size)
+        start = 0
+        if self.tune is not None:
+            directory, key, candidates = self.tune
+            remembered = recall(directory, key)  # another extractor of this process may have measured it
+            if remembered is not None:
+                self.streams, self.tune = remembered, None
+            elif n_jobs >= TUNE_BATCHES:
+                self.streams = yield from self._measured(dataset, opts, store_all, candidates)
+                remember(directory, key, self.streams)
+                self.tune, start = None, TUNE_BATCHES
+        _LAST.streams = self.streams
+        yield from self._jobs(dataset, opts, store_all, start, n_jobs, self.streams)
+
+    def _measured(self, dataset: ImageDataset, opts: RunOptions, store_all: bool, candidates: int):
+        """Run the first batches alternately with ``candidates`` streams and one; return the faster count.
+
+        Each schedule is judged by its fastest phase: a schedule's first phase
+        pays its kernels' first-use setup, and a phase can be slowed by a
+        neighbour on a shared machine; neither says which schedule is faster.
+        """
+        seconds: dict[int, list[float]] = {candidates: [], 1: []}
+        for phase in range(TUNE_BATCHES // PHASE_BATCHES):
+            streams = candidates if phase % 2 == 0 else 1
+            lo = phase * PHASE_BATCHES
+            t0 = time.perf_counter()
+            yield from self._jobs(dataset, opts, store_all, lo, lo + PHASE_BATCHES, streams)
+            seconds[streams].append(time.perf_counter() - t0)
+        return candidates if min(seconds[candidates]) < min(seconds[1]) else 1
+
+    def _jobs(self, dataset: ImageDataset, opts: RunOptions, store_all: bool, lo: int, hi: int, streams: int):
+        """Batches ``lo`` to ``hi - 1`` with ``streams`` single-threaded streams, or decoded by
+        :func:`featx._loading.batches` and computed here, one after the other."""
+        size, n = opts.batch_size, len(dataset)
+        if streams > 1 and hi - lo > 1:
             def job(k: int):
+                k += lo
                 idx, batch, errors = collate([dataset[j] for j in range(k * size, min((k + 1) * size, n))])
                 return idx, None if batch is None else self.forward(batch, store_all), errors
 
-            yield from ordered_streams(-(-n // size), job, self.streams)
+            yield from ordered_streams(hi - lo, job, streams)
             return
-        loader = batches(dataset, size, self.workers(n, opts), collate,
+        part = dataset if lo == 0 and hi * size >= n else Subset(dataset, range(lo * size, min(hi * size, n)))
+        loader = batches(part, size, self.workers(len(part), opts), collate,
                          pin_memory=self.device.type == "cuda" and self.decode_device is None)
         with torch.inference_mode():
             for idx, batch, errors in loader:

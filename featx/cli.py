@@ -170,8 +170,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(f"{len(failed)} of {len(paths)} images could not be read ({what}):", file=sys.stderr)
         for i, reason in ext.failed_reasons_:
             print(f"  {paths[i]}: {reason}", file=sys.stderr)
+    streams = stats.streams if stats.computed else ext.streams_  # an fp32 schedule measured in this run
     print(f"computed on {ext.device_} in {ext.precision_} with {ext.backend_}"
-          + (f", {ext.streams_} single-threaded streams" if ext.streams_ > 1 else ""))
+          + (f", {streams} single-threaded streams" if streams > 1 else ""))
     return 0
 
 

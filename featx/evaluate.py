@@ -154,6 +154,7 @@ def evaluate_folder(
     from threadpoolctl import threadpool_limits
 
     from . import ImageLoadWarning, PretrainedFeatureExtractor, list_layers, load_image_folder
+    from ._runner import last_run
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r} is invalid. Use 'raise' or 'skip'.")
@@ -190,8 +191,9 @@ def evaluate_folder(
         for i, reason in ext.failed_reasons_:
             skipped.setdefault(paths[i], reason)
         result.extract_seconds[label] = time.perf_counter() - t
+        streams = last_run().streams if last_run().computed else ext.streams_
         log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
-            f"({ext.device_}, {ext.precision_}, {ext.streams_} stream{'s' if ext.streams_ > 1 else ''})")
+            f"({ext.device_}, {ext.precision_}, {streams} stream{'s' if streams > 1 else ''})")
         feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
     if skipped:
         result.skipped = list(skipped.items())

@@ -32,6 +32,16 @@ def _no_network():
 
 
 @pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """featx's default directory (ONNX graphs, measured schedules) is a fresh one per test, never the user's;
+    a test or module that chose its own keeps it."""
+    import os
+
+    if "FEATX_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path_factory.mktemp("featx-default-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
     np.random.seed(0)
