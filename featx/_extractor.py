@@ -197,11 +197,12 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         single-threaded stream per torch thread, each decoding and computing
         its own batches (2-2.4x one all-core stream there). With eager fp32
         on a multi-core CPU the faster of the two depends on the model and
-        the machine (0.75-1.31x), so the first ``transform`` of at least 16
-        batches measures both on its own images and keeps the faster one,
-        remembered across processes in ``schedules.json`` in the cache
-        directory (see :mod:`featx._schedule`): ``streams_`` is the remembered
-        choice, or 1 until it is measured. 1 on GPUs and other backends.
+        the machine (0.75-1.31x), so a ``transform`` of at least 16 batches
+        measures both on its own images and keeps the faster one; the
+        majority of three such measurements is remembered across processes
+        in ``schedules.json`` in the cache directory (see
+        :mod:`featx._schedule`): ``streams_`` is the remembered choice, or 1
+        until it is decided. 1 on GPUs and other backends.
     backend_ : str
         The backend in use: ``"auto"`` resolved, and ``"torch"`` after a
         fallback.

@@ -320,7 +320,7 @@ class Runner:
         start = 0
         if self.tune is not None:
             directory, key, candidates = self.tune
-            remembered = recall(directory, key)  # another extractor of this process may have measured it
+            remembered = recall(directory, key)  # other extractors or processes may have completed the votes
             if remembered is not None:
                 self.streams, self.tune = remembered, None
             elif n_jobs >= TUNE_BATCHES:

@@ -14,13 +14,17 @@ convnext_tiny             --                  1.11
 ========================  ==================  =====================
 
 No rule of thumb predicts resnet50 on the AVX-512 part, so featx measures it:
-the first ``transform`` of at least :data:`TUNE_BATCHES` batches runs its
-first batches alternately in both schedules (real work: every image counts),
-keeps the faster for the rest, and remembers the choice, keyed by CPU
-capability, thread count, torch version, model, weights, input size, batch
-size and the layers computed, in ``schedules.json`` in the cache directory
-(the default one when ``cache=None``), so later processes start with it.
-The features do not depend on the schedule (within 1e-5).
+a ``transform`` of at least :data:`TUNE_BATCHES` batches runs its first
+batches alternately in both schedules (real work: every image counts) and
+keeps the faster for the rest. Each measurement is a vote, kept in
+``schedules.json`` in the cache directory (the default one when
+``cache=None``), keyed by CPU capability, thread count, torch version, model,
+weights, input size, batch size and the layers computed. Once
+:data:`VOTES` measurements agree by majority, later extractors and processes
+start with the winner and stop measuring: on a shared machine one
+measurement can be swayed by a neighbour (seen: lite0's 1.31 measured as a
+loss once), three rarely are. The features do not depend on the schedule
+(within 1e-5).
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ import torch
 
 from ._device import cpu_capability
 
-__all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "schedule_key", "recall", "remember"]
+__all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "schedule_key", "recall", "remember"]
 
 #: Batches in each alternating measurement phase (streams, one stream, streams, one stream).
 PHASE_BATCHES = 4
 #: A transform needs this many batches to measure; smaller ones run one all-core stream.
 TUNE_BATCHES = 4 * PHASE_BATCHES
+#: Measurements kept per key; their majority is the remembered choice once there are this many.
+VOTES = 3
 
 _LOCK = threading.Lock()
-_KNOWN: dict[tuple[str, str], int] = {}  # (file, key) -> streams: what this process already read or decided
+_KNOWN: dict[tuple[str, str], int] = {}  # (file, key) -> streams: decided choices this process already read
 FILE_NAME = "schedules.json"
 
 
@@ -65,29 +71,35 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def _votes(value) -> list[int]:
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, int) and not isinstance(v, bool) and v >= 1][-VOTES:]
+
+
 def recall(directory: Path, key: str) -> int | None:
-    """The stream count remembered for ``key``, or None if it was never measured."""
+    """The majority of the last :data:`VOTES` measurements for ``key``; None while there are fewer."""
     path = directory / FILE_NAME
     with _LOCK:
         if (str(path), key) in _KNOWN:
             return _KNOWN[str(path), key]
-    value = _read(path).get(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        with _LOCK:
-            _KNOWN[str(path), key] = value
-        return value
-    return None
+    votes = _votes(_read(path).get(key))
+    if len(votes) < VOTES:
+        return None
+    winner = max(set(votes), key=votes.count)
+    with _LOCK:
+        _KNOWN[str(path), key] = winner
+    return winner
 
 
 def remember(directory: Path, key: str, streams: int) -> None:
-    """Record the measured choice; an unwritable directory only loses the memory, never the run."""
+    """Add one measurement's winner; an unwritable directory only loses the memory, never the run."""
     path = directory / FILE_NAME
     with _LOCK:
-        _KNOWN[str(path), key] = streams
         try:
             directory.mkdir(parents=True, exist_ok=True)
             data = _read(path)
-            data[key] = streams
+            data[key] = (_votes(data.get(key)) + [streams])[-VOTES:]
             fd, tmp = tempfile.mkstemp(prefix=FILE_NAME + ".", suffix=".tmp", dir=directory)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)

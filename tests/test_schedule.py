@@ -14,7 +14,7 @@ import torch
 
 from featx import PretrainedFeatureExtractor
 from featx._runner import Runner, last_run
-from featx._schedule import FILE_NAME, TUNE_BATCHES
+from featx._schedule import FILE_NAME, TUNE_BATCHES, VOTES, recall, remember
 
 from .conftest import SMALL, TinyCNN
 
@@ -52,27 +52,40 @@ def _slow_when(monkeypatch, slow_streams: bool):
 
 
 @pytest.mark.parametrize("slow_streams", [True, False])
-def test_the_first_transform_measures_keeps_the_faster_and_remembers_it(tiny_cnn, images, tmp_path, two_threads,
+def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, images, tmp_path, two_threads,
                                                                        monkeypatch, slow_streams):
-    ext = _ext(tiny_cnn, tmp_path)
-    assert ext.streams_ == 1  # nothing measured yet
     _slow_when(monkeypatch, slow_streams)
-    out = ext.transform(images)
     winner = 1 if slow_streams else 2
-    assert last_run().streams == winner and last_run().computed == len(images)
-    saved = json.loads((tmp_path / FILE_NAME).read_text())
-    assert list(saved.values()) == [winner]
+    for vote in range(1, VOTES + 1):
+        ext = _ext(tiny_cnn, tmp_path)
+        assert ext.streams_ == 1 and ext._get_runner().tune is not None  # not decided yet: measured again
+        out = ext.transform([im ^ vote for im in images])  # new images each time: computed
+        assert last_run().streams == winner and last_run().computed == len(images)
+        saved = json.loads((tmp_path / FILE_NAME).read_text())
+        assert list(saved.values()) == [[winner] * vote]
     key = next(iter(saved))
     assert "threads2" in key and "32x32" in key and "batch2" in key
     # every image was computed once and the features do not depend on the schedule
     ref = _ext(tiny_cnn, tmp_path / "other", batch_size=5)
     ref._get_runner().tune = None
-    np.testing.assert_allclose(out, ref.transform(images), rtol=1e-5, atol=1e-6)
-    # a new extractor for the same model starts with the remembered choice, without measuring
+    np.testing.assert_allclose(out, ref.transform([im ^ VOTES for im in images]), rtol=1e-5, atol=1e-6)
+    # decided: a new extractor for the same model starts with the choice, without measuring
     again = _ext(tiny_cnn, tmp_path)
-    assert again.streams_ == winner
+    assert again.streams_ == winner and again._get_runner().tune is None
     again.transform([255 - im for im in images[:6]])  # new images: computed, not cache hits
     assert last_run().computed == 6 and last_run().streams == winner
+
+
+def test_one_swayed_measurement_is_outvoted(tmp_path):
+    key = "k"
+    for streams, decided in [(2, None), (1, None), (2, 2)]:
+        remember(tmp_path, key, streams)
+        assert recall(tmp_path, key) == decided
+    # the last VOTES measurements count: a stale majority is replaced
+    other = tmp_path / "other"
+    for streams in (2, 2, 1, 1, 1):
+        remember(other, key, streams)
+    assert json.loads((other / FILE_NAME).read_text())[key] == [1, 1, 1] and recall(other, key) == 1
 
 
 def test_the_choice_is_remembered_across_processes(tmp_path):
@@ -83,15 +96,18 @@ def test_the_choice_is_remembered_across_processes(tmp_path):
         "e = PretrainedFeatureExtractor(m, preprocess=SMALL, precision='fp32', batch_size=2, progress=False,"
         " cache={cache!r}).fit()\n"
         "print(e.streams_)\n"
-        "e.transform([np.full((40, 48, 3), i, np.uint8) for i in range(40)])\n"
+        "k = 40 * int(sys.argv[1])  # new images in each process: computed, not cache hits\n"
+        "e.transform([np.full((40, 48, 3), k + i, np.uint8) for i in range(40)])\n"
     ).format(tests=os.path.dirname(__file__), cache=str(tmp_path))
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.split() == ["1"]
-    remembered = list(json.loads((tmp_path / FILE_NAME).read_text()).values())
-    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.split() == [str(remembered[0])]
+    for vote in range(1, VOTES + 1):  # each process measures and votes until the choice is decided
+        run = subprocess.run([sys.executable, "-c", code, str(vote)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["1"]
+        votes = list(json.loads((tmp_path / FILE_NAME).read_text()).values())[0]
+        assert len(votes) == vote
+    decided = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True, timeout=300)
+    assert decided.returncode == 0, decided.stderr
+    assert decided.stdout.split() == [str(max(set(votes), key=votes.count))]
 
 
 def test_small_inputs_are_not_measured(tiny_cnn, images, tmp_path, two_threads):
