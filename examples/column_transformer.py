@@ -1,4 +1,9 @@
-"""Image features next to tabular columns: a ColumnTransformer over a DataFrame with a column of paths."""
+"""
+Image features next to tabular columns
+======================================
+
+A ``ColumnTransformer`` over a DataFrame with a column of paths.
+"""
 
 
 import numpy as np

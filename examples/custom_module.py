@@ -1,4 +1,9 @@
-"""Any torch.nn.Module works: here a small CNN of your own, with explicit preprocessing."""
+"""
+Your own torch module
+=====================
+
+Any ``torch.nn.Module`` works: here a small CNN of your own, with explicit preprocessing.
+"""
 
 import torch
 from sklearn.linear_model import LogisticRegression

@@ -1,4 +1,8 @@
-"""Two extractors side by side in a FeatureUnion: a mid-level stage and the pre-logits features.
+"""
+Two extractors side by side
+===========================
+
+A ``FeatureUnion`` of a mid-level stage and the pre-logits features.
 
 Any two backbones combine the same way, e.g. PretrainedFeatureExtractor("resnet50")
 next to the default (torchvision downloads its weights once, then works offline).

@@ -1,4 +1,8 @@
-"""GridSearchCV over classifiers (SVC, random forest, logistic regression) on frozen CNN features.
+"""
+Which classifier? A grid over estimators
+========================================
+
+GridSearchCV over classifiers (SVC, random forest, logistic regression) on frozen CNN features.
 
 The classifier itself is a grid parameter; the embedding cache makes the CNN
 run once per image for the whole search.

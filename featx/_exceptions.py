@@ -18,23 +18,101 @@ __all__ = [
 
 
 class FeatxWarning(UserWarning):
-    """Base class of every warning featx emits."""
+    """Base class of every warning featx emits.
+
+    Filter on it to silence (or raise) all of featx's warnings at once, and on
+    a subclass for one kind.
+
+    See Also
+    --------
+    DeviceWarning, CacheWarning, BackendWarning, ImageLoadWarning
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from featx import CacheWarning, FeatxWarning
+    >>> issubclass(CacheWarning, FeatxWarning)
+    True
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", FeatxWarning)  # every featx warning becomes an exception
+    ...     try:
+    ...         warnings.warn("cache is read-only", CacheWarning)
+    ...     except FeatxWarning as w:
+    ...         print(type(w).__name__, w)
+    CacheWarning cache is read-only
+    """
 
 
 class DeviceWarning(FeatxWarning):
-    """A device or precision request could not be honoured as asked."""
+    """A device or precision request could not be honoured as asked.
+
+    Emitted, for example, when ``precision="bf16"`` is asked of a CPU that only
+    emulates bf16 (slower than fp32 there), when CUDA runs out of memory and
+    the batch is halved, or when an extractor fitted on a GPU is loaded on a
+    machine without one.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from featx import DeviceWarning
+    >>> warnings.filterwarnings("ignore", category=DeviceWarning)  # I know my CPU emulates bf16
+    >>> warnings.resetwarnings()
+    """
 
 
 class CacheWarning(FeatxWarning):
-    """The embedding cache could not be read or written; work goes on without it."""
+    """The embedding cache could not be read or written; work goes on without it.
+
+    A corrupt entry is recomputed, a corrupt database file moved aside, an
+    unwritable or full cache skipped: features are always correct, only the
+    saving is lost.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from featx import CacheWarning
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("cache directory is not writable", CacheWarning)
+    >>> [type(w.message).__name__ for w in caught]
+    ['CacheWarning']
+    """
 
 
 class BackendWarning(FeatxWarning):
-    """A requested inference backend could not be used; featx fell back to eager PyTorch."""
+    """A requested inference backend could not be used; featx fell back to eager PyTorch.
+
+    The message says why (the model did not export, or its exported graph did
+    not match eager PyTorch on a check batch). Features are those of eager
+    PyTorch.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from featx import BackendWarning
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", BackendWarning)  # insist on the backend I asked for
+    ...     pass
+    """
 
 
 class ImageLoadWarning(FeatxWarning):
-    """Some items could not be read and became rows of NaN (``on_error="nan"``)."""
+    """Some items could not be read and became rows of NaN (``on_error="nan"``).
+
+    Emitted once per ``transform``, with the count and the first few paths;
+    the extractor's ``failed_indices_`` lists them all.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from featx import ImageLoadWarning, PretrainedFeatureExtractor
+    >>> ext = PretrainedFeatureExtractor(weights=None, preprocess={"input_size": 32}, on_error="nan").fit()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     X = ext.transform(["missing.jpg"])
+    >>> [type(w.message).__name__ for w in caught], ext.failed_indices_
+    (['ImageLoadWarning'], array([0]))
+    """
 
 
 class ImageLoadError(ValueError):
@@ -48,6 +126,25 @@ class ImageLoadError(ValueError):
         The item's file path, when it has one.
     reason : str
         What went wrong.
+
+    Attributes
+    ----------
+    index : int
+        Position of the item in the input sequence.
+    path : str or None
+        The item's file path, when it has one.
+    reason : str
+        What went wrong.
+
+    Examples
+    --------
+    >>> from featx import PretrainedFeatureExtractor
+    >>> ext = PretrainedFeatureExtractor(weights=None, preprocess={"input_size": 32}).fit()
+    >>> try:
+    ...     ext.transform(["missing.jpg"])
+    ... except ValueError as err:  # an ImageLoadError is a ValueError
+    ...     print(type(err).__name__, err.index, err.path, err.reason)
+    ImageLoadError 0 missing.jpg file not found
     """
 
     def __init__(self, index: int, path: str | None, reason: str):
@@ -62,4 +159,17 @@ class ImageLoadError(ValueError):
 
 
 class ModelLoadError(RuntimeError):
-    """A backbone or its weights could not be built or loaded."""
+    """A backbone or its weights could not be built or loaded.
+
+    The message names the model or file and says how to fix it (for a name
+    that needs a download, how to work offline).
+
+    Examples
+    --------
+    >>> from featx import PretrainedFeatureExtractor
+    >>> try:
+    ...     PretrainedFeatureExtractor("resnet18", weights="no/such/file.pth").fit()
+    ... except RuntimeError as err:  # a ModelLoadError is a RuntimeError
+    ...     print(type(err).__name__, err)
+    ModelLoadError weights file 'no/such/file.pth' does not exist (or is not a file).
+    """

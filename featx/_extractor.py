@@ -201,7 +201,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         measures both on its own images and keeps the faster one; the
         majority of three such measurements is remembered across processes
         in ``schedules.json`` in the cache directory (see
-        :mod:`featx._schedule`): ``streams_`` is the remembered choice, or 1
+        ``featx._schedule``): ``streams_`` is the remembered choice, or 1
         until it is decided. 1 on GPUs and other backends.
     backend_ : str
         The backend in use: ``"auto"`` resolved, and ``"torch"`` after a
@@ -328,6 +328,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         Returns
         -------
         self : PretrainedFeatureExtractor
+            The fitted extractor.
         """
         self._validate_params()
         device = resolve_device(self.device)
@@ -441,7 +442,9 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_images, n_features_out_), dtype float32
+        features : ndarray of shape (n_images, n_features_out\_), dtype float32
+            One row per input item, in order; a row of NaN for an item that
+            could not be read when ``on_error="nan"``.
 
         Raises
         ------
@@ -473,7 +476,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : numpy.memmap of shape (n_images, n_features_out_), dtype float32
+        features : numpy.memmap of shape (n_images, n_features_out\_), dtype float32
             The file, memory-mapped read-only; ``np.load(path, mmap_mode="r")``
             opens it again later.
 
@@ -543,6 +546,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         Returns
         -------
         feature_names_out : ndarray of str objects
+            ``<layer>_<pooling>_<k>`` for each column (``pre_logits_<k>`` for
+            the pre-logits features), in the order of ``transform``'s columns.
         """
         check_is_fitted(self, "n_features_out_")
         return self._feature_names.copy()

@@ -207,6 +207,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         self : FineTunedClassifier
+            The fitted classifier.
         """
         self._validate_params()
         items = as_items(X)
@@ -357,6 +358,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         proba : ndarray of shape (n_images, n_classes), dtype float64
+            Class probabilities (softmax of the head's logits), columns in
+            the order of ``classes_``.
         """
         check_is_fitted(self, "classes_")
         items = as_items(X)
@@ -375,6 +378,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         labels : ndarray of shape (n_images,)
+            The most probable class of each image, from ``classes_``.
         """
         check_is_fitted(self, "classes_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]

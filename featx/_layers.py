@@ -28,11 +28,33 @@ OUTPUT = "output"
 
 
 class LayerInfo(NamedTuple):
-    """One selectable layer: its module name, its featx alias (or None), its
-    per-image output shape (no batch axis) and that shape's layout: ``"nchw"``
-    (``(C, H, W)`` maps), ``"nhwc"`` (``(H, W, C)`` maps), ``"tokens"``
-    (``(L, C)`` sequences) or ``"vec"``, and for token sequences the number of
-    class/register tokens at their start."""
+    """One selectable layer of a backbone, as :func:`~featx.list_layers` reports it.
+
+    Parameters
+    ----------
+    name : str
+        The module name, as ``named_modules()`` reports it (or ``pre_logits``
+        / ``output``).
+    alias : str or None
+        featx's alias for it (``stage3``, ``block12``, ``pre_logits``...), if any.
+    shape : tuple of int
+        Per-image output shape (no batch axis).
+    layout : {"nchw", "nhwc", "tokens", "vec"}
+        How ``shape`` reads: ``(C, H, W)`` maps, ``(H, W, C)`` maps, ``(L, C)``
+        token sequences, or a vector.
+    prefix : int
+        For token sequences, the class/register tokens at their start
+        (excluded by ``avg``/``max``/``gem`` pooling).
+
+    Examples
+    --------
+    >>> from featx import list_layers
+    >>> layer = [l for l in list_layers("resnet18") if l.alias == "stage5"][0]
+    >>> layer
+    LayerInfo(name='layer4', alias='stage5', shape=(512, 7, 7), layout='nchw', prefix=0)
+    >>> layer.channels
+    512
+    """
 
     name: str
     alias: str | None

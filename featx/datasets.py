@@ -21,7 +21,7 @@ def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
     root : str or PathLike
         A folder whose sub-folders are the classes. Images are found
         recursively inside each class folder; files whose extension is not in
-        :data:`IMAGE_EXTENSIONS` and hidden files are ignored.
+        ``featx.datasets.IMAGE_EXTENSIONS`` and hidden files are ignored.
 
     Returns
     -------
@@ -110,6 +110,7 @@ def make_demo_folder(
     Returns
     -------
     root : Path
+        The folder, with one sub-folder of images per class.
 
     Examples
     --------

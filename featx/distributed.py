@@ -171,8 +171,18 @@ def ray_transform(
 
     Returns
     -------
-    ndarray of shape (n_images, n_features) for a list input, in its order;
-    otherwise the ray.data.Dataset with ``output_column`` added.
+    features : ndarray of shape (n_images, n_features) or ray.data.Dataset
+        For a list input, the features in its order; for a Dataset, the
+        Dataset with ``output_column`` added.
+
+    Examples
+    --------
+    >>> import ray  # doctest: +SKIP
+    >>> from featx import PretrainedFeatureExtractor
+    >>> from featx.distributed import ray_transform
+    >>> ray.init()  # doctest: +SKIP
+    >>> X = ray_transform(paths, PretrainedFeatureExtractor(cache="/shared/featx-cache"),
+    ...                   concurrency=4)  # doctest: +SKIP
     """
     params = _params(extractor)
     _positive("batch_size", batch_size)
@@ -248,10 +258,18 @@ def spark_udf(extractor: Any, *, batch_size: int = 64):
 
     Returns
     -------
-    A UDF mapping a string (path) or binary (file content) column to
-    ``array<float>`` features, e.g.
-    ``df.withColumn("features", spark_udf(ext)("path"))`` or, with
-    ``spark.read.format("binaryFile")``, ``spark_udf(ext)("content")``.
+    udf : callable
+        A pandas UDF mapping a string (path) or binary (file content) column
+        to ``array<float>`` features.
+
+    Examples
+    --------
+    >>> from featx import PretrainedFeatureExtractor
+    >>> from featx.distributed import spark_udf
+    >>> embed = spark_udf(PretrainedFeatureExtractor(cache="/shared/featx-cache"))  # doctest: +SKIP
+    >>> df.withColumn("features", embed("path"))  # doctest: +SKIP
+    >>> files = spark.read.format("binaryFile").load("/data/photos/*.jpg")  # doctest: +SKIP
+    >>> files.withColumn("features", embed("content"))  # doctest: +SKIP
     """
     params = _params(extractor)
     _positive("batch_size", batch_size)

@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _env(tmp_path):
-    return dict(os.environ, FEATX_CACHE_DIR=str(tmp_path / "cache"))
+    return dict(os.environ, FEATX_CACHE_DIR=str(tmp_path / "cache"), MPLBACKEND="Agg")
 
 
 def test_quickstart_runs_and_learns(tmp_path):
@@ -47,6 +47,8 @@ def test_make_demo_folder(tmp_path, n):
         ("custom_module.py", "SmallNet (random weights)"),
         ("feature_union.py", "texture__stage4_gem_0"),
         ("column_transformer.py", "image + tabular columns"),
+        ("embedding_projection.py", "80 images x 1280 features"),
+        ("cache_speedup.py", "warm, other layer"),
     ],
 )
 def test_example_runs(script, expect, tmp_path):

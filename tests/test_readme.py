@@ -1,7 +1,8 @@
-"""The README's snippets and sample outputs are run, so they cannot go stale.
+"""The snippets and sample outputs of the README and the docs pages are run, so they cannot go stale.
 
-The README is read as a session, top to bottom, in one empty folder with the
-network blocked and a fresh cache (``FEATX_CACHE_DIR``):
+The README and the Markdown pages under ``docs/`` (in the order of the docs'
+table of contents) are read as one session, top to bottom, in one empty
+folder with the network blocked and a fresh cache (``FEATX_CACHE_DIR``):
 
 - a console block (lines ``$ featx ...``, each followed by its output) runs
   each command and matches the output: ``...`` stands for any text (a whole
@@ -15,8 +16,8 @@ network blocked and a fresh cache (``FEATX_CACHE_DIR``):
 - a block after ``<!-- not run: REASON -->`` (a cluster, a bucket) is
   compiled, and every name it imports from featx must exist.
 
-The demo's block (``featx demo --data photos``) comes first, so every later
-snippet runs on the demo's images in ``photos/``.
+The demo's console block (``featx demo --data photos``, in the command-line
+page) runs first, so every snippet runs on the demo's images in ``photos/``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+_GUIDE = ("inputs", "backbones", "estimator", "cache", "precision", "tta_finetune", "scaling", "cli")
+PAGES = [README, ROOT / "docs" / "getting_started.md", *(ROOT / "docs" / "user_guide" / f"{n}.md" for n in _GUIDE),
+         ROOT / "docs" / "development.md"]
 _FENCE = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\s*\n)?^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.M | re.S)
 _NUMBER = re.compile(r"\d+\.\d+")
 
 
 def blocks(text: str | None = None) -> list[tuple[str, str, str | None]]:
-    """(lang, body, not-run reason) of each fenced block, in order."""
-    text = README.read_text() if text is None else text
+    """(lang, body, not-run reason) of each fenced block, in order (default: of every page, in order)."""
+    text = "\n".join(p.read_text() for p in PAGES) if text is None else text
     return [(m["lang"], m["body"], m["reason"]) for m in _FENCE.finditer(text)]
 
 
@@ -133,8 +138,9 @@ def test_readme_runs_as_written(session):
 
     found = blocks()
     consoles = [b for lang, b, why in found if lang == "" and b.startswith("$ featx")]
-    assert consoles and consoles[0].startswith("$ featx demo --data photos"), \
-        "the README's first console block must be the demo writing photos/ (later snippets use it)"
+    demo = [b for b in consoles if b.startswith("$ featx demo --data photos")]
+    assert len(demo) == 1, "one console block must be the demo writing photos/ (the snippets use it)"
+    consoles = demo + [b for b in consoles if b is not demo[0]]
     namespace: dict = {"__name__": "readme"}
     ran = {"console": 0, "python": 0, "doctest": 0, "download": 0, "not run": 0}
     # the console blocks first: the demo makes photos/, the python snippets use it
@@ -167,11 +173,41 @@ def test_readme_runs_as_written(session):
     assert all(ran.values()), ran  # every kind of block was met (a parser that finds nothing passes nothing)
 
 
+def test_pages_are_the_docs_pages():
+    """Every Markdown page of the docs that has code is in PAGES (a new page is run too), and none is missing."""
+    docs = {p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts and "```" in p.read_text()}
+    runnable = {p for p in docs if any(lang in ("python", "") for lang, _, _ in blocks(p.read_text()))}
+    assert runnable <= set(PAGES), sorted(map(str, runnable - set(PAGES)))
+    assert all(p.is_file() for p in PAGES)
+
+
 def test_readme_use_snippet_leads_with_the_demo_winner():
-    """The first snippet is the classifier and layer that the demo's sample output marks best, with the cache on."""
-    text = README.read_text()
-    best = re.search(r"best: (\w+) on (\w+):", text)
-    assert best, "README has no demo sample with a 'best:' line"
-    first = next(b for lang, b, why in blocks() if lang == "python" and why is None)
+    """The README's snippet is the classifier and layer that the demo's sample output marks best, with the cache on."""
+    best = re.search(r"best: (\w+) on (\w+):", "\n".join(p.read_text() for p in PAGES))
+    assert best, "no page has a demo sample with a 'best:' line"
+    first = next(b for lang, b, why in blocks(README.read_text()) if lang == "python" and why is None)
     names = {"logreg": "LogisticRegression", "rbf_svm": "SVC(", "linear_svm": "LinearSVC", "random_forest": "RandomForest"}
     assert names[best[1]] in first and f'"{best[2]}"' in first and "cache=True" in first, first
+
+
+def paragraphs(text: str) -> list[str]:
+    """The prose paragraphs of a Markdown text (code blocks, tables, headings left out), whitespace-normalised."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        if para and not para.startswith(("#", "|", "<!--", "![")):
+            out.append(para)
+    return out
+
+
+def test_paragraphs_are_said_once():
+    """No prose paragraph appears twice in the README and the docs pages together."""
+    assert paragraphs("a b\nc\n\n```\nx\n```\n\n| t |\n\n# h\n\nd") == ["a b c", "d"]
+    seen: dict[str, Path] = {}
+    for page in PAGES + [ROOT / "docs" / "performance.md", ROOT / "docs" / "index.md"]:
+        for para in paragraphs(page.read_text()):
+            if len(para) < 60:  # "and", "then open ..." and other short links between blocks
+                continue
+            assert para not in seen, f"said twice, in {seen[para].name} and {page.name}: {para[:100]}"
+            seen[para] = page

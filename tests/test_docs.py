@@ -1,0 +1,64 @@
+"""The docs' Performance page: every figure is a reference into benchmarks/results/*.json, and every reference resolves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PERFORMANCE = ROOT / "docs" / "performance.md"
+
+
+def _benchdata():
+    spec = importlib.util.spec_from_file_location("benchdata", ROOT / "docs" / "_ext" / "benchdata.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchdata = _benchdata()
+
+
+def test_lookup_and_render(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"models": {"m": {"a/b": 1.23456, "sizes": [96, 1024]}}}))
+    path, value = benchdata.lookup(tmp_path, "r.json::models::m::a/b")
+    assert path == tmp_path / "r.json" and value == 1.23456
+    assert benchdata.render(value, ".2f") == "1.23" and benchdata.render(value, None) == "1.23456"
+    assert benchdata.lookup(tmp_path, "r.json::models::m::sizes::1")[1] == 1024
+    with pytest.raises(KeyError, match=r"no key 'models::x' \(there: \['m'\]\)"):
+        benchdata.lookup(tmp_path, "r.json::models::x::a/b")
+    with pytest.raises(KeyError, match="a list of 2"):
+        benchdata.lookup(tmp_path, "r.json::models::m::sizes::7")
+    with pytest.raises(KeyError, match="no results file"):
+        benchdata.lookup(tmp_path, "missing.json::a")
+    with pytest.raises(KeyError, match="cannot format"):
+        benchdata.render("bf16", ".2f")
+
+
+def test_references_take_the_pages_prefix():
+    text = ("{bench}`a.json::x@d` and\n:::{bench-prefix} b.json::models\n:::\n"
+            "| {bench}`m::k@.1f` | {bench}`c.json::y` |\n")
+    assert benchdata.references(text) == ["a.json::x@d", "b.json::models::m::k@.1f", "c.json::y"]
+
+
+def test_every_performance_figure_resolves_in_the_results():
+    text = PERFORMANCE.read_text()
+    refs = benchdata.references(text)
+    assert len(refs) > 100
+    for ref in refs:
+        key, _, fmt = ref.partition("@")
+        _, value = benchdata.lookup(RESULTS, key)
+        benchdata.render(value, fmt or None)
+
+
+def test_the_performance_page_types_no_figure_itself():
+    """Outside the roles, no measured number: decimals and ratios come only from the JSON."""
+    prose = benchdata.ROLE.sub("", PERFORMANCE.read_text())
+    prose = re.sub(r"`[^`]*`", "", prose)  # code: script names and options
+    typed = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?x\b(?!\d)", prose)
+    assert not typed, f"figures typed into docs/performance.md instead of read from JSON: {typed}"
