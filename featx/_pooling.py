@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from ._options import POOLINGS, TOKEN_POOLINGS
+
 __all__ = ["POOLINGS", "TOKEN_POOLINGS", "pool", "pool_parts", "pooled_width", "part_width",
            "channels", "column_names", "default_layout", "pooling_error", "FLATTEN_MAX_FEATURES"]
-
-POOLINGS = ("avg", "max", "avgmax", "gem", "flatten", "cls", "cls+avg")
-#: Poolings that need a class token (layers with token layout and at least one prefix token).
-TOKEN_POOLINGS = ("cls", "cls+avg")
 
 #: ``flatten`` refuses layers whose flattened size per image exceeds this (1 MiB of float32).
 FLATTEN_MAX_FEATURES = 262_144

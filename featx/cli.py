@@ -129,7 +129,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".npy", ".npz", ".csv", ".parquet"):
         raise _CliError(f"output {str(out)!r}: use a .npy, .npz, .csv or .parquet file name")
     paths = _sources(args.source)
-    weights = None if args.weights in ("none", "None") else args.weights
+    weights = _weights(args.weights)
     layers = args.layers.split(",") if args.layers else None
     cache = args.cache_dir if args.cache_dir else (True if args.cache else None)
     ext = PretrainedFeatureExtractor(
@@ -190,7 +190,8 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
     cache = None if args.no_cache else (args.cache_dir or True)
     start = time.perf_counter()
     result = evaluate_folder(
-        folder, model=args.model, layers=args.layers.split(",") if args.layers else None,
+        folder, model=args.model, weights=_weights(args.weights), pooling=args.pooling,
+        layers=args.layers.split(",") if args.layers else None,
         classifiers=tuple(args.classifiers.split(",")), compare=compare, cv=args.cv, cache=cache,
         device=args.device, precision=args.precision, on_error=args.on_error,
         log=lambda line: print(line, flush=True), tta=args.tta,
@@ -227,6 +228,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _run_evaluation(data, args, compare=not args.no_compare)
 
 
+def _weights(value: str) -> str | None:
+    """``--weights none`` is random init (``weights=None``)."""
+    return None if value in ("none", "None") else value
+
+
 def _int_or_str(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
@@ -234,8 +240,14 @@ def _int_or_str(value: str) -> int | str:
 def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
+    from ._options import POOLINGS
+
     p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
-    p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages and pre_logits)")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
+    p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages, or blocks of a "
+                                    "transformer, and pre_logits)")
+    p.add_argument("--pooling", default="avg", choices=list(POOLINGS),
+                   help="pooling of every candidate layer (token layers: cls, cls+avg too)")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma-separated, from {','.join(CLASSIFIERS)}")
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
@@ -342,6 +354,7 @@ _MODEL_HELP = ("backbone: efficientnet_lite0 (offline default), a torchvision or
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from ._options import POOLINGS
 
     debug = _debug_parent(top=False)
     parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.",
@@ -369,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
-    p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem", "flatten"])
+    p.add_argument("--pooling", default="avg", choices=list(POOLINGS))
     _add_compute_options(p)
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")

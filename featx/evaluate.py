@@ -93,7 +93,9 @@ def evaluate_folder(
     folder: str | Path,
     *,
     model: str = "efficientnet_lite0",
+    weights: Any = "DEFAULT",
     layers: list[str] | None = None,
+    pooling: str = "avg",
     classifiers: tuple[str, ...] = CLASSIFIERS,
     compare: bool = False,
     tta: str | None = None,
@@ -115,8 +117,15 @@ def evaluate_folder(
         Folder-per-class images (see :func:`featx.load_image_folder`).
     model : str, default="efficientnet_lite0"
         Backbone.
+    weights : str, path or None, default="DEFAULT"
+        The backbone's weights, as for :class:`featx.PretrainedFeatureExtractor`
+        (``None``: random init, then the rows are labelled ``random-init``).
     layers : list of str or None
-        Candidate layers; None: the last two stages and ``pre_logits``.
+        Candidate layers; None: the last two stages (of a transformer: the
+        last two blocks) and ``pre_logits``.
+    pooling : str, default="avg"
+        Pooling of every candidate layer (``"cls+avg"``: DINOv2's recipe on
+        token layers).
     classifiers : tuple of str
         Any of ``logreg``, ``linear_svm``, ``rbf_svm``, ``random_forest``.
     compare : bool, default=False
@@ -153,7 +162,7 @@ def evaluate_folder(
     from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
     from threadpoolctl import threadpool_limits
 
-    from . import ImageLoadWarning, PretrainedFeatureExtractor, list_layers, load_image_folder
+    from . import ImageLoadWarning, PretrainedFeatureExtractor, load_image_folder
     from ._runner import last_run
 
     if on_error not in ("raise", "skip"):
@@ -169,20 +178,21 @@ def evaluate_folder(
         raise ValueError(f"every class needs at least 2 images for cross-validation; counts: "
                          f"{dict(zip(class_names, np.bincount(y).tolist()))}")
     if layers is None:
-        stages = [r.alias for r in list_layers(model) if r.alias and r.alias.startswith("stage")]
-        layers = stages[-2:] + ["pre_logits"]
+        layers = default_layers(model)
     result = EvalResult(str(folder), len(paths), class_names, model, list(layers), folds)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
     grids = _classifiers()
 
     feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
     skipped: dict[str, str] = {}  # path -> reason, once per image whichever variant failed on it
-    variants = [("pretrained", "DEFAULT", None)] + ([("random-init", None, None)] if compare else [])
+    variants = [("pretrained" if weights is not None else "random-init", weights, None)]
+    if compare and weights is not None:
+        variants.append(("random-init", None, None))
     if tta is not None:
-        variants.append((f"tta {tta}", "DEFAULT", tta))
+        variants.append((f"tta {tta}", weights, tta))
     for label, weights, views in variants:
         t = time.perf_counter()
-        ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), cache=cache,
+        ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), pooling=pooling, cache=cache,
                                          device=device, precision=precision, progress=progress, tta=views,
                                          on_error="nan" if on_error == "skip" else "raise")
         with warnings.catch_warnings():
@@ -232,10 +242,10 @@ def evaluate_folder(
                               {k.split("__")[-1]: v for k, v in search.best_params_.items()},
                               time.perf_counter() - t)
                 result.rows.append(row)
-                if label == "pretrained" and (best is None or row.mean > best[0].mean):
+                if label == variants[0][0] and (best is None or row.mean > best[0].mean):  # the backbone asked for
                     best = (row, search.best_estimator_, X)
     if finetune:
-        result.rows.append(_finetune_row(model, paths, y, splitter, finetune_params, device, log))
+        result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
     if best is not None:
         row, est, X = best
         pred = cross_val_predict(clone(est), X, y, cv=splitter)
@@ -244,15 +254,38 @@ def evaluate_folder(
     return result
 
 
-def _finetune_row(model: str, paths: list[str], y: np.ndarray, splitter: Any, params: dict | None, device: str,
-                  log: Callable[[str], None]) -> EvalRow:
+def default_layers(model: Any) -> list[str]:
+    """The last two stages of a CNN (or blocks of a transformer) and ``pre_logits``.
+
+    Parameters
+    ----------
+    model : str or torch.nn.Module
+        As for :class:`featx.PretrainedFeatureExtractor` (shapes only: no weights are loaded).
+
+    Returns
+    -------
+    layers : list of str
+        Layer aliases, shallowest first.
+    """
+    from . import list_layers
+
+    aliases = [r.alias for r in list_layers(model, weights=None) if r.alias]
+    for kind in ("stage", "block"):
+        found = [a for a in aliases if a.startswith(kind)]
+        if found:
+            return found[-2:] + ["pre_logits"]
+    return ["pre_logits"]
+
+
+def _finetune_row(model: str, weights: Any, paths: list[str], y: np.ndarray, splitter: Any, params: dict | None,
+                  device: str, log: Callable[[str], None]) -> EvalRow:
     from sklearn.model_selection import cross_val_score
 
     from ._finetune import FineTunedClassifier
 
     kw = {"trainable_from": 1, "max_epochs": 10, "progress": False}
     kw.update(params or {})
-    clf = FineTunedClassifier(model, device=device, **kw)
+    clf = FineTunedClassifier(model, weights=weights, device=device, **kw)
     t = time.perf_counter()
     scores = cross_val_score(clf, paths, y, cv=splitter)
     seconds = time.perf_counter() - t
@@ -302,14 +335,17 @@ def write_report(result: EvalResult, out: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     layers = result.layers
     xs = np.arange(len(layers))
+    main = result.rows[0].features if result.rows else "pretrained"  # the backbone asked for (random-init if so)
     for clf in dict.fromkeys(r.classifier for r in result.rows):
-        rows = {r.layer: r for r in result.rows if r.features == "pretrained" and r.classifier == clf}
+        rows = {r.layer: r for r in result.rows if r.features == main and r.classifier == clf}
         if rows:
             means = [rows[l].mean for l in layers]
             stds = [rows[l].std for l in layers]
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"pretrained · {clf}")
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"{main} · {clf}")
     colors = {"random-init": "tab:gray", "raw pixels": "black"}
     for label, color in colors.items():
+        if label == main:
+            continue
         rows = [r for r in result.rows if r.features == label]
         if rows:
             top = max(rows, key=lambda r: r.mean)

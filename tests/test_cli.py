@@ -323,3 +323,30 @@ def test_layers_channels_of_token_outputs(capsys):
     block = rows["blocks.0"]
     assert block.split()[1:3] == ["block1", "192"] and block.endswith("(197, 192)  tokens, 1 prefix"), block
     assert rows["patch_embed"].endswith("(196, 192)  tokens"), rows["patch_embed"]  # no class token there yet
+
+
+def test_evaluate_a_vision_transformer_with_token_pooling(image_folder, tmp_path, capsys):
+    """`featx evaluate --model <ViT>`: the default candidates are its last two blocks and pre_logits."""
+    rc = main(["evaluate", str(image_folder), "--model", "vit_tiny_patch16_224", "--weights", "none",
+               "--pooling", "cls+avg", "--classifiers", "logreg", "--cv", "2", "--no-cache", "--precision", "fp32",
+               "-o", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "random-init: 24 images embedded" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("random-init ")]
+    assert [r[2] for r in rows] == ["block11", "block12", "pre_logits"]
+    import json
+
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert data["layers"] == ["block11", "block12", "pre_logits"]
+
+
+def test_extract_takes_token_poolings(image_folder, tmp_path):
+    out = tmp_path / "f.npz"
+    assert main(["extract", str(image_folder), "-o", str(out), "--model", "vit_tiny_patch16_224", "--weights", "none",
+                 "--layers", "block12", "--pooling", "cls+avg", "--no-progress", "--precision", "fp32"]) == 0
+    import numpy as np
+
+    data = np.load(out)
+    assert data["features"].shape == (24, 2 * 192)
+    assert list(data["feature_names"][[0, 192]]) == ["block12_cls_0", "block12_avg_0"]

@@ -193,3 +193,31 @@ def test_spark_paths_and_binary_content(spark, paths, local):
     by_name = {os.path.basename(r["path"]): np.asarray(r["features"], dtype=np.float32) for r in rows}
     for i, p in enumerate(paths):
         np.testing.assert_allclose(by_name[os.path.basename(p)], local[i], rtol=1e-5, atol=1e-6)
+
+
+def _vit_extractor():
+    """A token-layer extractor (random init is seeded: every worker builds the same weights)."""
+    return PretrainedFeatureExtractor("vit_tiny_patch16_224", weights=None, layers=["block6", "block12"],
+                                      pooling="cls+avg", precision="fp32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def vit_local(paths):
+    return _vit_extractor().fit().transform(paths[:12])
+
+
+def test_ray_with_a_vision_transformer(ray_session, paths, vit_local):
+    from featx.distributed import ray_transform
+
+    got = ray_transform(paths[:12], _vit_extractor(), batch_size=4, concurrency=2)
+    assert got.shape == vit_local.shape == (12, 4 * 192)
+    np.testing.assert_allclose(got, vit_local, rtol=1e-5, atol=1e-5)
+
+
+def test_spark_with_a_vision_transformer(spark, paths, vit_local):
+    from featx.distributed import spark_udf
+
+    df = spark.createDataFrame([(i, p) for i, p in enumerate(paths[:12])], ["i", "path"])
+    rows = df.withColumn("features", spark_udf(_vit_extractor(), batch_size=4)("path")).orderBy("i").collect()
+    np.testing.assert_allclose(np.array([r["features"] for r in rows], dtype=np.float32), vit_local,
+                               rtol=1e-5, atol=1e-5)
