@@ -152,16 +152,17 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     The count is the process's torch thread count when ``fit`` runs
     (``torch.set_num_threads`` or ``OMP_NUM_THREADS`` limit it).
     """
-    if device.type != "cpu" or backend != "torch" or dtype is None:
-        return 1
-    return max(1, torch.get_num_threads())
+    return _eager_cpu_threads(device, backend) if dtype is not None else 1
 
 
 def fp32_stream_candidates(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
     """Streams worth measuring against one all-core stream for eager fp32 on the CPU (1: nothing to measure)."""
-    if device.type != "cpu" or backend != "torch" or dtype is not None:
-        return 1
-    return max(1, torch.get_num_threads())
+    return _eager_cpu_threads(device, backend) if dtype is None else 1
+
+
+def _eager_cpu_threads(device: torch.device, backend: str) -> int:
+    """The torch thread count for eager PyTorch on the CPU (one stream per thread); 1 elsewhere."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" and backend == "torch" else 1
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

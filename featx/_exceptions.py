@@ -129,12 +129,8 @@ class ImageLoadError(ValueError):
 
     Attributes
     ----------
-    index : int
-        Position of the item in the input sequence.
-    path : str or None
-        The item's file path, when it has one.
-    reason : str
-        What went wrong.
+    index, path, reason
+        The parameters, kept for handlers (and pickling).
 
     Examples
     --------

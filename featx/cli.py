@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ._options import POOLINGS, PRECISIONS
+
 __all__ = ["main", "parse_size"]
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -240,8 +242,6 @@ def _int_or_str(value: str) -> int | str:
 def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
-    from ._options import POOLINGS
-
     p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages, or blocks of a "
@@ -265,7 +265,6 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
-    from ._options import PRECISIONS
 
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
@@ -354,7 +353,6 @@ _MODEL_HELP = ("backbone: efficientnet_lite0 (offline default), a torchvision or
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from ._options import POOLINGS
 
     debug = _debug_parent(top=False)
     parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.",

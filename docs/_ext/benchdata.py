@@ -42,6 +42,11 @@ def render(value, fmt: str | None) -> str:
         raise KeyError(f"cannot format {value!r} with {fmt!r}: {exc}") from None
 
 
+def absolute(ref: str, prefix: str | None) -> str:
+    """``ref`` with ``prefix`` in front when it names no ``.json`` file itself (and a prefix is set)."""
+    return f"{prefix}::{ref}" if prefix is not None and ".json" not in ref.split("::")[0] else ref
+
+
 def references(text: str) -> list[str]:
     """Every role's reference in a MyST page, made absolute with the page's bench-prefix directives."""
     refs, prefix = [], None
@@ -49,8 +54,5 @@ def references(text: str) -> list[str]:
         if m.group(2) is not None:
             prefix = m.group(2)
             continue
-        ref = m.group(1)
-        if ".json" not in ref.split("::")[0] and prefix is not None:
-            ref = f"{prefix}::{ref}"
-        refs.append(ref)
+        refs.append(absolute(m.group(1), prefix))
     return refs

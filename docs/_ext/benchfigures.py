@@ -22,7 +22,7 @@ from sphinx.application import Sphinx
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective, SphinxRole
 
-from benchdata import lookup, render
+from benchdata import absolute, lookup, render
 
 logger = logging.getLogger(__name__)
 _PREFIX = "bench_prefix"
@@ -35,11 +35,9 @@ def results_dir(app: Sphinx) -> Path:
 class BenchRole(SphinxRole):
     def run(self):
         ref, _, fmt = self.text.partition("@")
+        ref = absolute(ref, self.env.temp_data.get(_PREFIX))
         if ".json" not in ref.split("::")[0]:
-            prefix = self.env.temp_data.get(_PREFIX)
-            if prefix is None:
-                return self._fail(f"bench reference {self.text!r} names no .json file and no bench-prefix is set")
-            ref = f"{prefix}::{ref}"
+            return self._fail(f"bench reference {self.text!r} names no .json file and no bench-prefix is set")
         try:
             path, value = lookup(results_dir(self.env.app), ref)
             text = render(value, fmt or None)
