@@ -58,7 +58,7 @@ def main() -> None:
         h, w = ext.preprocess_["input_size"]
         x = torch.randn(args.n, 3, h, w, generator=torch.Generator().manual_seed(0))
         xn = x.numpy()
-        eager = ext._get_runner().capture(False)
+        eager = ext._runner.capture
         so = ort.SessionOptions()
         so.intra_op_num_threads = cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -71,7 +71,7 @@ def main() -> None:
             def run_eager(xs=xs):
                 with torch.inference_mode():
                     for b in xs:
-                        eager(b)
+                        eager.run(b)
 
             fns[f"eager torch, batch {bs}"] = run_eager
             fns[f"onnxruntime, batch {bs}"] = lambda ns=ns: [sess.run(None, {"x": b}) for b in ns]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ._exceptions import BackendWarning, CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "PretrainedFeatureExtractor": "._extractor",

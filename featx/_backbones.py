@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import hashlib
 import importlib
 import math
 import os
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,12 @@ from torch import nn
 
 from ._exceptions import ModelLoadError
 from ._hub import timm_weights_ready, torchvision_weights_ready
+from ._layers import Probe, probe
+from ._weights import (OFFLINE_HINT, Backbone, download_message, file_weights_id, is_checkpoint_path,
+                       load_checkpoint, load_into, weights_digest)
 
-__all__ = [
-    "Backbone",
-    "build_backbone",
-    "get_template",
-    "instantiate",
-    "weights_digest",
-    "DEFAULT_MODEL",
-    "OFFLINE_MODELS",
-    "resolve_preprocess",
-]
+__all__ = ["build_backbone", "get_template", "instantiate", "probe_template", "OFFLINE_MODELS", "resolve_preprocess"]
 
-DEFAULT_MODEL = "efficientnet_lite0"
 
 # featx name -> (timm architecture, python package, pip distribution)
 OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
@@ -66,38 +58,8 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
 }
 PREPROCESS_KEYS = frozenset(DEFAULT_PREPROCESS)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-OFFLINE_HINT = (
-    "To work offline, pass weights=<path to a local .pth/.pt/.safetensors file>, "
-    "weights=None for random initialisation, or use featx's offline default "
-    f"model={DEFAULT_MODEL!r}."
-)
 
 
-@dataclass
-class Backbone:
-    """A built backbone and what featx knows about it.
-
-    ``stages`` lists the module names of the stage outputs (alias ``stageK`` is
-    ``stages[K-1]``); None means "find them by probing". ``classifier`` is the
-    module whose *input* is the ``pre_logits`` layer; None means "the last
-    executed module, when it is a Linear".
-    """
-
-    module: nn.Module
-    preprocess: dict[str, Any]
-    identity: str
-    weights: str | None
-    stages: list[str] | None = None
-    classifier: str | None = None
-    digest: str = field(default="", repr=False)
-    shared: bool = field(default=False, repr=False)
-    code: str | None = None  # digest of a user module's source code
-    #: probe results per input size (shapes and call counts do not depend on device or weights)
-    probes: dict = field(default_factory=dict, repr=False)
-    #: extra layer aliases -> module names (e.g. a CLIP tower's "embedding" -> "", its output)
-    aliases: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- names
@@ -138,94 +100,6 @@ def _parse_name(name: str) -> tuple[str, str]:
         "(prefix 'timm:' or 'torchvision:' to choose the source), an open_clip image tower "
         "('open_clip:ViT-B-32'), or pass a torch.nn.Module."
     )
-
-
-# ------------------------------------------------------------- checkpoints
-
-
-def _is_checkpoint_path(weights: Any) -> bool:
-    if isinstance(weights, os.PathLike):
-        return True
-    return isinstance(weights, str) and (
-        weights.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in weights or "/" in weights
-    )
-
-
-def _state_dict_from(obj: Any, path: str) -> dict[str, torch.Tensor]:
-    """Unwrap the usual checkpoint containers down to a name -> tensor mapping."""
-    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(
-            f"checkpoint {path!r} does not hold a state_dict (a mapping of names to tensors). "
-            "Save it with torch.save(model.state_dict(), path) or safetensors."
-        )
-    sd = {k.removeprefix("module."): v for k, v in obj.items()}
-    return sd
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state_dict from ``.pt``/``.pth``/``.bin`` (``weights_only=True``) or ``.safetensors``.
-
-    Never unpickles arbitrary objects: a file that needs more than tensors and
-    plain containers is refused.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"weights file {path!r} does not exist (or is not a file).")
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError
-            raise ModelLoadError(f"cannot read safetensors file {path!r}: {exc}") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-        raise ModelLoadError(
-            f"cannot load checkpoint {path!r} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-            "featx only loads tensors (torch.load(..., weights_only=True)) and never runs code from a "
-            "checkpoint; re-save it as a plain state_dict or as .safetensors."
-        ) from exc
-    return _state_dict_from(obj, path)
-
-
-def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: str, by_position: bool = False) -> None:
-    """Load ``sd`` into ``module`` strictly, naming the first mismatch."""
-    target = module.state_dict()
-    if by_position:
-        if len(sd) != len(target):
-            raise ModelLoadError(
-                f"{source} holds {len(sd)} tensors but the architecture expects {len(target)}."
-            )
-        mapped = {}
-        for (src_name, tensor), (dst_name, ref) in zip(sd.items(), target.items()):
-            if tuple(tensor.shape) != tuple(ref.shape):
-                raise ModelLoadError(
-                    f"{source}: tensor {src_name!r} has shape {tuple(tensor.shape)} but its position "
-                    f"maps to {dst_name!r} of shape {tuple(ref.shape)}."
-                )
-            mapped[dst_name] = tensor
-        sd = mapped
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), first {missing[0]!r}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
-        raise ModelLoadError(f"{source} does not fit the architecture: {'; '.join(parts)}.")
-    for name, ref in target.items():
-        if tuple(sd[name].shape) != tuple(ref.shape):
-            raise ModelLoadError(
-                f"{source} does not fit the architecture: tensor {name!r} has shape "
-                f"{tuple(sd[name].shape)}, expected {tuple(ref.shape)}."
-            )
-    module.load_state_dict(sd, strict=True)
 
 
 # ------------------------------------------------------------ preprocessing
@@ -352,15 +226,15 @@ def _build_offline(name: str, weights: Any) -> Backbone:
         path = _offline_weights_file(name)
         # The package's key names differ from timm's, but the 296 tensors are in
         # the same order and shapes: map by position, checking every shape.
-        _load_into(module, load_checkpoint(path), f"weights file {path!r}", by_position=True)
+        load_into(module, load_checkpoint(path), f"weights file {path!r}", by_position=True)
         weights_id = f"package:{OFFLINE_MODELS[name][2]}"
     elif weights is None:
         weights_id = None
-    elif _is_checkpoint_path(weights):
+    elif is_checkpoint_path(weights):
         sd = load_checkpoint(weights)
         same_names = set(sd) == set(module.state_dict())
-        _load_into(module, sd, f"weights file {os.fspath(weights)!r}", by_position=not same_names)
-        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+        load_into(module, sd, f"weights file {os.fspath(weights)!r}", by_position=not same_names)
+        weights_id = file_weights_id(weights)
     else:
         raise ValueError(
             f"weights={weights!r} is invalid for model={name!r}. Use 'DEFAULT' (the packaged ImageNet "
@@ -393,7 +267,7 @@ def _build_timm(name: str, weights: Any) -> Backbone:
     import timm
 
     pretrained = weights == "DEFAULT"
-    if weights not in (None, "DEFAULT") and not _is_checkpoint_path(weights):
+    if weights not in (None, "DEFAULT") and not is_checkpoint_path(weights):
         raise ValueError(
             f"weights={weights!r} is invalid for timm model {name!r}. Use 'DEFAULT' (timm's pretrained "
             "weights for the tag in the name, e.g. 'resnet50.a1_in1k'), None (random init) or a path "
@@ -409,17 +283,17 @@ def _build_timm(name: str, weights: Any) -> Backbone:
             raise ValueError(f"model='timm:{name}' is not a timm model: {exc}") from exc
         if not pretrained:
             raise
-        raise ModelLoadError(_download_message(f"timm model {name!r}", exc)) from exc
+        raise ModelLoadError(download_message(f"timm model {name!r}", exc)) from exc
     except Exception as exc:  # network errors from huggingface_hub / urllib take many types
         if not pretrained:
             raise
-        raise ModelLoadError(_download_message(f"timm model {name!r}", exc)) from exc
+        raise ModelLoadError(download_message(f"timm model {name!r}", exc)) from exc
     weights_id = None
     if pretrained:
         weights_id = f"timm:{module.pretrained_cfg.get('hf_hub_id') or module.pretrained_cfg.get('tag') or name}"
     elif weights is not None:
-        _load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
-        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+        load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
+        weights_id = file_weights_id(weights)
     return Backbone(
         module=module,
         preprocess=_timm_preprocess(module),
@@ -434,14 +308,6 @@ def _build_open_clip(name: str, weights: Any) -> Backbone:
     from ._open_clip import build_open_clip
 
     return build_open_clip(name, weights)
-
-
-def _download_message(what: str, exc: BaseException) -> str:
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return (
-        f"could not get the pretrained weights of {what}: they are not in the local cache and "
-        f"downloading them failed ({type(exc).__name__}: {first}). {OFFLINE_HINT}"
-    )
 
 
 def _build_torchvision(name: str, weights: Any) -> Backbone:
@@ -460,7 +326,7 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
         if enum_cls is None:
             raise ValueError(f"torchvision model {name!r} has no pretrained weights; use weights=None or a checkpoint path.")
         weights_enum = enum_cls[weights] if weights != "DEFAULT" else enum_cls.DEFAULT
-    elif _is_checkpoint_path(weights):
+    elif is_checkpoint_path(weights):
         ckpt = weights
     else:
         close = difflib.get_close_matches(str(weights), members + ["DEFAULT"], n=3, cutoff=0.5)
@@ -474,14 +340,14 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
     try:
         module = torchvision.models.get_model(name, weights=weights_enum)
     except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError
-        raise ModelLoadError(_download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
+        raise ModelLoadError(download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
     if ckpt is not None:
-        _load_into(module, load_checkpoint(ckpt), f"weights file {os.fspath(ckpt)!r}")
+        load_into(module, load_checkpoint(ckpt), f"weights file {os.fspath(ckpt)!r}")
     prep_enum = weights_enum if weights_enum is not None else (enum_cls.DEFAULT if enum_cls is not None else None)
     if weights_enum is not None:
         weights_id = f"torchvision:{weights_enum}"
     elif ckpt is not None:
-        weights_id = f"file:{os.path.abspath(os.fspath(ckpt))}"
+        weights_id = file_weights_id(ckpt)
     else:
         weights_id = None
     return Backbone(
@@ -496,13 +362,13 @@ def _build_module(module: nn.Module, weights: Any) -> Backbone:
     module = copy.deepcopy(module)  # never move or mutate the user's object
     weights_id = None
     if weights is not None and weights != "DEFAULT":
-        if not _is_checkpoint_path(weights):
+        if not is_checkpoint_path(weights):
             raise ValueError(
                 f"weights={weights!r} is invalid with a torch.nn.Module: use 'DEFAULT' or None (keep the "
                 "module's own weights) or a path to a local checkpoint to load into it."
             )
-        _load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
-        weights_id = f"file:{os.path.abspath(os.fspath(weights))}"
+        load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
+        weights_id = file_weights_id(weights)
     cls = type(module)
     return Backbone(
         module=module,
@@ -556,14 +422,15 @@ def _source_digest(module: nn.Module) -> str | None:
 
 # Built backbones are kept per process (a few at most) so that GridSearchCV,
 # which clones and refits the extractor many times, loads and hashes the
-# weights once. Callers always receive a deep copy.
-_TEMPLATES: OrderedDict[tuple, Backbone] = OrderedDict()
-_TEMPLATES_LOCK = threading.Lock()
-_TEMPLATES_MAX = 3
+# weights once (a documented cache: ``functools.lru_cache``, built under one
+# lock so that two threads never build the same weights twice). Callers always
+# receive a deep copy of the module (:func:`instantiate`).
+_BUILD_LOCK = threading.RLock()
+_PROBE_LOCK = threading.Lock()
 
 
 def _template_key(model: str, weights: Any) -> tuple:
-    if weights is not None and _is_checkpoint_path(weights):
+    if weights is not None and is_checkpoint_path(weights):
         path = os.path.abspath(os.fspath(weights))
         try:
             st = os.stat(path)
@@ -571,6 +438,19 @@ def _template_key(model: str, weights: Any) -> tuple:
         except OSError:
             return (model, path)
     return (model, weights)
+
+
+def _check_spec(model: Any, weights: Any) -> Any:
+    """``weights`` as a str or None, after refusing what no builder accepts."""
+    if not isinstance(model, str):
+        raise ValueError(f"model={model!r} is invalid. Pass a model name (str) or a torch.nn.Module.")
+    if isinstance(weights, os.PathLike):
+        weights = os.fspath(weights)
+    if weights is not None and not isinstance(weights, str):
+        raise ValueError(
+            f"weights={weights!r} is invalid. Use 'DEFAULT', a weights name, None, or a checkpoint path."
+        )
+    return weights
 
 
 def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
@@ -585,22 +465,14 @@ def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
         _freeze(bb.module)
         bb.digest = weights_digest(bb.module)
         return bb
-    if not isinstance(model, str):
-        raise ValueError(
-            f"model={model!r} is invalid. Pass a model name (str) or a torch.nn.Module."
-        )
-    if isinstance(weights, os.PathLike):
-        weights = os.fspath(weights)
-    if weights is not None and not isinstance(weights, str):
-        raise ValueError(
-            f"weights={weights!r} is invalid. Use 'DEFAULT', a weights name, None, or a checkpoint path."
-        )
-    key = _template_key(model, weights)
-    with _TEMPLATES_LOCK:
-        template = _TEMPLATES.get(key)
-        if template is not None:
-            _TEMPLATES.move_to_end(key)
-            return template
+    weights = _check_spec(model, weights)
+    with _BUILD_LOCK:
+        return _shared_template(model, weights, _template_key(model, weights))
+
+
+@functools.lru_cache(maxsize=3)
+def _shared_template(model: str, weights: str | None, key: tuple) -> Backbone:
+    """Build a named backbone (``key`` also holds a checkpoint's size and time, so an edited file is rebuilt)."""
     source, name = _parse_name(model)
     if source == "featx" and name not in OFFLINE_MODELS:
         raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
@@ -614,18 +486,26 @@ def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
     _freeze(template.module)
     template.digest = weights_digest(template.module)
     template.shared = True
-    with _TEMPLATES_LOCK:
-        _TEMPLATES[key] = template
-        while len(_TEMPLATES) > _TEMPLATES_MAX:
-            _TEMPLATES.popitem(last=False)
     return template
+
+
+def probe_template(template: Backbone, input_size: tuple[int, int]) -> Probe:
+    """Probe a (possibly shared) template once per input size, on the CPU."""
+    key = tuple(input_size)
+    with _PROBE_LOCK:
+        pr = template.probes.get(key)
+        if pr is None:
+            pr = probe(template.module, key, torch.device("cpu"), template.classifier, template.stages,
+                       template.aliases)
+            template.probes[key] = pr
+    return pr
 
 
 def instantiate(template: Backbone) -> nn.Module:
     """A private copy of a template's module (the template itself when it is not shared)."""
     if not template.shared:
         return template.module
-    with _TEMPLATES_LOCK:
+    with _BUILD_LOCK:
         return copy.deepcopy(template.module)
 
 
@@ -644,13 +524,3 @@ def _freeze(module: nn.Module) -> None:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-
-
-def weights_digest(module: nn.Module) -> str:
-    """A content digest of every parameter and buffer (names, shapes, dtypes, values)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -25,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
-import sys
 import threading
 import time
 import warnings
@@ -44,6 +44,8 @@ __all__ = [
     "resolve_cache_dir",
     "EmbeddingCache",
     "content_key",
+    "item_keys",
+    "namespace_for",
 ]
 
 #: Bump when the meaning of stored vectors changes; old entries are then never read.
@@ -68,17 +70,13 @@ CREATE TABLE IF NOT EXISTS files(
 
 
 def default_cache_dir() -> Path:
-    """``$FEATX_CACHE_DIR``, else the platform's user cache directory + ``/featx``."""
+    """``$FEATX_CACHE_DIR``, else the platform's user cache directory for featx (``platformdirs``)."""
     env = os.environ.get("FEATX_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "featx"
-    if os.name == "nt":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base) / "featx" / "Cache"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "featx"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("featx", appauthor=False))
 
 
 def resolve_cache_dir(cache: Any) -> Path | None:
@@ -88,11 +86,87 @@ def resolve_cache_dir(cache: Any) -> Path | None:
     if cache is True:
         return default_cache_dir()
     if isinstance(cache, (str, os.PathLike)):
-        return Path(cache).expanduser()
+        text = os.fspath(cache)
+        if isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text):
+            # never a relative path: "s3://bucket" would otherwise become a folder named "s3:"
+            raise ValueError(
+                f"cache={text!r} is a URL; featx caches in a local directory only. Pass a directory path "
+                "(a network file system mounted locally works too), or True for the default location."
+            )
+        return Path(text).expanduser()
     raise ValueError(
         f"cache={cache!r} is invalid. Use None (no cache), True (the default location: "
         "$FEATX_CACHE_DIR or the user cache directory) or a directory path."
     )
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _model_library(model_id: str) -> tuple[str, str] | None:
+    """The library (name, version) whose code computes a backbone of this identity, if any."""
+    source = model_id.split(":", 1)[0]
+    if source in ("featx", "timm"):
+        import timm
+
+        return "timm", timm.__version__
+    if source == "torchvision":
+        import torchvision
+
+        return "torchvision", torchvision.__version__
+    if source == "open_clip":
+        import open_clip
+
+        return "open_clip", open_clip.__version__
+    return None
+
+
+def namespace_for(*, model_id: str, weights_id: str | None, weights_digest: str, code: str | None,
+                  preprocess: dict, precision: str, tta: str | None = None) -> tuple[str, dict]:
+    """Digest of everything that changes an extractor's numbers, and its provenance record.
+
+    ``precision`` is ``"fp32"``, or the autocast dtype's name as ``str(dtype)``
+    (``"torch.bfloat16"``): what earlier featx versions stored.
+    """
+    import torch
+
+    from ._version import __version__
+
+    library = _model_library(model_id)
+    key = {
+        "format": FORMAT_VERSION,
+        "model": model_id,
+        "weights_digest": weights_digest,
+        "code": code,
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(preprocess.items())},
+        "precision": precision,
+        "torch": _major_minor(torch.__version__),
+        "library": None if library is None else [library[0], _major_minor(library[1])],
+    }
+    if tta is not None:  # absent otherwise, so plain extractors keep their entries
+        key["tta"] = tta
+    ns = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
+    info = dict(key, weights=weights_id, featx=__version__, torch_full=torch.__version__,
+                library_full=None if library is None else list(library))
+    return ns, info
+
+
+def item_keys(items: Any, cache: "EmbeddingCache") -> list[str | None]:
+    """Content keys of every item (None where it cannot be read: it then fails in the loader)."""
+    if items.kind != "list":
+        return [content_key(items[i]) for i in range(len(items))]
+    keys: list[str | None] = [None] * len(items)
+    path_idx = [i for i, it in enumerate(items.data) if isinstance(it, (str, os.PathLike))]
+    for i, k in zip(path_idx, cache.path_keys([os.fspath(items[i]) for i in path_idx])):
+        keys[i] = k
+    for i, it in enumerate(items.data):
+        if keys[i] is None and not isinstance(it, (str, os.PathLike)):
+            try:
+                keys[i] = content_key(it)
+            except Exception:  # an unhashable oddity: no key, so the loader reports it
+                keys[i] = None
+    return keys
 
 
 def _digest(data: bytes) -> bytes:

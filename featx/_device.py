@@ -175,14 +175,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def load_device(device_str: str) -> torch.device:
     """Device for an object unpickled on this machine: falls back to the CPU with a warning."""
     dev = torch.device(device_str)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(
-            f"this extractor was fitted on {device_str!r}, which this machine lacks; it will run on the CPU.",
-            DeviceWarning,
-            stacklevel=3,
-        )
-        return torch.device("cpu")
-    if dev.type == "mps" and not _mps_available():
+    present = {"cuda": torch.cuda.is_available, "mps": _mps_available}.get(dev.type, lambda: True)
+    if not present():
         warnings.warn(
             f"this extractor was fitted on {device_str!r}, which this machine lacks; it will run on the CPU.",
             DeviceWarning,

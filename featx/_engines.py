@@ -30,10 +30,10 @@ from torch import nn
 from ._device import resolve_precision
 from ._exceptions import BackendWarning
 from ._layers import LayerCapture
+from ._options import BACKENDS
 
 __all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path"]
 
-BACKENDS = ("torch", "torch.compile", "onnxruntime", "auto")
 
 #: ONNX opset of exported graphs (supported by every ONNX Runtime >= 1.14).
 OPSET = 17

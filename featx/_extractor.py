@@ -14,17 +14,20 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
-from ._cache import EmbeddingCache, default_cache_dir, resolve_cache_dir
+from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
+from ._cache import EmbeddingCache, default_cache_dir, namespace_for, resolve_cache_dir
 from ._device import cpu_streams, fp32_stream_candidates, precision_name, resolve_device
-from ._engines import resolve_compute
+from ._engines import graph_key, onnx_path, resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
-from ._layers import resolve_layers
-from ._pickling import _ModuleState, _restore_module, pack_state, unpack_state  # noqa: F401 (old pickles)
-from ._pooling import FLATTEN_MAX_FEATURES, POOLINGS, column_names, pooled_width, pooling_error
-from ._preprocess import TTA_VIEWS, as_items, item_path
+from ._layers import Target, resolve_layers
+from ._loading import engine_threads
+from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
+from ._pickling import pack_state, unpack_state
+from ._pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
+from ._preprocess import as_items, item_path
 from ._schedule import recall, schedule_key
-from ._runner import Plan, RunOptions, Runner, begin_run, namespace_of, probe_template, transform_cached
+from ._runner import Plan, Runner, RunSettings, RunStats, cached_run
+from ._weights import Backbone
 
 __all__ = ["PretrainedFeatureExtractor"]
 
@@ -284,67 +287,40 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------- validation
 
-    def _validate_params(self) -> None:
+    def _check_params(self) -> None:
+        """Refuse invalid parameter values (those that need no device or model to judge)."""
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is invalid. It must be one of {list(POOLINGS)}.")
         if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or not self.gem_p > 0:
             raise ValueError(f"gem_p={self.gem_p!r} is invalid. It must be a positive number.")
-        if self.batch_size != "auto" and (
-            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1
-        ):
-            raise ValueError(f"batch_size={self.batch_size!r} is invalid. Use 'auto' or a positive int.")
-        if self.num_workers != "auto" and (
-            isinstance(self.num_workers, bool) or not isinstance(self.num_workers, (int, np.integer)) or self.num_workers < 0
-        ):
-            raise ValueError(f"num_workers={self.num_workers!r} is invalid. Use 'auto' or an int >= 0.")
-        if self.on_error not in ("raise", "nan"):
+        for name, low in (("batch_size", 1), ("num_workers", 0)):
+            v = getattr(self, name)
+            if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+                raise ValueError(f"{name}={v!r} is invalid. Use 'auto' or an int >= {low}.")
+        if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error={self.on_error!r} is invalid. Use 'raise' or 'nan'.")
-        if self.tta not in TTA_VIEWS:
-            raise ValueError(f"tta={self.tta!r} is invalid. It must be one of {list(TTA_VIEWS)}.")
+        if self.tta is not None and self.tta not in TTA_MODES:
+            raise ValueError(f"tta={self.tta!r} is invalid. It must be one of {[None, *TTA_MODES]}.")
         if self.tta is not None and self.pooling == "flatten":
             raise ValueError(
                 f"tta={self.tta!r} averages pooled features over views; it cannot be combined with "
                 "pooling='flatten' (spatial maps of flipped or shifted views do not line up). Use 'avg' or 'gem'."
             )
-        if self.progress not in (None, True, False):
-            raise ValueError(f"progress={self.progress!r} is invalid. Use True, False or None (auto).")
+        for name in ("progress", "gpu_decode"):
+            if getattr(self, name) not in ((None, True, False) if name == "progress" else (True, False)):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid. Use True or False"
+                                 f"{' or None (auto)' if name == 'progress' else ''}.")
 
-    # -------------------------------------------------------------------- fit
-
-    def fit(self, X: Any = None, y: Any = None) -> "PretrainedFeatureExtractor":
-        """Resolve the backbone, layers, preprocessing, device and cache.
-
-        The extractor learns nothing from the data: ``X`` and ``y`` are
-        accepted for Pipeline compatibility and ignored. Building a named
-        backbone's weights happens once per process (later fits, e.g. inside
-        ``GridSearchCV``, reuse them); the private copy that runs is made on
-        the first transform that needs it.
-
-        Parameters
-        ----------
-        X : ignored
-        y : ignored
-
-        Returns
-        -------
-        self : PretrainedFeatureExtractor
-            The fitted extractor.
-        """
-        self._validate_params()
-        device = resolve_device(self.device)
-        backend, dtype = resolve_compute(self.backend, self.precision, device)
-        if self.gpu_decode not in (True, False):
-            raise ValueError(f"gpu_decode={self.gpu_decode!r} is invalid. Use True or False.")
+    def _check_device(self, device: torch.device) -> None:
+        """Refuse parameter values the resolved device cannot honour."""
         if self.gpu_decode and device.type != "cuda":
             raise ValueError(
                 f"gpu_decode=True decodes JPEGs with nvJPEG on a CUDA device, but the device is {str(device)!r}. "
                 "Use gpu_decode=False (the default) on this machine."
             )
-        cache_dir = resolve_cache_dir(self.cache)
-        template = get_template(self.model, self.weights)
-        cfg = resolve_preprocess(template.preprocess, self.preprocess)
-        pr = probe_template(template, cfg["input_size"])
-        targets = resolve_layers(self.layers, pr)
+
+    def _columns(self, targets: list[Target]) -> list[str]:
+        """The output column names, refusing a pooling a layer cannot take."""
         names: list[str] = []
         for t in targets:
             problem = pooling_error(self.pooling, t.display, t.shape, t.layout, t.prefix)
@@ -358,16 +334,46 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
                     "layer, or a smaller preprocess={'input_size': ...}."
                 )
             names.extend(column_names(t.display, t.shape, self.pooling, t.layout))
+        return names
+
+    # -------------------------------------------------------------------- fit
+
+    def fit(self, X: Any = None, y: Any = None) -> "PretrainedFeatureExtractor":
+        """Resolve the backbone, layers, preprocessing, device and cache, and build the backbone's copy.
+
+        The extractor learns nothing from the data: ``X`` and ``y`` are
+        accepted for Pipeline compatibility and ignored. Building a named
+        backbone's weights happens once per process (later fits, e.g. inside
+        ``GridSearchCV``, reuse them); each fit makes its own private copy.
+
+        Parameters
+        ----------
+        X : ignored
+        y : ignored
+
+        Returns
+        -------
+        self : PretrainedFeatureExtractor
+            The fitted extractor.
+        """
+        self._check_params()
+        device = resolve_device(self.device)
+        self._check_device(device)
+        backend, dtype = resolve_compute(self.backend, self.precision, device)
+        cache_dir = resolve_cache_dir(self.cache)
+        template = get_template(self.model, self.weights)
+        cfg = resolve_preprocess(template.preprocess, self.preprocess)
+        pr = probe_template(template, cfg["input_size"])
+        targets = resolve_layers(self.layers, pr)
+        names = self._columns(targets)
 
         self.device_ = device
         self.autocast_dtype_ = dtype
         self.precision_ = precision_name(dtype)
-        self.backend_ = backend
         self.preprocess_ = cfg
         self.model_id_ = template.identity
         self.weights_id_ = template.weights
         self.weights_digest_ = template.digest
-        self._code_digest = template.code
         self.layers_ = [t.display for t in targets]
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)
@@ -375,62 +381,72 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.cache_dir_ = None if cache_dir is None else str(cache_dir)
         self._feature_names = np.asarray(names, dtype=object)
         self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))
-        self._runner = None
-        self._set_schedule()
-        # an nn.Module template is already a private copy: keep it rather than copy again
-        self._template = None if template.shared else template
-        self._get_runner()  # the backbone is heavy state: built here, so the first transform pays nothing extra
+        self._namespace = self._namespace_of(template)
+        self._set_schedule(backend)
+        # the backbone is heavy state: built here, so transform starts from fitted state
+        self._runner = self._build_runner(template, backend)
+        self.backend_ = self._runner.backend  # "torch" if the requested backend cannot run this model
+        self.last_run_ = RunStats(streams=self.streams_)
         return self
 
-    def _set_schedule(self) -> None:
+    def _namespace_of(self, template: Backbone) -> tuple[str, dict]:
+        """The cache namespace (and provenance) of everything that changes this extractor's numbers."""
+        return namespace_for(model_id=self.model_id_, weights_id=self.weights_id_, weights_digest=self.weights_digest_,
+                             code=template.code, preprocess=self.preprocess_,
+                             precision=str(self.autocast_dtype_ or "fp32"), tta=self.tta)
+
+    def _work_dir(self) -> Path:
+        """Where the schedule and exported graphs live: the cache directory, else the default one."""
+        return Path(self.cache_dir_) if self.cache_dir_ is not None else default_cache_dir()
+
+    def _set_schedule(self, backend: str) -> None:
         """``streams_`` and, for eager fp32 on a multi-core CPU never measured here, what to measure."""
-        self.streams_ = cpu_streams(self.device_, self.autocast_dtype_, self.backend_)
+        self.streams_ = cpu_streams(self.device_, self.autocast_dtype_, backend)
         self._tune = None
-        candidates = fp32_stream_candidates(self.device_, self.autocast_dtype_, self.backend_)
+        candidates = fp32_stream_candidates(self.device_, self.autocast_dtype_, backend)
         if candidates > 1:
-            directory = Path(self.cache_dir_) if self.cache_dir_ is not None else default_cache_dir()
             key = schedule_key(self.model_id_, self.weights_digest_, tuple(self.preprocess_["input_size"]),
                                self.batch_size_, candidates, self._plan.out_fields)
-            remembered = recall(directory, key)
+            remembered = recall(self._work_dir(), key)
             self.streams_ = remembered or 1
             if remembered is None:
-                self._tune = (directory, key, candidates)
+                self._tune = (self._work_dir(), key, candidates)
+
+    def _build_runner(self, template: Backbone, backend: str) -> Runner:
+        """The private backbone copy on ``device_`` with its engine, from fitted values only."""
+        store_all = self.cache_dir_ is not None
+        onnx_file = None
+        if backend == "onnxruntime":
+            fields = self._plan.fields(store_all)
+            onnx_file = onnx_path(self._work_dir(), graph_key(self._namespace[0], fields,
+                                                              tuple(self.preprocess_["input_size"])))
+        settings = RunSettings(
+            batch_size=self.batch_size_, num_workers=self.num_workers, on_error=self.on_error, backend=backend,
+            onnx_file=onnx_file, threads=engine_threads(self.num_workers), gpu_decode=bool(self.gpu_decode),
+            tta=self.tta, store_all=store_all, streams=self.streams_, tune=self._tune,
+        )
+        return Runner(instantiate(template), self._plan, self.device_, self.autocast_dtype_, self.preprocess_,
+                      settings)
 
     @property
     def backbone_(self) -> nn.Module:
-        """The frozen backbone on ``device_`` (built on first use after ``fit`` or unpickling)."""
-        if "n_features_out_" not in self.__dict__:
-            raise AttributeError("backbone_ exists once the extractor is fitted")
-        return self._get_runner().module
+        """The frozen backbone on ``device_`` (reading it builds nothing)."""
+        return self._runner.module
 
-    def _get_runner(self) -> Runner:
-        if self._runner is None:
-            template = self._template
-            if template is None:
-                template = get_template(self.model, self.weights)
-                if template.digest != self.weights_digest_:
-                    raise ModelLoadError(
-                        f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor "
-                        "was fitted with (their digest changed). Refit the extractor, or restore the original weights."
-                    )
-            module = instantiate(template)
-            self._template = None
-            onnx_dir = ns = None
-            if self.backend_ == "onnxruntime":
-                onnx_dir = Path(self.cache_dir_) if self.cache_dir_ is not None else default_cache_dir()
-                ns = namespace_of(self)[0]
-            cores = os.cpu_count() or 1
-            workers = self.num_workers if self.num_workers != "auto" else 0
-            self._runner = Runner(module, self._plan, self.device_, self.autocast_dtype_, self.preprocess_,
-                                  backend=self.backend_, onnx_dir=onnx_dir, namespace=ns or "",
-                                  threads=max(1, cores - int(workers)), gpu_decode=bool(self.gpu_decode),
-                                  tta=self.tta, streams=self.streams_, tune=self._tune)
-        return self._runner
+    @property
+    def failed_indices_(self) -> np.ndarray:
+        """Indices of the items the last ``transform`` could not read (``on_error="nan"``)."""
+        return np.asarray([i for i, _ in self.last_run_.failed], dtype=np.intp)
+
+    @property
+    def failed_reasons_(self) -> list[tuple[int, str]]:
+        """``(index, reason)`` of the items the last ``transform`` could not read."""
+        return [(int(i), reason) for i, reason in self.last_run_.failed]
 
     # -------------------------------------------------------------- transform
 
     def transform(self, X: Any) -> np.ndarray:
-        """Embed the images in ``X``.
+        r"""Embed the images in ``X``.
 
         Parameters
         ----------
@@ -460,7 +476,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         return out
 
     def transform_to_npy(self, X: Any, path: str | os.PathLike) -> np.ndarray:
-        """Embed the images in ``X`` straight into a ``.npy`` file, for outputs larger than memory.
+        r"""Embed the images in ``X`` straight into a ``.npy`` file, for outputs larger than memory.
 
         Rows are written into a memory-mapped file as batches finish, so the
         process holds only the model and a few batches, whatever the number
@@ -507,18 +523,16 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         return np.load(path, mmap_mode="r")
 
     def _fill(self, items: Any, out: np.ndarray) -> None:
-        """Compute (or read from the cache) every item's row of ``out``."""
+        """Compute (or read from the cache) every item's row of ``out``; record the run in ``last_run_``."""
         cache = EmbeddingCache.open(Path(self.cache_dir_)) if self.cache_dir_ is not None else None
-        opts = RunOptions(self.batch_size_, self.num_workers, self._show_progress(), self.on_error)
-        begin_run(len(items))
+        progress = self._show_progress()
         if cache is None:
-            failed = self._get_runner().run(items, np.arange(len(items)), out, opts)
+            stats = self._runner.run(items, np.arange(len(items)), out, progress=progress)
         else:
-            failed = transform_cached(self, items, out, cache, opts)
-        self.failed_indices_ = np.asarray([i for i, _ in failed], dtype=np.intp)
-        self.failed_reasons_ = [(int(i), reason) for i, reason in failed]
-        if self._runner is not None:
-            self.backend_ = self._runner.backend  # "torch" if the requested backend could not run
+            stats = cached_run(self._runner, cache, self._namespace, items, out, progress=progress)
+        # the record of the last run is an observer, not fitted state: one object, its contents replaced
+        vars(self.last_run_).update(vars(stats))
+        failed = stats.failed
         if failed:
             shown = "; ".join(
                 f"{i} ({item_path(items[i]) or type(items[i]).__name__}): {reason}" for i, reason in failed[:3]
@@ -568,19 +582,27 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())
         # The backbone is rebuilt from model + weights after loading (and its
         # digest checked), so the weights are never duplicated in the pickle.
-        state["_runner"] = None
-        state["_template"] = None
+        state.pop("_runner", None)
         return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("backend", "torch")  # pickled before these parameters existed
-        state.setdefault("gpu_decode", False)
-        state.setdefault("tta", None)
-        if "n_features_out_" in state:
-            state.setdefault("backend_", "torch")
         state = unpack_state(state)
-        if "n_features_out_" in state:
+        fitted = "n_features_out_" in state
+        if fitted:
             state["precision_"] = precision_name(state.get("autocast_dtype_"))
         super().__setstate__(state)
-        if "n_features_out_" in state:  # the device (and so the schedule) may have changed with the machine
-            self._set_schedule()
+        if fitted:  # the device (and so the schedule) may have changed with the machine
+            template = self._checked_template()
+            self._namespace = self._namespace_of(template)
+            self._set_schedule(self.backend_)
+            self._runner = self._build_runner(template, self.backend_)
+
+    def _checked_template(self) -> Backbone:
+        """The backbone from ``model`` and ``weights``, refused if its weights are not those fitted."""
+        template = get_template(self.model, self.weights)
+        if template.digest != self.weights_digest_:
+            raise ModelLoadError(
+                f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor "
+                "was fitted with (their digest changed). Refit the extractor, or restore the original weights."
+            )
+        return template

@@ -14,14 +14,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import DEFAULT_MODEL, get_template, instantiate, resolve_preprocess
+from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
 from ._device import autocast, resolve_device, resolve_precision
-from ._exceptions import ImageLoadError
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._loading import PARALLEL, batches
+from ._options import DEFAULT_MODEL
 from ._pickling import pack_state, unpack_state
-from ._preprocess import ImageDataset, Items, as_items, collate, item_path, normalize_batch
-from ._runner import probe_template
+from ._preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
 
 __all__ = ["FineTunedClassifier"]
 
@@ -160,7 +159,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------ validation
 
-    def _validate_params(self) -> None:
+    def _check_params(self) -> None:
+        """Refuse invalid parameter values, naming the parameter and what it accepts."""
         def positive(name: str, integer: bool = False, allow_zero: bool = False) -> None:
             v = getattr(self, name)
             kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
@@ -209,7 +209,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         self : FineTunedClassifier
             The fitted classifier.
         """
-        self._validate_params()
+        self._check_params()
         items = as_items(X)
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(items):
@@ -242,82 +242,92 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         seed = _seed(self.random_state)
         rng = np.random.default_rng(seed)
-        train_idx, val_idx = _split(y_enc, self.validation_fraction, rng)
+        train_idx, val_idx = _split(y_enc, self.validation_fraction, seed)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             head = nn.Linear(pre_logits.shape[0], len(classes))
             self.network_ = _Network(backbone, head, pre_logits, cfg).to(device)
             _set_trainable(self.network_, set(self.trainable_parameters_))
-            self._train(items, y_enc, train_idx, val_idx, rng, seed)
+            self._train(items, y_enc, train_idx, val_idx, rng)
         self.classes_ = classes
         return self
 
     def _train(self, items: Items, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-               rng: np.random.Generator, seed: int) -> None:
-        net, device = self.network_, self.device_
+               rng: np.random.Generator) -> None:
+        """Epochs of AdamW on the trainable parameters; keep the weights of the best validation loss."""
         cfg = self.preprocess_
         rs = max(cfg["resize_size"], *cfg["input_size"])
-        big = dict(cfg, input_size=(rs, rs)) if self.augment else cfg
-        train_x = self._load(items, train_idx, big)  # decoded once, cropped afresh each epoch
-        val_x = self._load(items, val_idx, cfg) if len(val_idx) else None
+        train_x = self._load(items, train_idx, dict(cfg, input_size=(rs, rs)) if self.augment else cfg)
+        val_x = self._load(items, val_idx, cfg) if len(val_idx) else None  # decoded once, cropped afresh each epoch
         y_t = torch.as_tensor(y, dtype=torch.long)
-        groups = [{"params": list(net.head.parameters()), "lr": self.head_lr}]
-        body = [p for p in net.backbone.parameters() if p.requires_grad]
-        if body:
-            groups.append({"params": body, "lr": self.backbone_lr})
-        opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+        opt = self._optimizer()
         scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype_ == torch.float16 else None
-        loss_fn = nn.CrossEntropyLoss()
         best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
         self.history_ = []
-        show = bool(self.progress) if self.progress is not None else sys.stderr.isatty()
-        gen = torch.Generator().manual_seed(seed)
         for epoch in range(1, int(self.max_epochs) + 1):
             t0 = time.perf_counter()
-            net.train_mode()
-            order = rng.permutation(len(train_idx))
-            total, bar = 0.0, _bar(len(order), epoch, self.max_epochs) if show else None
-            for s in range(0, len(order), int(self.batch_size)):
-                sel = order[s:s + int(self.batch_size)]
-                xb = _augment(train_x[sel], cfg["input_size"], gen) if self.augment else train_x[sel]
-                xb = normalize_batch(xb.to(device), net.mean, net.std).contiguous(memory_format=torch.channels_last)
-                yb = y_t[train_idx[sel]].to(device)
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, self.autocast_dtype_):
-                    loss = loss_fn(net(xb).float(), yb)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                total += float(loss.detach()) * len(sel)
-                if bar is not None:
-                    bar.update(len(sel))
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if bar is not None:
-                bar.close()
-            rec = {"epoch": epoch, "train_loss": total / len(order), "val_loss": None, "val_accuracy": None}
+            rec = {"epoch": epoch, "val_loss": None, "val_accuracy": None,
+                   "train_loss": self._epoch(train_x, y_t[train_idx], rng.permutation(len(train_idx)), opt, scaler,
+                                             epoch)}
             if val_x is not None:
-                logits = self._logits(val_x)
-                yv = y_t[val_idx]
-                rec["val_loss"] = float(loss_fn(logits, yv))
-                rec["val_accuracy"] = float((logits.argmax(1) == yv).float().mean())
+                rec.update(self._validation(val_x, y_t[val_idx]))
             rec["seconds"] = time.perf_counter() - t0
             self.history_.append(rec)
             score = rec["val_loss"] if rec["val_loss"] is not None else -epoch  # no validation: keep the last
             if score < best_loss:
                 best_loss, best_epoch, stale = score, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in self.network_.state_dict().items()}
             else:
                 stale += 1
                 if val_x is not None and stale >= self.patience:
                     break
-        net.load_state_dict(best_state)
-        net.eval()
-        self.n_epochs_ = len(self.history_)
-        self.best_epoch_ = best_epoch
+        self.network_.load_state_dict(best_state)
+        self.network_.eval()
+        self.n_epochs_, self.best_epoch_ = len(self.history_), best_epoch
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW: the head at ``head_lr``, the trainable backbone parameters at ``backbone_lr``."""
+        net = self.network_
+        groups = [{"params": list(net.head.parameters()), "lr": self.head_lr}]
+        body = [p for p in net.backbone.parameters() if p.requires_grad]
+        if body:
+            groups.append({"params": body, "lr": self.backbone_lr})
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+
+    def _epoch(self, x: torch.Tensor, y: torch.Tensor, order: np.ndarray, opt: torch.optim.Optimizer,
+               scaler: Any, epoch: int) -> float:
+        """One pass over the training images in ``order``; returns the mean training loss."""
+        net, device, size = self.network_, self.device_, int(self.batch_size)
+        net.train_mode()
+        show = bool(self.progress) if self.progress is not None else sys.stderr.isatty()
+        total, bar = 0.0, _bar(len(order), epoch, self.max_epochs) if show else None
+        for s in range(0, len(order), size):
+            sel = order[s:s + size]
+            xb = _augment(x[sel], self.preprocess_["input_size"]) if self.augment else x[sel]
+            xb = normalize_batch(xb.to(device), net.mean, net.std).contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, self.autocast_dtype_):
+                loss = nn.functional.cross_entropy(net(xb).float(), y[sel].to(device))
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total += float(loss.detach()) * len(sel)
+            if bar is not None:
+                bar.update(len(sel))
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if bar is not None:
+            bar.close()
+        return total / len(order)
+
+    def _validation(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Loss and accuracy on the held-out images."""
+        logits = self._logits(x)
+        return {"val_loss": float(nn.functional.cross_entropy(logits, y)),
+                "val_accuracy": float((logits.argmax(1) == y).float().mean())}
 
     def _stream(self, items: Items, indices: np.ndarray, cfg: dict):
         """Decoded, resized batches of ``items[indices]``: ``(positions in indices, tensor)``, in order."""
@@ -326,8 +336,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         pos = {int(i): k for k, i in enumerate(indices)}
         for idx, batch, errors in loader:
             if errors:
-                i, reason = errors[0]
-                raise ImageLoadError(i, item_path(items[i]), reason)
+                raise load_error(items, errors)
             yield np.array([pos[int(i)] for i in idx]), batch
 
     def _load(self, items: Items, indices: np.ndarray, cfg: dict) -> torch.Tensor:
@@ -486,35 +495,24 @@ def _seed(random_state: Any) -> int:
     return int(random_state)
 
 
-def _split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified hold-out indices (none when too few images to hold out one per class)."""
+def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified hold-out indices (none when too few images to hold out, and keep, one per class)."""
+    from sklearn.model_selection import train_test_split
+
     n_classes = int(y.max()) + 1
     n_val = int(round(fraction * len(y)))
-    counts = np.bincount(y, minlength=n_classes)
-    if fraction == 0 or n_val < n_classes or counts.min() < 2:
+    if fraction == 0 or n_val < n_classes or len(y) - n_val < n_classes or np.bincount(y).min() < 2:
         return np.arange(len(y)), np.empty(0, dtype=np.intp)
-    val = []
-    for c in range(n_classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        take = max(1, int(round(fraction * len(idx))))
-        val.extend(idx[:min(take, len(idx) - 1)])
-    val = np.sort(np.asarray(val, dtype=np.intp))
-    train = np.setdiff1d(np.arange(len(y)), val)
-    return train, val
+    train, val = train_test_split(np.arange(len(y)), test_size=n_val, stratify=y, random_state=seed)
+    return np.sort(train), np.sort(val)
 
 
-def _augment(x: torch.Tensor, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """Random ``size`` crops and horizontal flips of a batch."""
-    h, w = x.shape[-2:]
-    ch, cw = size
-    out = torch.empty(x.shape[0], x.shape[1], ch, cw, dtype=x.dtype)
-    tops = torch.randint(0, h - ch + 1, (x.shape[0],), generator=gen)
-    lefts = torch.randint(0, w - cw + 1, (x.shape[0],), generator=gen)
-    flips = torch.rand(x.shape[0], generator=gen) < 0.5
-    for i in range(x.shape[0]):
-        crop = x[i, :, tops[i]:tops[i] + ch, lefts[i]:lefts[i] + cw]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
+def _augment(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Random ``size`` crops and horizontal flips, drawn per image (from torch's seeded generator)."""
+    from torchvision.transforms import v2
+
+    views = v2.Compose([v2.RandomCrop(list(size)), v2.RandomHorizontalFlip()])
+    return torch.stack([views(img) for img in x])
 
 
 def _bar(total: int, epoch: int, epochs: int):

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ._backbones import DEFAULT_MODEL, build_backbone, resolve_preprocess
+from ._backbones import build_backbone, resolve_preprocess
+from ._options import DEFAULT_MODEL
 from ._layers import LayerInfo, layer_table, probe
 
 __all__ = ["list_layers"]

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._pooling import channels, default_layout, pool
+from ._pooling import channels, default_layout, layer_parts, pool
 
 __all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "stage_names", "block_names",
            "prefix_tokens"]
@@ -383,7 +383,7 @@ class LayerCapture:
     def __init__(self, module: nn.Module, targets: list[Target], parts: list[tuple[str, ...]], gem_p: float):
         self.module = module
         self.targets = targets
-        self.parts = [("vec",) if len(t.shape) == 1 else tuple(p) for t, p in zip(targets, parts)]
+        self.parts = [layer_parts(t.shape, p) for t, p in zip(targets, parts)]
         self.gem_p = gem_p
         self._local = threading.local()  # results, counts, missing, active: one call per thread
         self._handles = []
@@ -438,9 +438,3 @@ class LayerCapture:
             raise RuntimeError(f"layer(s) {missing} produced no output in this forward pass.")
         results, st.results = st.results, []
         return results
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The targets' parts, concatenated in order: ``(N, D)``."""
-        results = self.run(x)
-        cols = [r[p] for r, ps in zip(results, self.parts) for p in ps]
-        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]

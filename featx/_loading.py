@@ -17,17 +17,46 @@ batches, so no core waits for another and decoding overlaps computing.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["PARALLEL", "batches", "ordered_streams"]
+__all__ = ["PARALLEL", "batches", "engine_threads", "loader_workers", "ordered_streams"]
 
 #: ``workers`` value that asks for decoding each batch on all cores, between forward passes.
 PARALLEL = -2
 
 T = TypeVar("T")
+
+
+def loader_workers(n: int, batch_size: int, num_workers: Any, device: torch.device, gpu_decode: bool) -> int:
+    """How ``n`` images are decoded: a number of DataLoader worker processes, 0 (inline) or :data:`PARALLEL`.
+
+    The one worker policy of featx: ``num_workers`` (an int) as given;
+    ``"auto"``: inline for less than two batches, up to 8 worker processes on
+    CUDA (the CPU decodes while the GPU computes), and on the CPU each batch
+    decoded by one thread per core between forward passes (the model already
+    uses every core; decoders running beside it slow it down more than they
+    save). Decoding on the GPU happens in this process (CUDA does not survive
+    fork).
+    """
+    if gpu_decode:
+        return 0
+    if num_workers != "auto":
+        return int(num_workers)
+    if n < 2 * batch_size:
+        return 0
+    if device.type == "cuda":
+        return max(1, min(8, (os.cpu_count() or 1) - 1))
+    return PARALLEL
+
+
+def engine_threads(num_workers: Any) -> int:
+    """Intra-op threads for a backend that takes a count (ONNX Runtime): the cores the decoders leave."""
+    workers = int(num_workers) if num_workers != "auto" else 0
+    return max(1, (os.cpu_count() or 1) - workers)
 
 
 def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, collate: Callable,
@@ -44,7 +73,6 @@ def batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, co
 def _parallel(dataset, batch_size: int, collate: Callable) -> Iterator:
     """Decode each batch with one thread per core, then hand it over: the model and
     the decoders take turns on all cores instead of fighting over them."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, min(batch_size, os.cpu_count() or 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._backbones import Backbone, _download_message
+from ._weights import Backbone, download_message
 from ._exceptions import ModelLoadError
 
 __all__ = ["build_open_clip", "EMBEDDING"]
@@ -62,7 +62,7 @@ def build_open_clip(name: str, weights: Any) -> Backbone:
     except Exception as exc:  # a download that failed (offline) surfaces in many types
         if tag is None:
             raise
-        raise ModelLoadError(_download_message(f"open_clip model {name!r} ({tag})", exc)) from exc
+        raise ModelLoadError(download_message(f"open_clip model {name!r} ({tag})", exc)) from exc
     finally:
         quiet.setLevel(level)
     visual = model.visual

@@ -23,7 +23,7 @@ import torch
 
 from ._options import POOLINGS, TOKEN_POOLINGS
 
-__all__ = ["POOLINGS", "TOKEN_POOLINGS", "pool", "pool_parts", "pooled_width", "part_width",
+__all__ = ["POOLINGS", "TOKEN_POOLINGS", "layer_parts", "pool", "pool_parts", "pooled_width", "part_width",
            "channels", "column_names", "default_layout", "pooling_error", "FLATTEN_MAX_FEATURES"]
 
 #: ``flatten`` refuses layers whose flattened size per image exceeds this (1 MiB of float32).
@@ -47,6 +47,11 @@ def channels(shape: tuple[int, ...], layout: str | None = None) -> int:
     """The channel count (features per elementary pooling) of a per-image output shape."""
     layout = layout or default_layout(shape)
     return shape[0] if layout in ("vec", "nchw") else shape[-1]
+
+
+def layer_parts(shape: tuple[int, ...], parts) -> tuple[str, ...]:
+    """The elementary poolings computed for a layer: ``("vec",)`` for a layer that outputs vectors, else ``parts``."""
+    return ("vec",) if len(shape) == 1 else tuple(parts)
 
 
 def part_width(shape: tuple[int, ...], part: str, layout: str | None = None) -> int:

@@ -46,7 +46,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["as_items", "Items", "ImageDataset", "collate", "normalize_batch", "item_path"]
+from ._exceptions import ImageLoadError
+
+__all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path"]
 
 _INTERP = {
     "nearest": InterpolationMode.NEAREST,
@@ -520,7 +522,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items = items
         self.indices = indices
         self.cfg = cfg
-        self.draft_size = 2 * cfg["resize_size"] if cfg.get("draft", True) else None
+        self.draft_size = 2 * cfg["resize_size"]
         self.decode_device = decode_device  # decode JPEGs there and hand over tensors on it
         self.tta = tta  # None: one C x H x W crop per item; else V x C x H x W views
 
@@ -545,6 +547,12 @@ class ImageDataset(torch.utils.data.Dataset):
             return i, None, str(exc)
         except Exception as exc:  # anything else still names the item in the main process
             return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def load_error(items: Items, errors: list[tuple[int, str]]) -> ImageLoadError:
+    """The error for the first of a batch's unreadable items, naming its index and path."""
+    i, reason = errors[0]
+    return ImageLoadError(i, item_path(items[i]), reason)
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:

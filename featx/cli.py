@@ -12,9 +12,9 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from ._options import POOLINGS, PRECISIONS
+from ._options import BACKENDS, DEFAULT_MODEL, POOLINGS, PRECISIONS, TTA_MODES
 
 __all__ = ["main", "parse_size"]
 
@@ -63,7 +63,7 @@ def _cli_message(msg: str, args: argparse.Namespace) -> str:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from . import list_layers
+    from ._inspect import list_layers
 
     pre = {"input_size": args.input_size} if args.input_size else None
     rows = list_layers(args.model, weights=None, preprocess=pre)
@@ -81,12 +81,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _sources(source: str) -> list[str]:
-    from .datasets import IMAGE_EXTENSIONS
+    from .datasets import find_images
 
     p = Path(source)
     if p.is_dir():
-        found = [str(q) for q in sorted(p.rglob("*")) if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                 and not any(part.startswith(".") for part in q.relative_to(p).parts)]
+        found = find_images(p)
     elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
         found = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
     elif any(ch in source for ch in "*?["):
@@ -124,8 +123,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from . import ImageLoadWarning, PretrainedFeatureExtractor
-    from ._runner import last_run
+    from ._exceptions import ImageLoadWarning
+    from ._extractor import PretrainedFeatureExtractor
 
     out = Path(args.output)
     if out.suffix.lower() not in (".npy", ".npz", ".csv", ".parquet"):
@@ -162,7 +161,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_features(out, feats, kept, ext.get_feature_names_out())
     seconds = time.perf_counter() - start
-    stats = last_run()
+    stats = ext.last_run_
     print(f"{len(kept)} images, {feats.shape[1]} features, {seconds:.1f} s, "
           f"{len(paths) / max(seconds, 1e-9):.1f} images/s, cache hits {stats.cache_hits} -> {out}")
     if out.suffix.lower() == ".npy":
@@ -242,7 +241,7 @@ def _int_or_str(value: str) -> int | str:
 def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     from .evaluate import CLASSIFIERS
 
-    p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated candidate layers (default: the last two stages, or blocks of a "
                                     "transformer, and pre_logits)")
@@ -253,7 +252,7 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
     p.add_argument("--cache-dir", help="embedding cache directory (default: $FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
-    p.add_argument("--tta", choices=_TTA, help="also evaluate features averaged over test-time augmentation views")
+    p.add_argument("--tta", choices=list(TTA_MODES), help="also evaluate features averaged over test-time augmentation views")
     p.add_argument("--on-error", default="skip", choices=["raise", "skip"],
                    help="an unreadable image: skip (default: left out and reported) or raise (stop with an error)")
     p.add_argument("--finetune", action="store_true",
@@ -346,13 +345,12 @@ def _cache_dir_parent(top: bool) -> argparse.ArgumentParser:
     return p
 
 
-_TTA = ["hflip", "five_crop", "ten_crop", "multiscale"]
 _MODEL_HELP = ("backbone: efficientnet_lite0 (offline default), a torchvision or timm name (e.g. resnet50, "
                "timm:convnext_tiny; needs downloaded weights), or a checkpoint via --weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     debug = _debug_parent(top=False)
     parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.",
@@ -360,15 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_layers_command(sub, debug)
+    _add_extract_command(sub, debug)
+    _add_evaluate_command(sub, debug)
+    _add_demo_command(sub, debug)
+    _add_cache_command(sub, debug)
+    return parser
+
+
+def _add_layers_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser("layers", help="list a model's selectable layers with output shapes", parents=[debug],
                        description="List the layers PretrainedFeatureExtractor(layers=...) accepts, with output shapes.")
-    p.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name (default: efficientnet_lite0)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
     p.add_argument("--input-size", type=int, help="input size in pixels (default: the model's own)")
     p.add_argument("--all", action="store_true", help="every module, not only stages and top-level blocks")
     p.add_argument("--weights", help="accepted as in extract, and not needed: the layers and their shapes do not "
                    "depend on the weights, so nothing is ever downloaded to list them")
     p.set_defaults(func=_cmd_layers)
 
+
+def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser("extract", help="embed images into a feature file", parents=[debug],
                        description="Embed the images of SOURCE (a folder, searched recursively; a text file of "
                                    "paths; or a glob) and write the features to OUT (.npy, .npz, .csv, .parquet). "
@@ -377,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="output file: .npy (paths in OUT.paths.txt beside it), .npz (features + paths), .csv or "
                         ".parquet (a path column first)")
-    p.add_argument("--model", default="efficientnet_lite0", help=_MODEL_HELP)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
     p.add_argument("--pooling", default="avg", choices=list(POOLINGS))
@@ -385,15 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory")
-    p.add_argument("--backend", default="torch", choices=["torch", "torch.compile", "onnxruntime", "auto"],
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS),
                    help="inference backend (default: torch; onnxruntime needs featx[onnx])")
-    p.add_argument("--tta", choices=_TTA, help="average features over test-time augmentation views")
+    p.add_argument("--tta", choices=list(TTA_MODES), help="average features over test-time augmentation views")
     p.add_argument("--on-error", default="nan", choices=["raise", "nan", "skip"],
                    help="an unreadable image: nan (default: a NaN row, listed on stderr), skip (no row; listed), "
                         "or raise (stop with an error)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_extract)
 
+
+def _add_evaluate_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser("evaluate", help="cross-validate classifiers x layers on a folder of labelled photos",
                        parents=[debug],
                        description="How well does transfer learning work on FOLDER (one sub-folder per class)? "
@@ -405,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, "featx-report")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_demo_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", help="run evaluate on a small real image set that needs no download", parents=[debug],
                        description="Run 'featx evaluate --compare' on patches of photographs bundled with "
                                    "scikit-image, one class per photograph, with the offline default backbone.")
@@ -415,20 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, "featx-demo-report")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_cache_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     cache_dir = _cache_dir_parent(top=False)
-    p = sub.add_parser("cache", help="inspect and manage the embedding cache", parents=[debug, _cache_dir_parent(True)],
-                       description="Inspect and manage the embedding cache (embeddings and exported ONNX graphs).")
-    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
-    csub.add_parser("info", help="size, entries and a per-model breakdown with provenance", parents=[debug, cache_dir],
-                    description="Show the cache's size, entries and a per-model breakdown with provenance.")
-    csub.add_parser("clear", help="delete every entry", parents=[debug, cache_dir],
-                    description="Delete every cache entry and exported graph.")
-    pr = csub.add_parser("prune", help="evict least-recently-used entries down to a size", parents=[debug, cache_dir],
-                         description="Evict exported graphs, then least-recently-used entries, until the cache is "
-                                     "at most --max-size.")
-    pr.add_argument("--max-size", type=parse_size, required=True, help="e.g. 500M, 2G")
-    p.set_defaults(func=_cmd_cache)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,16 @@ __all__ = ["load_image_folder", "make_demo_folder", "IMAGE_EXTENSIONS", "DEMO_SO
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif")
 
 
+def find_images(folder: str | os.PathLike) -> list[str]:
+    """The image files under ``folder`` (recursively; hidden files and folders skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
 def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
     """Read a folder-per-class layout: ``root/<class>/**/<image>``.
 
@@ -55,21 +65,10 @@ def load_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
         raise ValueError(
             f"load_image_folder: {str(root)!r} has no sub-folders; expected one sub-folder per class."
         )
-    paths: list[str] = []
-    labels: list[int] = []
-    empty = []
-    for label, name in enumerate(class_names):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(os.path.join(dirpath, f))
-        if not found:
-            empty.append(name)
-        found.sort()
-        paths.extend(found)
-        labels.extend([label] * len(found))
+    found = [find_images(root / name) for name in class_names]
+    paths = [p for f in found for p in f]
+    labels = [label for label, f in enumerate(found) for _ in f]
+    empty = [name for name, f in zip(class_names, found) if not f]
     if empty:
         raise ValueError(
             f"load_image_folder: class folder(s) {empty} under {str(root)!r} contain no images "

@@ -213,18 +213,21 @@ def ray_transform(
     if write_parquet is not None:
         result = result.materialize()
         _parquet_view(result, output_column, parquet_columns).write_parquet(write_parquet)
-    if not as_list:
-        return result
+    return _collect(result, len(paths), output_column) if as_list else result
+
+
+def _collect(result: Any, n: int, output_column: str) -> np.ndarray:
+    """The features of a list input's ``n`` rows, in its order."""
     # whole blocks back, placed by row id (select_columns would add a Project task per block)
     out, seen = None, 0
     for b in result.iter_batches(batch_size=None, batch_format="numpy"):
         feats = np.asarray(b[output_column], dtype=np.float32)
         if out is None:
-            out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
+            out = np.empty((n, feats.shape[1]), dtype=np.float32)
         out[b[_ROW_ID]] = feats
         seen += len(feats)
-    if seen != len(paths):
-        raise RuntimeError(f"Ray returned {seen} rows for {len(paths)} images")
+    if seen != n:
+        raise RuntimeError(f"Ray returned {seen} rows for {n} images")
     return out
 
 
@@ -278,7 +281,7 @@ def spark_udf(extractor: Any, *, batch_size: int = 64):
     from pyspark.sql.types import ArrayType, FloatType
 
     def make_predict_fn():
-        from featx import PretrainedFeatureExtractor
+        from featx._extractor import PretrainedFeatureExtractor
 
         ext = PretrainedFeatureExtractor(**params).fit()
 

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._options import DEFAULT_MODEL
+
 __all__ = ["CLASSIFIERS", "EvalRow", "evaluate_folder", "format_table", "write_report"]
 
 
@@ -92,7 +94,7 @@ def _layer_columns(names: np.ndarray, layer: str) -> np.ndarray:
 def evaluate_folder(
     folder: str | Path,
     *,
-    model: str = "efficientnet_lite0",
+    model: str = DEFAULT_MODEL,
     weights: Any = "DEFAULT",
     layers: list[str] | None = None,
     pooling: str = "avg",
@@ -159,11 +161,9 @@ def evaluate_folder(
     """
     from sklearn.base import clone
     from sklearn.metrics import confusion_matrix
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
-    from threadpoolctl import threadpool_limits
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from . import ImageLoadWarning, PretrainedFeatureExtractor, load_image_folder
-    from ._runner import last_run
+    from .datasets import load_image_folder
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r} is invalid. Use 'raise' or 'skip'.")
@@ -173,57 +173,102 @@ def evaluate_folder(
     paths, y, class_names = load_image_folder(folder)
     if len(class_names) < 2:
         raise ValueError(f"{str(folder)!r} has one class ({class_names[0]!r}); evaluation needs at least two.")
-    folds = int(min(cv, np.bincount(y).min()))
-    if folds < 2:
-        raise ValueError(f"every class needs at least 2 images for cross-validation; counts: "
-                         f"{dict(zip(class_names, np.bincount(y).tolist()))}")
-    if layers is None:
-        layers = default_layers(model)
-    result = EvalResult(str(folder), len(paths), class_names, model, list(layers), folds)
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
-    grids = _classifiers()
-
-    feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
-    skipped: dict[str, str] = {}  # path -> reason, once per image whichever variant failed on it
-    variants = [("pretrained" if weights is not None else "random-init", weights, None)]
-    if compare and weights is not None:
-        variants.append(("random-init", None, None))
-    if tta is not None:
-        variants.append((f"tta {tta}", weights, tta))
-    for label, weights, views in variants:
-        t = time.perf_counter()
-        ext = PretrainedFeatureExtractor(model, weights=weights, layers=list(layers), pooling=pooling, cache=cache,
-                                         device=device, precision=precision, progress=progress, tta=views,
-                                         on_error="nan" if on_error == "skip" else "raise")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ImageLoadWarning)  # reported once, below
-            feats = ext.fit_transform(paths)
-        for i, reason in ext.failed_reasons_:
-            skipped.setdefault(paths[i], reason)
-        result.extract_seconds[label] = time.perf_counter() - t
-        streams = last_run().streams if last_run().computed else ext.streams_
-        log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
-            f"({ext.device_}, {ext.precision_}, {streams} stream{'s' if streams > 1 else ''})")
-        feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
+    layers = list(layers) if layers is not None else default_layers(model)
+    result = EvalResult(str(folder), len(paths), class_names, model, layers, _folds(y, cv, class_names))
+    spec = dict(model=model, layers=layers, pooling=pooling, cache=cache, device=device, precision=precision,
+                progress=progress, on_error="nan" if on_error == "skip" else "raise")
+    variants = _variants(weights, compare, tta)
+    feature_sets, skipped = _embed(variants, spec, paths, result, log)
     if skipped:
-        result.skipped = list(skipped.items())
-        keep = np.array([p not in skipped for p in paths])
-        log(f"skipped {len(skipped)} of {len(paths)} images that could not be read:")
-        for p, reason in result.skipped:
-            log(f"  {p}: {reason}")
-        paths, y = [p for p, k in zip(paths, keep) if k], y[keep]
-        feature_sets = [(label, f[keep], names, lyr) for label, f, names, lyr in feature_sets]
-        result.n_images = len(paths)
-        folds = int(min(folds, np.bincount(y, minlength=len(class_names)).min()))
-        if folds < 2:
-            raise ValueError("after skipping unreadable images, a class has fewer than 2 images left")
-        result.cv_folds, splitter = folds, StratifiedKFold(folds, shuffle=True, random_state=0)
+        paths, y, feature_sets = _leave_out(skipped, paths, y, feature_sets, result, log)
     if compare:
         t = time.perf_counter()
         raw = _raw_pixels(paths)
         result.extract_seconds["raw pixels"] = time.perf_counter() - t
         feature_sets.append(("raw pixels", raw, np.array([f"px_{i}" for i in range(raw.shape[1])]), ["16x16 RGB"]))
+    splitter = StratifiedKFold(result.cv_folds, shuffle=True, random_state=0)
+    best = _search(feature_sets, classifiers, y, splitter, variants[0][0], result)
+    if finetune:
+        result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
+    if best is not None:
+        row, est, X = best
+        pred = cross_val_predict(clone(est), X, y, cv=splitter)
+        result.best = asdict(row)
+        result.confusion = confusion_matrix(y, pred).tolist()
+    return result
 
+
+def _variants(weights: Any, compare: bool, tta: str | None) -> list[tuple[str, Any, str | None]]:
+    """``(label, weights, tta)`` of each feature set to embed; the first is the backbone asked for."""
+    variants = [("pretrained" if weights is not None else "random-init", weights, None)]
+    if compare and weights is not None:
+        variants.append(("random-init", None, None))
+    if tta is not None:
+        variants.append((f"tta {tta}", weights, tta))
+    return variants
+
+
+def _folds(y: np.ndarray, cv: int, class_names: list[str]) -> int:
+    """Stratified folds: ``cv``, or fewer when a class has fewer images (at least 2)."""
+    counts = np.bincount(y, minlength=len(class_names))
+    folds = int(min(cv, counts.min()))
+    if folds < 2:
+        raise ValueError(f"every class needs at least 2 images for cross-validation; counts: "
+                         f"{dict(zip(class_names, counts.tolist()))}")
+    return folds
+
+
+def _embed(variants: list[tuple], spec: dict, paths: list[str], result: EvalResult, log: Callable[[str], None]):
+    """Each variant's features (through the cache) and the unreadable images ``{path: reason}``."""
+    from ._exceptions import ImageLoadWarning
+    from ._extractor import PretrainedFeatureExtractor
+
+    feature_sets: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
+    skipped: dict[str, str] = {}  # path -> reason, once per image whichever variant failed on it
+    for label, weights, views in variants:
+        t = time.perf_counter()
+        model = spec["model"]
+        ext = PretrainedFeatureExtractor(model, weights=weights, tta=views, **{k: v for k, v in spec.items()
+                                                                                if k != "model"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageLoadWarning)  # reported once, by _leave_out
+            feats = ext.fit_transform(paths)
+        for i, reason in ext.failed_reasons_:
+            skipped.setdefault(paths[i], reason)
+        result.extract_seconds[label] = time.perf_counter() - t
+        streams = ext.last_run_.streams
+        log(f"{label}: {len(paths)} images embedded in {result.extract_seconds[label]:.1f} s "
+            f"({ext.device_}, {ext.precision_}, {streams} stream{'s' if streams > 1 else ''})")
+        feature_sets.append((label, feats, ext.get_feature_names_out(), list(ext.layers_)))
+    return feature_sets, skipped
+
+
+def _leave_out(skipped: dict[str, str], paths: list[str], y: np.ndarray, feature_sets: list[tuple],
+               result: EvalResult, log: Callable[[str], None]):
+    """Drop the unreadable images from the paths, labels and every feature set (and say so)."""
+    result.skipped = list(skipped.items())
+    keep = np.array([p not in skipped for p in paths])
+    log(f"skipped {len(skipped)} of {len(paths)} images that could not be read:")
+    for p, reason in result.skipped:
+        log(f"  {p}: {reason}")
+    paths, y = [p for p, k in zip(paths, keep) if k], y[keep]
+    result.n_images = len(paths)
+    try:
+        result.cv_folds = min(result.cv_folds, _folds(y, result.cv_folds, result.class_names))
+    except ValueError:
+        raise ValueError("after skipping unreadable images, a class has fewer than 2 images left") from None
+    return paths, y, [(label, f[keep], names, lyr) for label, f, names, lyr in feature_sets]
+
+
+def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarray, splitter: Any, main: str,
+            result: EvalResult):
+    """A GridSearchCV row per feature set x classifier x layer; returns the best ``main`` one's
+    ``(row, estimator, X)`` (None when there is none)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+    from threadpoolctl import threadpool_limits
+
+    grids = _classifiers()
     best = None
     for label, feats, names, layer_list in feature_sets:
         for clf_name in classifiers:
@@ -242,16 +287,9 @@ def evaluate_folder(
                               {k.split("__")[-1]: v for k, v in search.best_params_.items()},
                               time.perf_counter() - t)
                 result.rows.append(row)
-                if label == variants[0][0] and (best is None or row.mean > best[0].mean):  # the backbone asked for
+                if label == main and (best is None or row.mean > best[0].mean):  # the backbone asked for
                     best = (row, search.best_estimator_, X)
-    if finetune:
-        result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
-    if best is not None:
-        row, est, X = best
-        pred = cross_val_predict(clone(est), X, y, cv=splitter)
-        result.best = asdict(row)
-        result.confusion = confusion_matrix(y, pred).tolist()
-    return result
+    return best
 
 
 def default_layers(model: Any) -> list[str]:
@@ -267,7 +305,7 @@ def default_layers(model: Any) -> list[str]:
     layers : list of str
         Layer aliases, shallowest first.
     """
-    from . import list_layers
+    from ._inspect import list_layers
 
     aliases = [r.alias for r in list_layers(model, weights=None) if r.alias]
     for kind in ("stage", "block"):
@@ -332,6 +370,14 @@ def write_report(result: EvalResult, out: str | Path) -> list[Path]:
     (out / "results.json").write_text(json.dumps(data, indent=2))
     written.append(out / "results.json")
 
+    written.append(_plot_accuracy(result, out / "accuracy_by_layer.png", plt))
+    if result.confusion:
+        written.append(_plot_confusion(result, out / "confusion_matrix.png", plt))
+    return written
+
+
+def _plot_accuracy(result: EvalResult, path: Path, plt: Any) -> Path:
+    """Accuracy per layer for each classifier, baselines and chance as lines."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
     layers = result.layers
     xs = np.arange(len(layers))
@@ -360,20 +406,21 @@ def write_report(result: EvalResult, out: str | Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_by_layer.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(out / "accuracy_by_layer.png")
+    return path
 
-    if result.confusion:
-        from sklearn.metrics import ConfusionMatrixDisplay
 
-        fig, ax = plt.subplots(figsize=(6, 5.5))
-        ConfusionMatrixDisplay(np.array(result.confusion), display_labels=result.class_names).plot(
-            ax=ax, colorbar=False, xticks_rotation=45)
-        b = result.best
-        ax.set_title(f"best: {b['classifier']} on {b['layer']} ({b['mean']:.3f})")
-        fig.tight_layout()
-        fig.savefig(out / "confusion_matrix.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "confusion_matrix.png")
-    return written
+def _plot_confusion(result: EvalResult, path: Path, plt: Any) -> Path:
+    """The confusion matrix of the best pretrained row (cross-validated predictions)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ConfusionMatrixDisplay(np.array(result.confusion), display_labels=result.class_names).plot(
+        ax=ax, colorbar=False, xticks_rotation=45)
+    b = result.best
+    ax.set_title(f"best: {b['classifier']} on {b['layer']} ({b['mean']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -49,6 +49,31 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def computed(monkeypatch):
+    """``computed[0]``: images pushed through a backbone (by any extractor) while the test runs."""
+    import threading
+
+    from featx._runner import Runner
+
+    count, lock, original = [0], threading.Lock(), Runner.forward
+
+    def forward(self, batch):
+        with lock:
+            count[0] += batch.shape[0]
+        return original(self, batch)
+
+    monkeypatch.setattr(Runner, "forward", forward)
+    return count
+
+
+def capture_matrix(ext, x: torch.Tensor) -> torch.Tensor:
+    """The requested fields of a fitted extractor's capture on a normalised batch, side by side: ``(N, D)``."""
+    cap = ext._runner.capture
+    cols = [r[p] for r, ps in zip(cap.run(x), cap.parts) for p in ps]
+    return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+
 class TinyCNN(nn.Module):
     """A small classifier-shaped CNN: stem, two stages, global pool, linear head."""
 

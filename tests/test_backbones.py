@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import torchvision
 
 from featx import ModelLoadError, PretrainedFeatureExtractor
-from featx._backbones import build_backbone, load_checkpoint
+from featx._backbones import build_backbone
+from featx._weights import load_checkpoint
 
-from .conftest import SMALL, TinyCNN
+from .conftest import SMALL, TinyCNN, capture_matrix
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_offline_default_matches_timm_pre_logits():
     x = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
         ref = m.forward_head(m.forward_features(x), pre_logits=True)
-        got = ext._get_runner().capture(False)(x)
+        got = capture_matrix(ext, x)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
 
 
@@ -68,7 +69,7 @@ def test_resnet18_layers_match_manual_hooks():
     x = torch.randn(2, 3, 64, 64)
     try:
         with torch.inference_mode():
-            got = ext._get_runner().capture(False)(x)
+            got = capture_matrix(ext, x)
             model(x)
     finally:
         for h in hs:

@@ -185,12 +185,11 @@ def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path,
 
 @needs_ort
 def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
-    from featx._runner import last_run
 
     kw = dict(preprocess=SMALL, progress=False, cache=tmp_path)
     a = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
     b = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="onnxruntime", **kw).fit().transform(images)
-    assert last_run().cache_hits == len(images)
+    assert ext.last_run_.cache_hits == len(images)
     np.testing.assert_array_equal(a, b)
 
 

@@ -16,7 +16,6 @@ import torch
 
 from featx import CacheWarning, DeviceWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, PretrainedFeatureExtractor
 from featx._cache import DB_NAME
-from featx._runner import last_run
 
 from .conftest import SMALL, TinyCNN
 from .make_gauntlet import _png_with_size, build
@@ -112,10 +111,10 @@ def test_nan_policy_with_cache_stores_only_good_items(gauntlet, tiny_cnn, tmp_pa
     with pytest.warns(ImageLoadWarning):
         first = ext.transform(paths)
     n_good = sum(v == "ok" for v in cases.values())
-    assert last_run().computed == n_good
+    assert ext.last_run_.computed == n_good
     with pytest.warns(ImageLoadWarning):
         second = ext.transform(paths)
-    assert last_run().cache_hits == n_good and last_run().computed == 0
+    assert ext.last_run_.cache_hits == n_good and ext.last_run_.computed == 0
     np.testing.assert_array_equal(first, second)
 
 
@@ -180,8 +179,8 @@ def test_out_of_memory_halves_the_batch(tiny_cnn, gauntlet, monkeypatch):
     X = np.random.default_rng(0).integers(0, 255, (7, 40, 40, 3), dtype=np.uint8)
     ref = _ext(tiny_cnn, batch_size=7).transform(X)
     ext = _ext(tiny_cnn, batch_size=7)
-    cap = ext._get_runner().capture(False)
-    real_run = cap.run
+    runner = ext._runner
+    real_run = runner.engine
     sizes = []
 
     def fake_run(x):
@@ -190,7 +189,7 @@ def test_out_of_memory_halves_the_batch(tiny_cnn, gauntlet, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_run(x)
 
-    monkeypatch.setattr(cap, "run", fake_run)
+    monkeypatch.setattr(runner, "engine", fake_run)
     with pytest.warns(DeviceWarning, match="retrying with 3") as rec:
         out = ext.transform(X)
     assert all("out of memory" in str(w.message) for w in rec)
@@ -203,12 +202,10 @@ def test_out_of_memory_halves_the_batch(tiny_cnn, gauntlet, monkeypatch):
 
 def test_out_of_memory_on_a_single_image_is_raised(tiny_cnn, monkeypatch):
     ext = _ext(tiny_cnn)
-    cap = ext._get_runner().capture(False)
-
     def oom(x):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(cap, "run", oom)
+    monkeypatch.setattr(ext._runner, "engine", oom)
     with pytest.raises(torch.OutOfMemoryError), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeviceWarning)
         ext.transform(np.zeros((3, 8, 8, 3), np.uint8))

@@ -24,7 +24,6 @@ from sklearn.pipeline import make_pipeline
 from featx import CacheWarning, PretrainedFeatureExtractor
 from featx import _cache as cache_mod
 from featx._cache import DB_NAME, EmbeddingCache, default_cache_dir, resolve_cache_dir
-from featx._runner import last_run, namespace_of, total_computed
 
 from .conftest import SMALL, TinyCNN, make_image
 
@@ -89,7 +88,7 @@ def test_cache_param_survives_clone_and_pickle(tiny_cnn, cache_dir, files):
     a = ext.transform(files)
     back = pickle.loads(pickle.dumps(ext))
     np.testing.assert_array_equal(back.transform(files), a)
-    assert last_run().computed == 0
+    assert back.last_run_.computed == 0
 
 
 # ----------------------------------------------------------- hits and misses
@@ -99,9 +98,9 @@ def test_cold_then_warm_identical_and_no_compute(tiny_cnn, cache_dir, files):
     ref = _reference(tiny_cnn, files)
     ext = _ext(tiny_cnn, cache_dir)
     cold = ext.transform(files)
-    assert last_run().computed == len(files) and last_run().cache_hits == 0
+    assert ext.last_run_.computed == len(files) and ext.last_run_.cache_hits == 0
     warm = ext.transform(files)
-    assert last_run().computed == 0 and last_run().cache_hits == len(files)
+    assert ext.last_run_.computed == 0 and ext.last_run_.cache_hits == len(files)
     np.testing.assert_array_equal(cold, ref)
     np.testing.assert_array_equal(warm, ref)
 
@@ -116,7 +115,7 @@ def test_renamed_file_hits_and_edited_file_misses(tiny_cnn, cache_dir, files, tm
     img[0, 0] = 255 - img[0, 0]
     Image.fromarray(img).save(edited, format="PNG" if edited.endswith(".png") else "JPEG", quality=100)
     out = ext.transform([renamed, edited, files[2]])
-    assert last_run().computed == 1 and last_run().cache_hits == 2
+    assert ext.last_run_.computed == 1 and ext.last_run_.cache_hits == 2
     assert_same(out, _reference(tiny_cnn, [renamed, edited, files[2]]))
 
 
@@ -126,19 +125,19 @@ def test_arrays_pil_and_bytes_keyed_by_content(tiny_cnn, cache_dir, files):
     ext = _ext(tiny_cnn, cache_dir)
     ext.transform([a])
     ext.transform([a.copy(), Image.fromarray(a)])
-    assert last_run().cache_hits == 1 and last_run().computed == 1  # the PIL image has its own key
+    assert ext.last_run_.cache_hits == 1 and ext.last_run_.computed == 1  # the PIL image has its own key
     ext.transform([a[:, :39]])  # other shape: a miss
-    assert last_run().computed == 1
+    assert ext.last_run_.computed == 1
     ext.transform(files[:2])
     ext.transform([Path(files[0]).read_bytes(), files[1]])  # bytes of a file share its key
-    assert last_run().computed == 0
+    assert ext.last_run_.computed == 0
 
 
 def test_duplicates_in_one_call_computed_once(tiny_cnn, cache_dir, files):
     ext = _ext(tiny_cnn, cache_dir)
     X = [files[0], files[1], files[0], files[0]]
     out = ext.transform(X)
-    assert last_run().computed == 2 and last_run().duplicates == 2
+    assert ext.last_run_.computed == 2 and ext.last_run_.duplicates == 2
     assert_same(out, _reference(tiny_cnn, X))
 
 
@@ -155,7 +154,7 @@ def test_unchanged_files_are_not_rehashed(tiny_cnn, cache_dir, files, monkeypatc
     assert calls == []
     os.utime(files[3], (old + 10, old + 10))  # touched: re-hashed, still a hit (same bytes)
     ext.transform(files)
-    assert calls == [files[3]] and last_run().computed == 0
+    assert calls == [files[3]] and ext.last_run_.computed == 0
 
 
 # ------------------------------------------------------------------- keys
@@ -163,7 +162,7 @@ def test_unchanged_files_are_not_rehashed(tiny_cnn, cache_dir, files, monkeypatc
 
 def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatch, tmp_path):
     base = _ext(tiny_cnn, tmp_path)
-    ns0 = namespace_of(base)[0]
+    ns0 = base._namespace[0]
     fields0 = base._plan.out_fields
     torch.manual_seed(5)
     other_weights = tmp_path / "w.pth"
@@ -176,7 +175,7 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
         "model": _ext("resnet18", tmp_path, weights=None),
     }
     for what, ext in changed_ns.items():
-        assert namespace_of(ext)[0] != ns0, what
+        assert ext._namespace[0] != ns0, what
     changed_field = {
         "layer": _ext(tiny_cnn, tmp_path, layers="stage1"),
         "pooling": _ext(tiny_cnn, tmp_path, layers="stage2", pooling="max"),
@@ -185,22 +184,24 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
     gem3 = _ext(tiny_cnn, tmp_path, layers="stage2", pooling="gem")
     assert changed_field["gem_p"]._plan.out_fields != gem3._plan.out_fields
     for what, ext in changed_field.items():
-        assert namespace_of(ext)[0] == ns0 and ext._plan.out_fields != fields0, what
+        assert ext._namespace[0] == ns0 and ext._plan.out_fields != fields0, what
     same = [_ext(tiny_cnn, tmp_path, batch_size=7), _ext(tiny_cnn, tmp_path, num_workers=2)]
     same.append(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(tmp_path), precision="fp32",
                                            progress=True).fit())
     for ext in same:
-        assert namespace_of(ext)[0] == ns0 and ext._plan.out_fields == fields0
-    monkeypatch.setattr("featx._runner.FORMAT_VERSION", 999)
-    assert namespace_of(base)[0] != ns0
+        assert ext._namespace[0] == ns0 and ext._plan.out_fields == fields0
+    monkeypatch.setattr("featx._cache.FORMAT_VERSION", 999)
+    assert base.fit()._namespace[0] != ns0
+    monkeypatch.setattr("featx._cache.FORMAT_VERSION", 1)
     monkeypatch.setattr("torch.__version__", "99.1.0")
-    assert namespace_of(base)[0] != ns0
+    assert base.fit()._namespace[0] != ns0
 
 
 def test_alias_and_module_name_share_entries(tiny_cnn, cache_dir, files):
     _ext(tiny_cnn, cache_dir, layers="stage3").transform(files)
-    _ext(tiny_cnn, cache_dir, layers="stage2").transform(files)  # module 'stage2' is alias stage3
-    assert last_run().computed == 0
+    ext = _ext(tiny_cnn, cache_dir, layers="stage2")  # module 'stage2' is alias stage3
+    ext.transform(files)
+    assert ext.last_run_.computed == 0
 
 
 # -------------------------------------------------------- grids for free
@@ -211,22 +212,22 @@ def test_layer_and_pooling_grid_runs_backbone_once(cache_dir, files):
     kw = dict(weights=None, preprocess={"input_size": 48})
     first = _ext(model, cache_dir, layers="layer1", **kw)
     first.transform(files)
-    assert last_run().computed == len(files)
+    assert first.last_run_.computed == len(files)
     for layers, pooling in [("pre_logits", "avg"), (["layer3", "layer4"], "avgmax"), ("stage1", "max"), ("layer2", "avg")]:
-        got = _ext(model, cache_dir, layers=layers, pooling=pooling, **kw).transform(files)
-        assert last_run().computed == 0, (layers, pooling)
+        ext = _ext(model, cache_dir, layers=layers, pooling=pooling, **kw)
+        got = ext.transform(files)
+        assert ext.last_run_.computed == 0, (layers, pooling)
         np.testing.assert_allclose(got, _reference(model, files, layers=layers, pooling=pooling, **kw), rtol=1e-6, atol=1e-6)
 
 
-def test_grid_search_processes_each_image_once(tiny_cnn, cache_dir, image_paths):
+def test_grid_search_processes_each_image_once(tiny_cnn, cache_dir, image_paths, computed):
     paths, y = image_paths
     pipe = make_pipeline(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(cache_dir), progress=False),
                          LogisticRegression(max_iter=300))
     grid = {"pretrainedfeatureextractor__layers": ["stage1", "stage2", "pre_logits"],
             "pretrainedfeatureextractor__pooling": ["avg", "avgmax"], "logisticregression__C": [0.1, 1.0]}
-    before = total_computed()
     GridSearchCV(pipe, grid, cv=3).fit(paths, y)
-    assert total_computed() - before == len(paths)
+    assert computed[0] == len(paths)
 
 
 # ------------------------------------------------------------------ faults
@@ -240,7 +241,7 @@ def test_bad_item_keeps_earlier_work(tiny_cnn, cache_dir, files, tmp_path):
     with pytest.raises(ImageLoadError):
         ext.transform(X)
     ext.transform(files)
-    assert last_run().cache_hits == 5 and last_run().computed == len(files) - 5
+    assert ext.last_run_.cache_hits == 5 and ext.last_run_.computed == len(files) - 5
 
 
 def test_corrupt_entry_detected_and_recomputed(tiny_cnn, cache_dir, files):
@@ -251,12 +252,12 @@ def test_corrupt_entry_detected_and_recomputed(tiny_cnn, cache_dir, files):
         conn.execute("UPDATE embeddings SET vec = substr(vec, 1, 8) WHERE rowid = (SELECT MAX(rowid) FROM embeddings WHERE field LIKE 'input:fc|%')")
     with pytest.warns(CacheWarning, match="2 corrupt entries"):
         out = ext.transform(files[:3])
-    assert last_run().computed == 2
+    assert ext.last_run_.computed == 2
     assert_same(out, ref)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
         assert_same(ext.transform(files[:3]), ref)
-    assert last_run().computed == 0
+    assert ext.last_run_.computed == 0
 
 
 def test_corrupt_database_file_moved_aside(tiny_cnn, cache_dir, files):
@@ -284,7 +285,7 @@ def test_read_only_database_degrades_to_warning(tiny_cnn, cache_dir, files):
     try:
         with pytest.warns(CacheWarning, match="cannot be written"):
             out = ext.transform(files[:4])
-        assert last_run().cache_hits == 2
+        assert ext.last_run_.cache_hits == 2
         assert_same(out, _reference(tiny_cnn, files[:4]))
     finally:
         cache.close()
@@ -321,8 +322,9 @@ def test_concurrent_processes_share_one_cache(cache_dir, files, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
         torch.manual_seed(0)
-        np.testing.assert_array_equal(_ext(TinyCNN(), cache_dir).transform(files), ref)
-    assert last_run().computed == 0
+        ext = _ext(TinyCNN(), cache_dir)
+        np.testing.assert_array_equal(ext.transform(files), ref)
+    assert ext.last_run_.computed == 0
 
 
 def test_sigkill_mid_transform_then_rerun_resumes(cache_dir, files, tmp_path):
@@ -348,10 +350,11 @@ def test_sigkill_mid_transform_then_rerun_resumes(cache_dir, files, tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
-        out = _ext(TinyCNN(), cache_dir).transform(files)
+        ext = _ext(TinyCNN(), cache_dir)
+        out = ext.transform(files)
     assert_same(out, ref)
-    assert 2 <= last_run().cache_hits < len(files)
-    assert last_run().computed == len(files) - last_run().cache_hits
+    assert 2 <= ext.last_run_.cache_hits < len(files)
+    assert ext.last_run_.computed == len(files) - ext.last_run_.cache_hits
 
 
 # ------------------------------------------------------------- management
@@ -381,4 +384,4 @@ def test_info_clear_prune(tiny_cnn, cache_dir, files):
     cache.clear()
     assert cache.info()["entries"] == 0
     ext.transform(files[:1])
-    assert last_run().computed == 1
+    assert ext.last_run_.computed == 1

@@ -182,7 +182,8 @@ def test_pickle_does_not_embed_named_backbone_weights(tmp_path):
     blob = pickle.dumps(ext)
     assert len(blob) < 200_000, f"pickle holds {len(blob):,} bytes: the weights were embedded"
     back = pickle.loads(blob)
-    assert back._runner is None  # rebuilt lazily, on first use
+    # rebuilt on loading from the name, so transform starts from fitted state
+    assert back.backbone_ is not ext.backbone_ and back.weights_digest_ == ext.weights_digest_
     x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     np.testing.assert_array_equal(back.transform(x), ext.transform(x))
 
@@ -232,9 +233,8 @@ def test_changed_weights_detected_after_unpickling(tmp_path, tiny_cnn):
     sd = tiny_cnn.state_dict()
     sd["fc.bias"] = sd["fc.bias"] + 1
     torch.save(sd, ckpt)
-    back = pickle.loads(blob)
     with pytest.raises(ModelLoadError, match="differ from those this extractor was fitted with"):
-        back.transform(np.zeros((1, 8, 8, 3), np.uint8))
+        pickle.loads(blob)  # the backbone is rebuilt on loading: refused there, before any transform
 
 
 def test_gpu_fitted_extractor_loads_on_cpu_only_machine(tiny_cnn):
@@ -346,8 +346,6 @@ def test_native_bf16_is_read_from_torch_probes(monkeypatch):
 
 
 def test_bf16_features_close_to_fp32_and_cached_apart(tiny_cnn, image_paths, tmp_path):
-    from featx._runner import namespace_of
-
     X = list(image_paths[0][:6])
     kw = dict(preprocess=SMALL, device="cpu", progress=False, cache=str(tmp_path))
     f32 = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit()
@@ -356,5 +354,5 @@ def test_bf16_features_close_to_fp32_and_cached_apart(tiny_cnn, image_paths, tmp
     assert b.dtype == np.float32
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
-    assert namespace_of(f32)[0] != namespace_of(b16)[0]
+    assert f32._namespace[0] != b16._namespace[0]
     np.testing.assert_array_equal(f32.transform(X), a)  # cached fp32 entries are not bf16 ones

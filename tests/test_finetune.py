@@ -228,15 +228,14 @@ def test_tta_features_are_the_mean_over_views(tiny_cnn):
 
 
 def test_tta_is_part_of_the_cache_key(tiny_cnn, tmp_path):
-    from featx._runner import last_run
 
     imgs = np.random.default_rng(2).integers(0, 256, (3, 50, 60, 3), dtype=np.uint8)
     kw = dict(preprocess=SMALL, progress=False, cache=tmp_path)
     a = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(imgs)
     b = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit().transform(imgs)
-    assert last_run().cache_hits == 0 and not np.allclose(a, b)
+    assert ext.last_run_.cache_hits == 0 and not np.allclose(a, b)
     c = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit().transform(imgs)
-    assert last_run().cache_hits == 3
+    assert ext.last_run_.cache_hits == 3
     np.testing.assert_array_equal(b, c)
 
 

@@ -12,7 +12,6 @@ from PIL import Image
 from featx import PretrainedFeatureExtractor
 from featx._loading import PARALLEL, batches, ordered_streams
 from featx._preprocess import ImageDataset, Items, collate
-from featx._runner import last_run
 
 
 @pytest.fixture
@@ -95,11 +94,11 @@ def test_results_do_not_depend_on_batch_size_streams_or_threads(tiny_cnn, image_
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
                     ext = _reference(tiny_cnn, X, batch_size=bs)
-                    runner = ext._get_runner()  # fit settles the schedule from the CPU and precision; forced here
+                    runner = ext._runner  # fit settles the schedule from the CPU and precision; forced here
                     runner.streams, runner.tune = streams, None
                     np.testing.assert_allclose(ext.transform(X), ref, rtol=1e-5, atol=1e-6,
                                                err_msg=f"batch {bs}, {streams} streams, {threads} threads")
-                    assert last_run().computed == len(X) and last_run().streams == streams
+                    assert ext.last_run_.computed == len(X) and ext.last_run_.streams == streams
     finally:
         torch.set_num_threads(saved)
 
@@ -108,7 +107,7 @@ def test_streams_keep_errors_in_order_and_lose_no_work(tiny_cnn, image_paths, tm
     paths = list(image_paths[0][:9])
     bad = paths[:5] + [str(tmp_path / "missing.jpg")] + paths[5:]
     ext = _reference(tiny_cnn, bad, batch_size=2, on_error="nan")
-    runner = ext._get_runner()
+    runner = ext._runner
     runner.streams, runner.tune = 2, None
     with pytest.warns(Warning, match="1 of 10 images"):
         out = ext.transform(bad)

@@ -352,13 +352,12 @@ def test_phone_formats_decode_like_pillow_with_orientation_and_cache(fmt, ext, t
         np.testing.assert_array_equal(ext.transform([str(path)]), ext.transform([np.asarray(img.convert("RGB"))]))
     rotated, _ = _phone_photo(tmp_path, fmt, orientation=6)
     assert tuple(load_item(str(rotated)).shape) == (3, 64, 48)  # EXIF orientation applied
-    from featx._runner import last_run
 
     cached = PretrainedFeatureExtractor(ext.model, layers=["stem"], preprocess=SMALL, cache=str(tmp_path / "c"),
                                         progress=False).fit()
     first = cached.transform([str(path), str(rotated)])
     np.testing.assert_array_equal(cached.transform([str(path), str(rotated)]), first)
-    assert last_run().cache_hits == 2  # keyed by the file's bytes, as for JPEG
+    assert ext.last_run_.cache_hits == 2  # keyed by the file's bytes, as for JPEG
 
 
 def test_heic_without_the_plugin_names_the_extra(tmp_path, monkeypatch, ext):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from featx import PretrainedFeatureExtractor
-from featx._runner import Runner, last_run
+from featx._runner import Runner
 from featx._schedule import FILE_NAME, TUNE_BATCHES, VOTES, recall, remember
 
 from .conftest import SMALL, TinyCNN
@@ -58,22 +58,22 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
     winner = 1 if slow_streams else 2
     for vote in range(1, VOTES + 1):
         ext = _ext(tiny_cnn, tmp_path)
-        assert ext.streams_ == 1 and ext._get_runner().tune is not None  # not decided yet: measured again
+        assert ext.streams_ == 1 and ext._runner.tune is not None  # not decided yet: measured again
         out = ext.transform([im ^ vote for im in images])  # new images each time: computed
-        assert last_run().streams == winner and last_run().computed == len(images)
+        assert ext.last_run_.streams == winner and ext.last_run_.computed == len(images)
         saved = json.loads((tmp_path / FILE_NAME).read_text())
         assert list(saved.values()) == [[winner] * vote]
     key = next(iter(saved))
     assert "threads2" in key and "32x32" in key and "batch2" in key
     # every image was computed once and the features do not depend on the schedule
     ref = _ext(tiny_cnn, tmp_path / "other", batch_size=5)
-    ref._get_runner().tune = None
+    ref._runner.tune = None
     np.testing.assert_allclose(out, ref.transform([im ^ VOTES for im in images]), rtol=1e-5, atol=1e-6)
     # decided: a new extractor for the same model starts with the choice, without measuring
     again = _ext(tiny_cnn, tmp_path)
-    assert again.streams_ == winner and again._get_runner().tune is None
+    assert again.streams_ == winner and again._runner.tune is None
     again.transform([255 - im for im in images[:6]])  # new images: computed, not cache hits
-    assert last_run().computed == 6 and last_run().streams == winner
+    assert ext.last_run_.computed == 6 and ext.last_run_.streams == winner
 
 
 def test_one_swayed_measurement_is_outvoted(tmp_path):
@@ -113,7 +113,7 @@ def test_the_choice_is_remembered_across_processes(tmp_path):
 def test_small_inputs_are_not_measured(tiny_cnn, images, tmp_path, two_threads):
     ext = _ext(tiny_cnn, tmp_path)
     ext.transform(images[: 2 * (TUNE_BATCHES - 1)])  # one batch short
-    assert last_run().streams == 1 and not (tmp_path / FILE_NAME).exists()
+    assert ext.last_run_.streams == 1 and not (tmp_path / FILE_NAME).exists()
 
 
 def test_a_damaged_or_unwritable_memory_never_fails_a_transform(tiny_cnn, images, tmp_path, two_threads):
@@ -127,7 +127,7 @@ def test_a_damaged_or_unwritable_memory_never_fails_a_transform(tiny_cnn, images
     ext = _ext(TinyCNN(), blocker / "cache")  # the cache directory cannot be created
     with pytest.warns(Warning):  # the embedding cache says it cannot write; the schedule stays silent
         ext.transform(images)
-    assert last_run().streams in (1, 2)
+    assert ext.last_run_.streams in (1, 2)
 
 
 def test_bf16_and_other_backends_are_not_measured(tiny_cnn, tmp_path, two_threads, monkeypatch):
@@ -136,8 +136,8 @@ def test_bf16_and_other_backends_are_not_measured(tiny_cnn, tmp_path, two_thread
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
     bf16 = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", progress=False,
                                       cache=str(tmp_path)).fit()
-    assert bf16.precision_ == "bf16" and bf16.streams_ == 2 and bf16._get_runner().tune is None
+    assert bf16.precision_ == "bf16" and bf16.streams_ == 2 and bf16._runner.tune is None
     single = _ext(tiny_cnn, tmp_path)
     torch.set_num_threads(1)
-    assert _ext(tiny_cnn, tmp_path)._get_runner().tune is None  # one thread: nothing to choose
-    assert single._get_runner().tune is not None
+    assert _ext(tiny_cnn, tmp_path)._runner.tune is None  # one thread: nothing to choose
+    assert single._runner.tune is not None

@@ -187,17 +187,14 @@ def test_convnext_stages_match_forward_intermediates(images):
     np.testing.assert_allclose(ext.transform(images), np.concatenate(gem, 1), rtol=1e-4, atol=1e-5)
 
 
-def test_grid_over_vit_layers_and_poolings_runs_the_backbone_once(images, tmp_path):
-    from featx._runner import total_computed
-
+def test_grid_over_vit_layers_and_poolings_runs_the_backbone_once(images, tmp_path, computed):
     vit = _vit()
-    before = total_computed()
     ref = {}
     for layers in ("block1", "block3", ["block2", "pre_logits"]):
         for pooling in ("avg", "cls", "cls+avg", "max"):
             ext = _ext(vit, layers=layers, pooling=pooling, cache=str(tmp_path))
             ref[(str(layers), pooling)] = ext.transform(images)
-    assert total_computed() - before == len(images)
+    assert computed[0] == len(images)
     fresh = _ext(vit, layers="block3", pooling="cls+avg")
     np.testing.assert_allclose(ref[("block3", "cls+avg")], fresh.transform(images), rtol=1e-5, atol=1e-6)
 
