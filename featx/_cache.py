@@ -169,6 +169,11 @@ def item_keys(items: Any, cache: "EmbeddingCache") -> list[str | None]:
     return keys
 
 
+def _clock() -> float:
+    """The time recorded as an entry's last use (what ``prune`` evicts by); one place, so tests can step it."""
+    return time.time()
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
@@ -427,7 +432,7 @@ class EmbeddingCache:
                 stacklevel=3,
             )
         if hit_rows:
-            now = time.time()
+            now = _clock()
             self._write(
                 lambda c: [
                     c.execute(f"UPDATE embeddings SET atime=? WHERE rowid IN ({_qs(ch)})", [now, *ch])
@@ -438,7 +443,7 @@ class EmbeddingCache:
 
     def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]]) -> bool:
         """Write ``(item key, field, vector)`` rows in one transaction."""
-        now = time.time()
+        now = _clock()
         payload = []
         for item, field, vec in rows:
             data = np.ascontiguousarray(vec, dtype=np.float32).tobytes()

@@ -235,6 +235,12 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         (``on_error="nan"``); empty when all were read.
     failed_reasons_ : list of (int, str)
         The same items with the reason each could not be read.
+    last_run_ : object
+        What the latest ``transform`` did: ``images``, ``computed`` (images
+        that went through the backbone), ``cache_hits``, ``duplicates``
+        (repeated content, computed once), ``streams`` and ``failed``. Each
+        transform replaces its contents (it describes a run, not fitted
+        state); ``failed_indices_`` and ``failed_reasons_`` read it.
 
     Examples
     --------

@@ -431,6 +431,18 @@ def _add_demo_command(sub: Any, debug: argparse.ArgumentParser) -> None:
 
 def _add_cache_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     cache_dir = _cache_dir_parent(top=False)
+    p = sub.add_parser("cache", help="inspect and manage the embedding cache", parents=[debug, _cache_dir_parent(True)],
+                       description="Inspect and manage the embedding cache (embeddings and exported ONNX graphs).")
+    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
+    csub.add_parser("info", help="size, entries and a per-model breakdown with provenance", parents=[debug, cache_dir],
+                    description="Show the cache's size, entries and a per-model breakdown with provenance.")
+    csub.add_parser("clear", help="delete every entry", parents=[debug, cache_dir],
+                    description="Delete every cache entry and exported graph.")
+    pr = csub.add_parser("prune", help="evict least-recently-used entries down to a size", parents=[debug, cache_dir],
+                         description="Evict exported graphs, then least-recently-used entries, until the cache is "
+                                     "at most --max-size.")
+    pr.add_argument("--max-size", type=parse_size, required=True, help="e.g. 500M, 2G")
+    p.set_defaults(func=_cmd_cache)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

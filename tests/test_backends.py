@@ -137,8 +137,10 @@ def test_export_failure_falls_back_to_torch_with_one_warning(images, tmp_path):
     torch.manual_seed(0)
     m = _Unexportable()
     ref = PretrainedFeatureExtractor(m, precision="fp32", preprocess=SMALL, progress=False).fit().transform(images)
-    ext = PretrainedFeatureExtractor(m, precision="fp32", preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path).fit()
+    ext = PretrainedFeatureExtractor(m, precision="fp32", preprocess=SMALL, progress=False, backend="onnxruntime",
+                                     cache=tmp_path)
     with pytest.warns(BackendWarning, match="ONNX Runtime.*eager PyTorch") as rec:
+        ext.fit()  # the backend is settled in fit: the export is tried there
         got = ext.transform(images)
         ext.transform(images[:2][::-1].copy())
     assert len([w for w in rec if issubclass(w.category, BackendWarning)]) == 1
@@ -188,7 +190,8 @@ def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
 
     kw = dict(preprocess=SMALL, progress=False, cache=tmp_path)
     a = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
-    b = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="onnxruntime", **kw).fit().transform(images)
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="onnxruntime", **kw).fit()
+    b = ext.transform(images)
     assert ext.last_run_.cache_hits == len(images)
     np.testing.assert_array_equal(a, b)
 
@@ -212,8 +215,9 @@ def test_torch_compile_failure_falls_back(tiny_cnn, images):
             raise RuntimeError("no C++ compiler found\nmore detail")
         return run
 
-    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", preprocess=SMALL, progress=False).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", preprocess=SMALL, progress=False)
     with mock.patch("torch.compile", broken), pytest.warns(BackendWarning, match="no C\\+\\+ compiler found"):
+        ext.fit()  # compiled here; the compiled function fails on its first batch
         got = ext.transform(images)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 

@@ -214,40 +214,80 @@ def test_out_of_memory_on_a_single_image_is_raised(tiny_cnn, monkeypatch):
 # -------------------------------------------------------------- cache faults
 
 
-def _child(cache_dir, paths, order_seed):
+def _variant(images: list, k: int) -> list:
+    """The images with one pixel changed by ``k``: new content, so new cache entries for every child."""
+    out = [im.copy() for im in images]
+    for im in out:
+        im[0, 0, 0] = (int(im[0, 0, 0]) + k + 1) % 256
+    return out
+
+
+def _child(cache_dir, images, order_seed, writing):
+    """Embed ``paths`` into the cache; ``writing`` is 1 exactly while a cache write transaction runs.
+
+    The write is slowed down (SQLite's progress handler sleeps inside it), so
+    that a kill lands inside it often.
+    """
+    from featx._cache import EmbeddingCache
+
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it hangs there)
     torch.manual_seed(0)
     model = TinyCNN()
     ext = PretrainedFeatureExtractor(model, preprocess=SMALL, cache=cache_dir, batch_size=2, num_workers=0, progress=False).fit()
-    rng = random.Random(order_seed)
-    paths = list(paths)
-    rng.shuffle(paths)
-    ext.transform(paths)
+    real_write = EmbeddingCache._write
+
+    def slow_write(self, fn, *args):
+        def inside(conn, *a):
+            writing.value = 1  # within BEGIN IMMEDIATE ... COMMIT
+            conn.set_progress_handler(lambda: time.sleep(0.001) or 0, 50)
+            try:
+                return fn(conn, *a)
+            finally:
+                conn.set_progress_handler(None, 0)
+
+        try:
+            return real_write(self, inside, *args)
+        finally:
+            writing.value = 0  # committed (or rolled back)
+
+    EmbeddingCache._write = slow_write
+    X = _variant(images, order_seed)
+    random.Random(order_seed).shuffle(X)
+    ext.transform(X)
     os._exit(0)
 
 
-def test_sigkill_at_20_random_moments_never_corrupts(image_paths, tmp_path):
-    paths = list(image_paths[0])
-    torch.manual_seed(0)
-    ref = _ext(TinyCNN()).transform(paths)
+def test_sigkill_during_cache_writes_never_corrupts(image_paths, tmp_path):
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in image_paths[0]]
     cache_dir = str(tmp_path / "cache")
     ctx = mp.get_context("fork")
     rng = random.Random(0)
-    killed_with_work = 0
+    killed_mid_write = 0
     for k in range(20):
-        proc = ctx.Process(target=_child, args=(cache_dir, paths, k))
+        writing = ctx.Value("i", 0, lock=False)
+        proc = ctx.Process(target=_child, args=(cache_dir, images, k, writing))
         proc.start()
-        time.sleep(rng.uniform(0.0, 0.25))
+        deadline = time.monotonic() + 30
+        while writing.value == 0 and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0.0, 0.005))  # somewhere inside (or just after) the write transaction
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        if proc.exitcode == -signal.SIGKILL:
-            killed_with_work += 1
-        # after each kill the cache is consistent: every stored entry is intact
+        # the child is dead, so the flag is final: 1 means it died inside a write transaction
+        if proc.exitcode == -signal.SIGKILL and writing.value == 1:
+            killed_mid_write += 1
+        # after each kill the cache is consistent: what the child committed reads back intact and right
+        X = _variant(images, k)
+        torch.manual_seed(0)
+        ref = _ext(TinyCNN()).transform(X)
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("error", CacheWarning)
-            got = _ext(TinyCNN(), cache=cache_dir).transform(paths[: 4 + k])
-        np.testing.assert_allclose(got, ref[: 4 + k], rtol=1e-5, atol=1e-6)
-    assert killed_with_work >= 10, "most children should have been killed mid-work"
+            got = _ext(TinyCNN(), cache=cache_dir).transform(X)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert killed_mid_write >= 10, f"only {killed_mid_write} of 20 kills landed inside a cache write"
     with sqlite3.connect(os.path.join(cache_dir, DB_NAME)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 

@@ -360,10 +360,11 @@ def test_sigkill_mid_transform_then_rerun_resumes(cache_dir, files, tmp_path):
 # ------------------------------------------------------------- management
 
 
-def test_info_clear_prune(tiny_cnn, cache_dir, files):
+def test_info_clear_prune(tiny_cnn, cache_dir, files, monkeypatch):
+    ticks = iter(range(1_000_000, 2_000_000))  # a clock that moves on at every write: no ties, no sleeps
+    monkeypatch.setattr(cache_mod, "_clock", lambda: float(next(ticks)))
     ext = _ext(tiny_cnn, cache_dir)
     ext.transform(files[:5])
-    time.sleep(0.01)
     _ext("resnet18", cache_dir, weights=None).transform(files[:5])
     cache = EmbeddingCache.open(cache_dir)
     info = cache.info()

@@ -54,11 +54,38 @@ def test_sklearn_check(check):
     check("PretrainedFeatureExtractor", PretrainedFeatureExtractor(progress=False))
 
 
-def test_tags_are_honest():
-    tags = PretrainedFeatureExtractor().__sklearn_tags__()
-    assert tags.input_tags.two_d_array is False and tags.input_tags.string is True
-    assert tags.target_tags.required is False and tags.requires_fit is True
-    assert tags.transformer_tags.preserves_dtype == ["float32"]
+@pytest.mark.parametrize("make", ["extractor", "classifier"])
+def test_tags_are_honest(make, tiny_cnn, image_paths):
+    """Each tag, checked by what the estimator does, not by the value the code sets."""
+    from featx import FineTunedClassifier
+
+    kw = dict(preprocess=SMALL, device="cpu", progress=False)
+    est = (PretrainedFeatureExtractor(tiny_cnn, **kw) if make == "extractor"
+           else FineTunedClassifier(tiny_cnn, max_epochs=1, validation_fraction=0, **kw))
+    tags = est.__sklearn_tags__()
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (4, 20, 20), dtype=np.uint8)  # N x H x W
+    y = np.array([0, 1, 0, 1])
+    out = (lambda e, X: e.transform(X)) if make == "extractor" else (lambda e, X: e.predict_proba(X))
+    with pytest.raises(NotFittedError):
+        out(est, gray)
+    assert tags.requires_fit is True
+    fitted = clone(est).fit(gray, y)  # 3-D: a grayscale batch
+    matrix = rng.normal(size=(4, 6))  # a feature matrix, which is not images
+    with pytest.raises(ValueError, match="feature matrix"):
+        out(fitted, matrix)
+    assert tags.input_tags.two_d_array is False
+    assert tags.input_tags.three_d_array is True and out(fitted, gray).shape[0] == 4
+    paths = list(image_paths[0][:4])  # strings: file paths
+    assert tags.input_tags.string is True and out(fitted, paths).shape[0] == 4
+    if make == "extractor":
+        clone(est).fit(gray)  # no y
+        assert tags.target_tags.required is False
+        floats = gray.astype(np.float64) / 255
+        assert fitted.transform(floats).dtype == np.float32 and tags.transformer_tags.preserves_dtype == ["float32"]
+    again = clone(est).fit(gray, y)  # deterministic: refitting gives the same outputs
+    np.testing.assert_array_equal(out(again, paths), out(fitted, paths))
+    assert tags.non_deterministic is False
 
 
 def test_init_is_cheap_and_verbatim():

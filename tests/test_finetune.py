@@ -232,9 +232,11 @@ def test_tta_is_part_of_the_cache_key(tiny_cnn, tmp_path):
     imgs = np.random.default_rng(2).integers(0, 256, (3, 50, 60, 3), dtype=np.uint8)
     kw = dict(preprocess=SMALL, progress=False, cache=tmp_path)
     a = PretrainedFeatureExtractor(tiny_cnn, **kw).fit().transform(imgs)
-    b = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit().transform(imgs)
+    ext = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit()
+    b = ext.transform(imgs)
     assert ext.last_run_.cache_hits == 0 and not np.allclose(a, b)
-    c = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit().transform(imgs)
+    ext = PretrainedFeatureExtractor(tiny_cnn, tta="five_crop", **kw).fit()
+    c = ext.transform(imgs)
     assert ext.last_run_.cache_hits == 3
     np.testing.assert_array_equal(b, c)
 

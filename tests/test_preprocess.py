@@ -357,7 +357,7 @@ def test_phone_formats_decode_like_pillow_with_orientation_and_cache(fmt, ext, t
                                         progress=False).fit()
     first = cached.transform([str(path), str(rotated)])
     np.testing.assert_array_equal(cached.transform([str(path), str(rotated)]), first)
-    assert ext.last_run_.cache_hits == 2  # keyed by the file's bytes, as for JPEG
+    assert cached.last_run_.cache_hits == 2  # keyed by the file's bytes, as for JPEG
 
 
 def test_heic_without_the_plugin_names_the_extra(tmp_path, monkeypatch, ext):

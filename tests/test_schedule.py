@@ -43,10 +43,10 @@ def _slow_when(monkeypatch, slow_streams: bool):
     """Make one schedule slower: the per-core streams run with one torch thread each, the all-core one with 2."""
     real = Runner.forward
 
-    def forward(self, batch, store_all):
+    def forward(self, batch):
         if (torch.get_num_threads() == 1) == slow_streams:
             time.sleep(0.02)
-        return real(self, batch, store_all)
+        return real(self, batch)
 
     monkeypatch.setattr(Runner, "forward", forward)
 
@@ -73,7 +73,7 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
     again = _ext(tiny_cnn, tmp_path)
     assert again.streams_ == winner and again._runner.tune is None
     again.transform([255 - im for im in images[:6]])  # new images: computed, not cache hits
-    assert ext.last_run_.computed == 6 and ext.last_run_.streams == winner
+    assert again.last_run_.computed == 6 and again.last_run_.streams == winner
 
 
 def test_one_swayed_measurement_is_outvoted(tmp_path):
