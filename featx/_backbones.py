@@ -204,7 +204,7 @@ def resolve_preprocess(base: dict[str, Any], override: dict[str, Any] | None) ->
 
 
 def _offline_weights_file(name: str) -> str:
-    arch, package, dist = OFFLINE_MODELS[name]
+    _, package, dist = OFFLINE_MODELS[name]
     try:
         mod = importlib.import_module(package)
     except ImportError as exc:

@@ -20,7 +20,7 @@ from ._device import cpu_streams, fp32_stream_candidates, precision_name, resolv
 from ._engines import graph_key, onnx_path, resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import Target, resolve_layers
-from ._loading import engine_threads
+from ._loading import engine_threads, show_progress
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
 from ._pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
@@ -551,7 +551,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             )
 
     def _show_progress(self) -> bool:
-        return bool(self.progress) if self.progress is not None else sys.stderr.isatty()
+        return show_progress(self.progress)
 
     # --------------------------------------------------------- sklearn glue
 

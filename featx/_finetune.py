@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import nn
 from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
 from ._device import autocast, resolve_device, resolve_precision
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
-from ._loading import PARALLEL, batches
+from ._loading import PARALLEL, batches, show_progress
 from ._options import DEFAULT_MODEL
 from ._pickling import pack_state, unpack_state
 from ._preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
@@ -299,7 +298,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         """One pass over the training images in ``order``; returns the mean training loss."""
         net, device, size = self.network_, self.device_, int(self.batch_size)
         net.train_mode()
-        show = bool(self.progress) if self.progress is not None else sys.stderr.isatty()
+        show = show_progress(self.progress)
         total, bar = 0.0, _bar(len(order), epoch, self.max_epochs) if show else None
         for s in range(0, len(order), size):
             sel = order[s:s + size]

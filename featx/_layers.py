@@ -386,14 +386,13 @@ class LayerCapture:
         self.parts = [layer_parts(t.shape, p) for t, p in zip(targets, parts)]
         self.gem_p = gem_p
         self._local = threading.local()  # results, counts, missing, active: one call per thread
-        self._handles = []
         named = dict(module.named_modules())
         for i, t in enumerate(targets):
             sub = named[t.module]
             if t.kind == "input":
-                self._handles.append(sub.register_forward_pre_hook(self._make_pre_hook(i)))
+                sub.register_forward_pre_hook(self._make_pre_hook(i))
             else:
-                self._handles.append(sub.register_forward_hook(self._make_hook(i)))
+                sub.register_forward_hook(self._make_hook(i))
 
     def _store(self, i: int, value: Any) -> None:
         st = self._local

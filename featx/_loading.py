@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["PARALLEL", "batches", "engine_threads", "loader_workers", "ordered_streams"]
+__all__ = ["PARALLEL", "batches", "engine_threads", "loader_workers", "ordered_streams", "show_progress"]
 
 #: ``workers`` value that asks for decoding each batch on all cores, between forward passes.
 PARALLEL = -2
@@ -51,6 +51,13 @@ def loader_workers(n: int, batch_size: int, num_workers: Any, device: torch.devi
     if device.type == "cuda":
         return max(1, min(8, (os.cpu_count() or 1) - 1))
     return PARALLEL
+
+
+def show_progress(progress: bool | None) -> bool:
+    """The ``progress`` parameter resolved: None shows a bar when stderr is a terminal."""
+    import sys
+
+    return bool(progress) if progress is not None else sys.stderr.isatty()
 
 
 def engine_threads(num_workers: Any) -> int:

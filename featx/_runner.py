@@ -170,7 +170,9 @@ class Runner:
         if self.backend != "onnxruntime":
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.max_chunk or x.shape[0]
-        chunks = [self._forward_chunk(x[start:start + step]) for start in range(0, x.shape[0], step)]
+        chunks = []
+        for start in range(0, x.shape[0], step):
+            chunks.append(self._forward_chunk(x[start:start + step]))
         out = {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in self.fields}
         if views:  # features averaged over each image's views
             out = {f: v.float().view(-1, views, v.shape[-1]).mean(1) for f, v in out.items()}

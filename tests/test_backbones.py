@@ -259,3 +259,28 @@ def test_cached_hub_weights_load_offline(monkeypatch, tmp_path):
     assert time.monotonic() - start < 10
     torch.testing.assert_close(ext.backbone_.state_dict()["fc.weight"], sd["fc.weight"])
     assert hf.HF_HUB_OFFLINE is False  # offline mode was for that call only
+
+
+def test_concurrent_first_builds_build_once(monkeypatch):
+    """Threads asking for the same named backbone at once share one build (no check-then-build race)."""
+    import threading
+    import time
+
+    from featx import _backbones
+
+    real, calls = _backbones._build_torchvision, []
+
+    def slow_build(name, weights):
+        calls.append(name)
+        time.sleep(0.2)  # long enough for every thread to ask while the first build runs
+        return real(name, weights)
+
+    monkeypatch.setattr(_backbones, "_build_torchvision", slow_build)
+    _backbones._shared_template.cache_clear()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(_backbones.get_template("resnet18", None))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["resnet18"] and len(got) == 4 and all(g is got[0] for g in got)

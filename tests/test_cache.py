@@ -386,3 +386,22 @@ def test_info_clear_prune(tiny_cnn, cache_dir, files, monkeypatch):
     assert cache.info()["entries"] == 0
     ext.transform(files[:1])
     assert ext.last_run_.computed == 1
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/prefix", "gs://b/p", "file:///mnt/nfs/featx"])
+def test_a_url_is_never_taken_for_a_relative_path(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is a URL"):
+        resolve_cache_dir(url)
+    with pytest.raises(ValueError, match="is a URL"):
+        PretrainedFeatureExtractor(TinyCNN(), preprocess=SMALL, cache=url, progress=False).fit()
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:" (or anything else) was created
+
+
+def test_default_cache_dir_is_the_platform_user_cache(monkeypatch):
+    import platformdirs
+
+    monkeypatch.delenv("FEATX_CACHE_DIR", raising=False)
+    assert default_cache_dir() == Path(platformdirs.user_cache_dir("featx", appauthor=False))
+    monkeypatch.setenv("FEATX_CACHE_DIR", "~/elsewhere")
+    assert default_cache_dir() == Path("~/elsewhere").expanduser()
