@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ._exceptions import BackendWarning, CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
 
+from ._sharing import trusted_types
 from ._version import __version__
 
 _LAZY = {
@@ -32,6 +33,7 @@ __all__ = [
     "LayerInfo",
     "load_image_folder",
     "make_demo_folder",
+    "trusted_types",
     "ImageLoadError",
     "ImageLoadWarning",
     "ModelLoadError",

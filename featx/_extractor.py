@@ -588,7 +588,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())
         # The backbone is rebuilt from model + weights after loading (and its
         # digest checked), so the weights are never duplicated in the pickle.
-        state.pop("_runner", None)
+        for derived in ("_runner", "_namespace", "_tune"):  # recomputed by __setstate__ on the loading machine
+            state.pop(derived, None)
         return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:

@@ -412,8 +412,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         state = dict(super().__getstate__())
         net = state.pop("network_", None)
         if net is not None:
-            # the fine-tuned weights cannot be rebuilt from a name: keep them, on the CPU
-            state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            # the fine-tuned weights cannot be rebuilt from a name: keep them, as numpy arrays (plain
+            # data for pickle and for skops.io alike; float32 parameters, so nothing is rounded)
+            state["_network_state"] = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
         return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:
@@ -424,7 +425,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             template = get_template(self.model, None if isinstance(self.model, str) else "DEFAULT")
             head = nn.Linear(self._pre_logits.shape[0], len(self.classes_))
             net = _Network(instantiate(template), head, self._pre_logits, self.preprocess_)
-            net.load_state_dict(weights)
+            net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
             self.network_ = net.to(self.device_).eval()
 
 

@@ -13,7 +13,16 @@ __all__ = ["pack_state", "unpack_state"]
 
 
 def pack_state(state: dict) -> dict:
-    """An estimator's ``__dict__`` made portable: a user ``nn.Module`` as CPU tensors, ``device_`` as a string."""
+    """An estimator's ``__dict__`` made portable: a user ``nn.Module`` as CPU tensors, ``device_`` and dtypes as strings.
+
+    Strings rather than torch objects also keep the state loadable by
+    ``skops.io`` (which rebuilds only plain values and trusted types).
+    """
+    dtypes = sorted(k for k, v in state.items() if isinstance(v, torch.dtype))
+    for k in dtypes:
+        state[k] = str(state[k]).removeprefix("torch.")
+    if dtypes:
+        state["_dtype_attrs"] = dtypes
     if isinstance(state.get("model"), nn.Module):
         state["model"] = _ModuleState(state["model"])
     if isinstance(state.get("device_"), torch.device):
@@ -23,6 +32,8 @@ def pack_state(state: dict) -> dict:
 
 def unpack_state(state: dict) -> dict:
     """The reverse of :func:`pack_state` on this machine: a missing GPU becomes the CPU (with a warning)."""
+    for k in state.pop("_dtype_attrs", ()):
+        state[k] = getattr(torch, state[k])
     if isinstance(state.get("model"), _ModuleState):
         state["model"] = state["model"].module
     if isinstance(state.get("device_"), str):

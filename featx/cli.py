@@ -198,6 +198,7 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
         log=lambda line: print(line, flush=True), tta=args.tta,
         finetune=args.finetune,
         finetune_params={"max_epochs": args.finetune_epochs, "trainable_from": args.trainable_from},
+        save=args.save,
     )
     print()
     print(format_table(result))
@@ -258,6 +259,9 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--finetune", action="store_true",
                    help="also cross-validate a fine-tuned classifier (FineTunedClassifier; slow on a CPU)")
     p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--save", metavar="FILE.skops",
+                   help="write the best pipeline (extractor + classifier, fitted on every image) to a skops file; "
+                        "load it with skops.io.load(FILE, trusted=featx.trusted_types())")
     p.add_argument("--trainable-from", type=_int_or_str, default=1,
                    help="stages trained by --finetune: a number of final stages, or a layer name (default 1)")
     _add_compute_options(p)

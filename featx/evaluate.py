@@ -73,6 +73,7 @@ class EvalResult:
     best: dict = field(default_factory=dict)
     confusion: list[list[int]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out (on_error="skip")
+    saved: str | None = None  # where the best pipeline was written (``save=``)
 
 
 def _raw_pixels(paths: list[str], size: int = 16) -> np.ndarray:
@@ -110,6 +111,7 @@ def evaluate_folder(
     on_error: str = "raise",
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    save: str | Path | None = None,
 ) -> EvalResult:
     """Cross-validate classifiers x layers on frozen features of ``folder`` (one sub-folder per class).
 
@@ -154,14 +156,17 @@ def evaluate_folder(
         evaluation and lists it in ``EvalResult.skipped`` (and in the log).
     log : callable
         Receives progress lines.
+    save : str, Path or None, default=None
+        Write the best pipeline (an extractor of the best layer, then the
+        best classifier refitted on every image) to this ``skops.io`` file;
+        load it with ``skops.io.load(path, trusted=featx.trusted_types())``.
+        Needs ``pip install skops`` and a ``model`` given by name.
 
     Returns
     -------
     EvalResult
     """
-    from sklearn.base import clone
-    from sklearn.metrics import confusion_matrix
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
     from .datasets import load_image_folder
 
@@ -191,11 +196,51 @@ def evaluate_folder(
     if finetune:
         result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
     if best is not None:
-        row, est, X = best
-        pred = cross_val_predict(clone(est), X, y, cv=splitter)
-        result.best = asdict(row)
-        result.confusion = confusion_matrix(y, pred).tolist()
+        _record_best(best, y, splitter, result)
+        if save is not None:
+            row, est, _ = best
+            result.saved = str(_save_pipeline(spec, variants[0][1], row.layer, est, save))
+            log(f"saved the best pipeline ({row.classifier} on {row.layer}) to {result.saved}")
     return result
+
+
+def _record_best(best: tuple, y: np.ndarray, splitter: Any, result: EvalResult) -> None:
+    """The best row and its confusion matrix (cross-validated predictions) into ``result``."""
+    from sklearn.base import clone
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import cross_val_predict
+
+    row, est, X = best
+    pred = cross_val_predict(clone(est), X, y, cv=splitter)
+    result.best = asdict(row)
+    result.confusion = confusion_matrix(y, pred).tolist()
+
+
+def _save_pipeline(spec: dict, weights: Any, layer: str, estimator: Any, path: str | Path) -> Path:
+    """The best classifier behind an extractor of its layer, as a fitted Pipeline in a ``skops.io`` file.
+
+    The extractor's cache is made portable: a local cache directory becomes
+    ``True`` (the default location of whoever loads it); a URL stays.
+    """
+    from sklearn.pipeline import Pipeline
+
+    from ._extractor import PretrainedFeatureExtractor
+
+    try:
+        import skops.io as sio
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("saving a pipeline needs skops: pip install 'featx[skops]'") from None
+    cache = spec["cache"]
+    if cache is not None and cache is not False and not (isinstance(cache, str) and "://" in cache):
+        cache = True
+    ext = PretrainedFeatureExtractor(spec["model"], weights=weights, layers=[layer], pooling=spec["pooling"],
+                                     cache=cache, device=spec["device"], precision=spec["precision"])
+    steps = list(estimator.steps) if isinstance(estimator, Pipeline) else [("classifier", estimator)]
+    pipe = Pipeline([("features", ext.fit()), *steps])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sio.dump(pipe, path)
+    return path
 
 
 def _variants(weights: Any, compare: bool, tta: str | None) -> list[tuple[str, Any, str | None]]:
