@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -80,23 +79,17 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(cache: Any) -> Path | None:
-    """The ``cache`` parameter (None, True/False, or a directory) as a directory or None."""
+    """The ``cache`` parameter (None, True/False, or a directory; URLs are :mod:`featx._objstore`'s) as a directory or None."""
     if cache is None or cache is False:
         return None
     if cache is True:
         return default_cache_dir()
     if isinstance(cache, (str, os.PathLike)):
-        text = os.fspath(cache)
-        if isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text):
-            # never a relative path: "s3://bucket" would otherwise become a folder named "s3:"
-            raise ValueError(
-                f"cache={text!r} is a URL; featx caches in a local directory only. Pass a directory path "
-                "(a network file system mounted locally works too), or True for the default location."
-            )
-        return Path(text).expanduser()
+        return Path(os.fspath(cache)).expanduser()
     raise ValueError(
         f"cache={cache!r} is invalid. Use None (no cache), True (the default location: "
-        "$FEATX_CACHE_DIR or the user cache directory) or a directory path."
+        "$FEATX_CACHE_DIR or the user cache directory), a directory path, or a storage URL "
+        "(s3://bucket/prefix, gs://..., file:///mnt/shared/...)."
     )
 
 
@@ -441,8 +434,8 @@ class EmbeddingCache:
             )
         return found
 
-    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]]) -> bool:
-        """Write ``(item key, field, vector)`` rows in one transaction."""
+    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *, wanted: Sequence[str] | None = None) -> bool:
+        """Write ``(item key, field, vector)`` rows in one transaction (every row: ``wanted`` is for shared stores)."""
         now = _clock()
         payload = []
         for item, field, vec in rows:

@@ -15,12 +15,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
-from ._cache import EmbeddingCache, default_cache_dir, namespace_for, resolve_cache_dir
+from ._cache import default_cache_dir, namespace_for
 from ._device import cpu_streams, fp32_stream_candidates, precision_name, resolve_device
 from ._engines import graph_key, onnx_path, resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._layers import Target, resolve_layers
 from ._loading import engine_threads, show_progress
+from ._objstore import is_url, open_cache, resolve_cache
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
 from ._pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
@@ -130,7 +131,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         thread per core between forward passes (the model already uses every
         core, and decoders running beside it slow it down more than they
         save); inline for inputs of less than two batches.
-    cache : None, True or path, default=None
+    cache : None, True, path or URL, default=None
         Per-image embedding cache. None: off. A directory: an SQLite database
         there (created if needed). True: ``$FEATX_CACHE_DIR``, else the user
         cache directory (``~/.cache/featx`` on Linux). Entries are keyed by the
@@ -140,8 +141,12 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         misses. With a cache, a miss runs the backbone through every stage and
         stores all stage outputs and ``pre_logits`` with avg and max pooling
         too, so a later grid over ``layers`` and ``pooling`` runs the backbone
-        once per image in all. Cache faults warn (:class:`featx.CacheWarning`)
-        and never change results.
+        once per image in all. A storage URL (``"s3://bucket/prefix"``,
+        ``"gs://..."``, ``"file:///mnt/nfs/featx"``, any fsspec URL) shares
+        one cache between many machines: immutable checksummed objects, one
+        per image, written create-only (no locks; any number of writers),
+        read through the local cache (``featx[s3]`` for S3). Cache faults warn
+        (:class:`featx.CacheWarning`) and never change results.
     on_error : {"raise", "nan"}, default="raise"
         What an unreadable item does. ``"raise"``: :class:`featx.ImageLoadError`
         (a ``ValueError``) naming the item's index, path and the cause, raised
@@ -229,7 +234,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     batch_size_ : int
         The resolved batch size (per stream).
     cache_dir_ : str or None
-        The resolved cache directory.
+        The resolved cache directory, or the storage URL.
     failed_indices_ : ndarray of int
         Indices of the items the last ``transform`` could not read
         (``on_error="nan"``); empty when all were read.
@@ -366,7 +371,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         self._check_device(device)
         backend, dtype = resolve_compute(self.backend, self.precision, device)
-        cache_dir = resolve_cache_dir(self.cache)
+        cache_dir = resolve_cache(self.cache)
         template = get_template(self.model, self.weights)
         cfg = resolve_preprocess(template.preprocess, self.preprocess)
         pr = probe_template(template, cfg["input_size"])
@@ -384,7 +389,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)
         self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else (64 if device.type == "cuda" else 4)
-        self.cache_dir_ = None if cache_dir is None else str(cache_dir)
+        self.cache_dir_ = cache_dir
         self._feature_names = np.asarray(names, dtype=object)
         self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))
         self._namespace = self._namespace_of(template)
@@ -403,7 +408,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _work_dir(self) -> Path:
         """Where the schedule and exported graphs live: the cache directory, else the default one."""
-        return Path(self.cache_dir_) if self.cache_dir_ is not None else default_cache_dir()
+        local = self.cache_dir_ is not None and not is_url(self.cache_dir_)
+        return Path(self.cache_dir_) if local else default_cache_dir()
 
     def _set_schedule(self, backend: str) -> None:
         """``streams_`` and, for eager fp32 on a multi-core CPU never measured here, what to measure."""
@@ -530,7 +536,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _fill(self, items: Any, out: np.ndarray) -> None:
         """Compute (or read from the cache) every item's row of ``out``; record the run in ``last_run_``."""
-        cache = EmbeddingCache.open(Path(self.cache_dir_)) if self.cache_dir_ is not None else None
+        cache = open_cache(self.cache_dir_)
         progress = self._show_progress()
         if cache is None:
             stats = self._runner.run(items, np.arange(len(items)), out, progress=progress)

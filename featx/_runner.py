@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from ._cache import EmbeddingCache, item_keys
+from ._cache import item_keys
 from ._device import autocast
 from ._engines import build_engine
 from ._exceptions import DeviceWarning
@@ -158,14 +158,22 @@ class Runner:
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fields of one decoded batch.
 
-        On an out-of-memory error the batch is run in halves (recursively, down
-        to one image), and later batches are split the same way; every image's
-        features are the same as in an unsplit run.
+        A short batch (the last of a run, or of a run's cache misses) is padded
+        to the full batch size with copies of its last image: kernels may
+        round differently for another batch size (seen: 3e-8 in fp32 on the
+        CPU), and an image's features must not depend on how many images
+        happened to be computed with it, so a cached row equals an uncached one
+        exactly. On an out-of-memory error the batch is run in halves
+        (recursively, down to one image), and later batches are split the
+        same way.
         """
         views = batch.shape[1] if batch.ndim == 5 else 0  # N x V x C x H x W: test-time augmentation
         x = batch.to(self.device, non_blocking=True)
         if views:
             x = x.flatten(0, 1)
+        rows, full = x.shape[0], self.settings.batch_size * max(views, 1)
+        if 0 < rows < full and not self.max_chunk:
+            x = torch.cat([x, x[-1:].expand(full - rows, *x.shape[1:])])
         x = normalize_batch(x, self.mean, self.std)
         if self.backend != "onnxruntime":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -173,7 +181,7 @@ class Runner:
         chunks = []
         for start in range(0, x.shape[0], step):
             chunks.append(self._forward_chunk(x[start:start + step]))
-        out = {f: torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f] for f in self.fields}
+        out = {f: (torch.cat([c[f] for c in chunks]) if len(chunks) > 1 else chunks[0][f])[:rows] for f in self.fields}
         if views:  # features averaged over each image's views
             out = {f: v.float().view(-1, views, v.shape[-1]).mean(1) for f, v in out.items()}
         return out
@@ -307,7 +315,7 @@ def _progress_bar(total: int):
 # ------------------------------------------------------------------ caching
 
 
-def cached_run(runner: Runner, cache: EmbeddingCache, namespace: tuple[str, dict], items: Items, out: np.ndarray,
+def cached_run(runner: Runner, cache: Any, namespace: tuple[str, dict], items: Items, out: np.ndarray,
                *, progress: bool = False) -> RunStats:
     """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once)."""
     ns, info = namespace
@@ -320,7 +328,7 @@ def cached_run(runner: Runner, cache: EmbeddingCache, namespace: tuple[str, dict
     def sink(rows: np.ndarray, computed: dict[str, np.ndarray]) -> None:
         payload = [(keys[i], f, v[r]) for r, i in enumerate(rows) if keys[i] is not None for f, v in computed.items()]
         if payload:
-            cache.store(ns, payload)
+            cache.store(ns, payload, wanted=fields)
 
     stats = runner.run(items, np.asarray(todo), out, progress=progress, sink=sink) if todo else RunStats()
     for i, j in dups:

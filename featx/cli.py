@@ -251,7 +251,8 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma-separated, from {','.join(CLASSIFIERS)}")
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("-o", "--out", default=out_default, help=f"report folder (default {out_default})")
-    p.add_argument("--cache-dir", help="embedding cache directory (default: $FEATX_CACHE_DIR or ~/.cache/featx)")
+    p.add_argument("--cache-dir", help="embedding cache directory or storage URL (default: $FEATX_CACHE_DIR or "
+                                       "~/.cache/featx)")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     p.add_argument("--tta", choices=list(TTA_MODES), help="also evaluate features averaged over test-time augmentation views")
     p.add_argument("--on-error", default="skip", choices=["raise", "skip"],
@@ -279,7 +280,14 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 def _open_cache(args: argparse.Namespace):
     from ._cache import DB_NAME, EmbeddingCache, resolve_cache_dir
+    from ._objstore import SharedCache, check_url, is_url
 
+    if is_url(args.cache_dir):  # a shared store: managed as it is, without a local layer
+        try:
+            url = check_url(args.cache_dir)
+        except ValueError as exc:
+            raise _CliError(str(exc)) from None
+        return url, SharedCache(url, local=None)
     root = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(True)
     if not (root / DB_NAME).exists() and not list((root / "onnx").glob("*.onnx")):
         return root, None
@@ -294,8 +302,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_cmd == "info":
         info = cache.info()
         print(f"cache      {info['path']}")
-        print(f"size       {_human(info['size_bytes'])} (database {_human(info['database_bytes'])}, "
-              f"{info['graphs']} exported ONNX graph{'' if info['graphs'] == 1 else 's'} {_human(info['graph_bytes'])})")
+        if info.get("store") == "objects":
+            print(f"size       {_human(info['size_bytes'])} in {info['entries']} objects (a shared store)")
+        else:
+            print(f"size       {_human(info['size_bytes'])} (database {_human(info['database_bytes'])}, {info['graphs']} "
+                  f"exported ONNX graph{'' if info['graphs'] == 1 else 's'} {_human(info['graph_bytes'])})")
         print(f"entries    {info['entries']} in {len(info['namespaces'])} namespace(s); {info['files_indexed']} files indexed")
         for ns in info["namespaces"]:
             prov = ns["provenance"]
@@ -315,7 +326,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         before = cache.info()["size_bytes"]
         removed = cache.prune(args.max_size)
         after = cache.info()["size_bytes"]
-        print(f"evicted {removed} least-recently-used entries: {_human(before)} -> {_human(after)} "
+        order = "oldest" if isinstance(root, str) else "least-recently-used"  # objects keep no access times
+        print(f"evicted {removed} {order} entries: {_human(before)} -> {_human(after)} "
               f"(limit {_human(args.max_size)})")
     return 0
 
@@ -345,7 +357,8 @@ def _debug_parent(top: bool) -> argparse.ArgumentParser:
 def _cache_dir_parent(top: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--cache-dir", default=None if top else argparse.SUPPRESS,
-                   help="cache directory (default: $FEATX_CACHE_DIR or the user cache directory)")
+                   help="cache directory or storage URL (s3://bucket/prefix, ...; default: $FEATX_CACHE_DIR or the "
+                        "user cache directory)")
     return p
 
 
@@ -397,7 +410,7 @@ def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     _add_compute_options(p)
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
-    p.add_argument("--cache-dir", help="use a cache in this directory")
+    p.add_argument("--cache-dir", help="use a cache in this directory, or in a shared store (s3://bucket/prefix, ...)")
     p.add_argument("--backend", default="torch", choices=list(BACKENDS),
                    help="inference backend (default: torch; onnxruntime needs featx[onnx])")
     p.add_argument("--tta", choices=list(TTA_MODES), help="average features over test-time augmentation views")

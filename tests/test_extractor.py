@@ -196,6 +196,25 @@ def test_deterministic_and_batch_size_invariant(image_paths):
     assert a.dtype == np.float32 and np.isfinite(a).all()
 
 
+def test_an_image_in_a_short_batch_gets_exactly_its_full_batch_features(tiny_cnn):
+    """The last batch of a run (or of a run's cache misses) is padded to the batch size: a cached row, computed
+    among however many misses, equals the uncached one bit for bit (fp32 kernels round by batch size)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(3)
+        images = [rng.integers(0, 256, (36, 38, 3), dtype=np.uint8) for _ in range(8)]
+        ext = PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 32}, batch_size=4, num_workers=0,
+                                         precision="fp32", progress=False).fit()
+        full = ext.transform(images)
+        for n in (1, 2, 3, 5, 7):  # the image at row n - 1 ends a short batch
+            np.testing.assert_array_equal(ext.transform(images[:n])[n - 1], full[n - 1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_progress_bar(small_ext, image_paths, capsys):
     small_ext.set_params(progress=True).fit().transform(image_paths[0][:3])
     assert "img" in capsys.readouterr().err
