@@ -110,6 +110,24 @@ class CrashOnce(TinyCNN):
         return super().forward(x)
 
 
+class CountingCNN(TinyCNN):
+    """TinyCNN that appends each batch's size to the file ``log``: forward passes counted across processes.
+
+    The one-image shape probe (run when an extractor is built or unpickled) is
+    not logged: featx pads every real batch to its ``batch_size`` (use > 1).
+    """
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = log
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            with open(self.log, "a") as f:
+                f.write(f"{x.shape[0]}\n")
+        return super().forward(x)
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

@@ -13,9 +13,12 @@ import pytest
 
 from featx import PretrainedFeatureExtractor
 
+from .s3server import KEYS, MotoServer, free_port
+
 pytestmark = pytest.mark.distributed
 
 SMALL = {"input_size": 32, "resize_size": 36}
+S3_PORT = free_port()  # the S3 test's server: its address is in the Ray workers' environment from the start
 
 
 def _extractor(**kw):
@@ -48,7 +51,10 @@ def ray_session():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # workers import tests.conftest (the crashing model) from the repository root
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", **KEYS,
+                                       # no local layer in the actors: a hit in a rerun is a hit in S3
+                                       "FEATX_CACHE_READ_THROUGH": "0"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
@@ -139,6 +145,47 @@ def test_ray_rerun_uses_the_shared_cache(ray_session, paths, local, tmp_path):
     grown = ray_transform(paths, _extractor(cache=str(cache)), batch_size=8, concurrency=2)
     np.testing.assert_allclose(grown, local, rtol=1e-5, atol=1e-6)
     assert EmbeddingCache.open(cache).info()["namespaces"][0]["images"] == len(paths)
+
+
+def test_ray_actors_share_an_s3_cache(ray_session, paths, tmp_path, monkeypatch):
+    """Actors on a cluster share one S3 cache: the second run computes nothing (forward passes counted)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import torch
+
+    from featx.distributed import ray_transform
+
+    from .conftest import CountingCNN, TinyCNN
+
+    server = MotoServer(S3_PORT)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        for k, v in KEYS.items():
+            monkeypatch.setenv(k, v)
+        url = f"s3://{server.bucket()}/cluster"
+        torch.manual_seed(0)
+        plain = TinyCNN()
+        counting = CountingCNN(str(tmp_path / "forward.log"))
+        counting.load_state_dict(plain.state_dict())
+        want = PretrainedFeatureExtractor(plain, preprocess=SMALL, precision="fp32", progress=False).fit().transform(paths)
+
+        def run():
+            log = tmp_path / "forward.log"
+            log.write_text("")
+            ext = PretrainedFeatureExtractor(counting, preprocess=SMALL, precision="fp32", batch_size=4, cache=url,
+                                             progress=False)
+            got = ray_transform(paths, ext, batch_size=12, concurrency=2)
+            return got, sum(int(n) for n in log.read_text().split())
+
+        first, computed_first = run()
+        np.testing.assert_allclose(first, want, rtol=1e-5, atol=1e-6)
+        assert computed_first >= len(paths)
+        assert len([p for p in server.fs().find(url[5:]) if not p.endswith("namespace.json")]) == len(paths)
+        second, computed_second = run()
+        assert computed_second == 0
+        np.testing.assert_array_equal(second, first)  # read back, bit for bit
+    finally:
+        server.stop()
 
 
 def test_missing_extra_and_bad_extractor(monkeypatch):
