@@ -443,6 +443,9 @@ class EmbeddingCache:
             payload.append((ns, item, field, data, _digest(data), now))
         return self._write(lambda c: c.executemany("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?,?,?)", payload))
 
+    def flush(self) -> None:
+        """Nothing to wait for: every write here is a committed transaction when ``store`` returns."""
+
     # --------------------------------------------------------- management
 
     def _db_bytes(self) -> int:

@@ -274,6 +274,8 @@ class SharedCache:
         self._down_until = 0.0
         self._namespaces: set[str] = set()
         self._corrupt: set[str] = set()  # objects this handle found corrupt: recomputed vectors replace them
+        self._publisher = None  # one background thread publishing objects while the backbone runs
+        self._pending: list = []
 
     @classmethod
     def open(cls, url: str) -> "SharedCache":
@@ -292,21 +294,52 @@ class SharedCache:
 
     def _remote(self, what: str, call, *, default=None, writing: bool = False):
         """``call()``, or ``default`` with a warning when the store fails (and a minute's rest for it)."""
-        if time.monotonic() < self._down_until or (writing and not self.writable):
+        if not self._usable(writing):
             return default
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - any store failure degrades to computing
-            if writing and isinstance(exc, PermissionError):
+            self._failed(what, exc, writing)
+            return default
+
+    def _usable(self, writing: bool) -> bool:
+        return time.monotonic() >= self._down_until and (self.writable or not writing)
+
+    def _failed(self, what: str, exc: BaseException, writing: bool) -> None:
+        """Warn once for a failure; a refused write stops writes, anything else rests the store a minute."""
+        if writing and isinstance(exc, PermissionError):
+            if self.writable:
                 self.writable = False
                 warnings.warn(f"featx cache at {self.url!r} refuses writes ({exc}); results are correct but new "
-                              "embeddings are not shared (it is still read).", CacheWarning, stacklevel=4)
-                return default
-            self._down_until = time.monotonic() + _COOLDOWN
-            warnings.warn(f"featx cache at {self.url!r}: {what} failed ({type(exc).__name__}: {exc}); results are "
-                          f"correct (computed here); the store is not asked again for {_COOLDOWN:.0f} s.",
-                          CacheWarning, stacklevel=4)
-            return default
+                              "embeddings are not shared (it is still read).", CacheWarning, stacklevel=5)
+            return
+        if time.monotonic() < self._down_until:
+            return  # already reported
+        self._down_until = time.monotonic() + _COOLDOWN
+        warnings.warn(f"featx cache at {self.url!r}: {what} failed ({type(exc).__name__}: {exc}); results are "
+                      f"correct (computed here); the store is not asked again for {_COOLDOWN:.0f} s.",
+                      CacheWarning, stacklevel=5)
+
+    def _publish(self, objects: dict[str, bytes], replace: bool) -> None:
+        """Queue a publish: it runs beside the next batches' compute; :meth:`flush` waits for it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not objects or not self._usable(writing=True):
+            return
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="featx-publish")
+        job = self._publisher.submit(self.store_.put, objects, replace=replace)
+        self._pending.append((job, objects, replace))
+
+    def flush(self) -> None:
+        """Wait until every queued object is published (or its failure is reported)."""
+        pending, self._pending = self._pending, []
+        for job, objects, replace in pending:
+            exc = job.exception()
+            if exc is not None:
+                self._failed("replacing corrupt objects" if replace else "writing", exc, writing=True)
+            elif replace:
+                self._corrupt.difference_update(objects)
 
     # ----------------------------------------------------------- content
 
@@ -370,9 +403,11 @@ class SharedCache:
         return found
 
     def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *, wanted: Sequence[str] | None = None) -> bool:
-        """Write rows to the local layer; publish each image's ``wanted`` fields as one object.
+        """Write rows to the local layer; queue each image's ``wanted`` fields for publishing as one object.
 
         Without ``wanted``, an image's object holds every field of its rows.
+        Publishing overlaps the next batches; :meth:`flush` (called at the end
+        of every run) waits for it.
         """
         if self.local is not None:
             self.local.store(ns, rows)
@@ -382,12 +417,9 @@ class SharedCache:
                 per_item.setdefault(k, {})[f] = v
         objects = {self._object(ns, k, vecs): pack(ns, k, vecs) for k, vecs in per_item.items()}
         replace = {p: b for p, b in objects.items() if p in self._corrupt}
-        fresh = {p: b for p, b in objects.items() if p not in replace}
-        ok = not fresh or self._remote("writing", lambda: self.store_.put(fresh), default=False, writing=True) is None
-        if replace and self._remote("replacing corrupt objects", lambda: self.store_.put(replace, replace=True),
-                                    default=False, writing=True) is None:
-            self._corrupt.difference_update(replace)
-        return ok
+        self._publish({p: b for p, b in objects.items() if p not in replace}, replace=False)
+        self._publish(replace, replace=True)
+        return self._usable(writing=True)
 
     # -------------------------------------------------------- management
 
@@ -455,6 +487,7 @@ class SharedCache:
         return len(victims)
 
     def close(self) -> None:
+        self.flush()
         with self._registry_lock:
             for k, v in list(self._registry.items()):
                 if v is self:

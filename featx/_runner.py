@@ -330,7 +330,10 @@ def cached_run(runner: Runner, cache: Any, namespace: tuple[str, dict], items: I
         if payload:
             cache.store(ns, payload, wanted=fields)
 
-    stats = runner.run(items, np.asarray(todo), out, progress=progress, sink=sink) if todo else RunStats()
+    try:
+        stats = runner.run(items, np.asarray(todo), out, progress=progress, sink=sink) if todo else RunStats()
+    finally:
+        cache.flush()  # a shared store publishes beside the compute: done when the run is
     for i, j in dups:
         out[i] = out[j]
     reasons = dict(stats.failed)
