@@ -6,10 +6,13 @@ the backbone is loaded once per Ray actor or once per Spark Python worker,
 and the features are the same as the local ``transform`` on the same images.
 
 The embedding cache works on a cluster when every worker reaches the same
-``cache=`` directory: the workers of one machine always do; several machines
-need a shared filesystem whose locking SQLite trusts (a local disk per node
-also works, each node then keeping its own cache). A rerun after a failure, or
-on a grown dataset, then computes only the images not yet in the cache.
+store. A storage URL (``cache="s3://bucket/featx"``, ``"gs://..."``,
+``"file:///mnt/nfs/featx"``) is made for that: immutable, checksummed objects
+published create-only, which any number of machines share without locks, each
+fronted by its own local SQLite cache. A local directory is one SQLite
+database: the workers of one machine share it safely, several machines should
+not (network file systems do not give SQLite reliable locks). A rerun after a
+failure, or on a grown dataset, then computes only the images not yet cached.
 
 Install the engines with ``pip install 'featx[ray]'`` or ``'featx[spark]'``.
 """
