@@ -116,11 +116,13 @@ def _model_library(model_id: str) -> tuple[str, str] | None:
 
 
 def namespace_for(*, model_id: str, weights_id: str | None, weights_digest: str, code: str | None,
-                  preprocess: dict, precision: str, tta: str | None = None) -> tuple[str, dict]:
+                  preprocess: dict, precision: str, tta: str | None = None,
+                  folded: bool = False) -> tuple[str, dict]:
     """Digest of everything that changes an extractor's numbers, and its provenance record.
 
     ``precision`` is ``"fp32"``, or the autocast dtype's name as ``str(dtype)``
-    (``"torch.bfloat16"``): what earlier featx versions stored.
+    (``"torch.bfloat16"``): what earlier featx versions stored. ``folded``:
+    the backbone runs with its BatchNorms folded into its convolutions.
     """
     import torch
 
@@ -139,6 +141,8 @@ def namespace_for(*, model_id: str, weights_id: str | None, weights_digest: str,
     }
     if tta is not None:  # absent otherwise, so plain extractors keep their entries
         key["tta"] = tta
+    if folded:
+        key["batchnorm"] = "folded"
     ns = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     info = dict(key, weights=weights_id, featx=__version__, torch_full=torch.__version__,
                 library_full=None if library is None else list(library))

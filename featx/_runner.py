@@ -28,6 +28,7 @@ from ._cache import item_keys
 from ._device import autocast
 from ._engines import build_engine
 from ._exceptions import DeviceWarning
+from ._fold import fold_batchnorm, folds
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
 from ._loading import batches, loader_workers, ordered_streams
 from ._pooling import layer_parts, part_width, pool_parts, pooling_error
@@ -132,6 +133,13 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
     return module.to(device).to(memory_format=torch.channels_last).eval()
 
 
+def _example(cfg: dict, device: torch.device) -> torch.Tensor:
+    """One fixed random input batch of the model's size (checks a folded backbone against the original)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *cfg["input_size"], generator=g)
+    return x.to(device).contiguous(memory_format=torch.channels_last)
+
+
 class Runner:
     """A fitted extractor's private backbone on its device, with its layer capture and engine.
 
@@ -150,6 +158,9 @@ class Runner:
         self.mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
         targets, parts = (plan.all_targets, plan.all_parts) if settings.store_all else (plan.targets, plan.parts)
+        self.folded = 0  # BatchNorms folded into their convolutions
+        if folds(dtype):
+            self.module, self.folded = fold_batchnorm(self.module, _example(cfg, device), {t.module for t in targets})
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
         self.backend, self.engine = build_engine(settings.backend, self.capture, onnx_file=settings.onnx_file,
