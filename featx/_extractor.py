@@ -111,10 +111,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
         older ones); on the CPU, bf16 autocast where the CPU computes bf16
-        natively (AVX512_BF16 or AMX, as PyTorch reports it: 1.6-1.9x the
+        natively (AVX512_BF16 or AMX, as PyTorch reports it: 1.6-2.0x the
         bare fp32 forward pass; features with a median cosine of 0.997 or
         more to fp32's, and cross-validated accuracy within 1.3 points, see
-        the README) and fp32 elsewhere. The
+        the Performance page of the docs) and fp32 elsewhere. The
         choice is in ``precision_`` and in the cache key. In bf16 and fp16
         the backbone runs with each BatchNorm folded into the convolution
         before it (where that provably gives the same outputs in fp32;
