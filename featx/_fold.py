@@ -167,7 +167,6 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, keep: Iterable[str]
         done += 1
     if not done:
         return module, 0
-    names = [n for n in keep if n in dict(module.named_modules())]
-    if not _same(_outputs(module, example, names), _outputs(folded, example, names)):
+    if not _same(_outputs(module, example, keep), _outputs(folded, example, keep)):
         return module, 0
     return folded, done

@@ -5,8 +5,9 @@ any fsspec URL) selects this store. SQLite needs working locks and shared
 memory, which network file systems do not reliably give and object storage
 cannot give at all; this store needs neither:
 
-- **one object per (namespace, image, field)**, named by its content key:
-  ``<prefix>/featx-v1/<namespace>/<image key>/<field digest>``. An object is
+- **one object per (namespace, image, set of fields an extractor asks
+  for)**, named by its content key:
+  ``<prefix>/featx-v1/<namespace>/<image key>/<digest of the field names>``. An object is
   never modified: a writer publishes it once, with create-only semantics
   (S3's ``If-None-Match: *``; on a file system, a unique temporary file
   hard-linked into place), so any number of writers on any number of

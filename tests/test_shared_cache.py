@@ -213,6 +213,7 @@ _CONCURRENT = textwrap.dedent("""
     torch.manual_seed(0)
     ext = PretrainedFeatureExtractor(TinyCNN(), preprocess=SMALL, cache=cache, batch_size=2, num_workers=0,
                                      precision="fp32", progress=False).fit()
+    open(os.path.join({ready!r}, str(os.getpid())), "w").close()  # fitted: ready to start
     while not os.path.exists({go!r}):  # start together
         time.sleep(0.01)
     np.save(sys.argv[1], ext.transform([images[i] for i in order]))
@@ -229,12 +230,17 @@ def test_many_processes_write_overlapping_images_at_once(server, tmp_path, monke
     same_size = list(np.load(tmp_path / "images.npy"))
     go = tmp_path / "go"
     go.touch()
-    script = _CONCURRENT.format(tests=str(Path(__file__).parent), images=str(tmp_path / "images.npy"), go=str(go))
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    script = _CONCURRENT.format(tests=str(Path(__file__).parent), images=str(tmp_path / "images.npy"), go=str(go),
+                                ready=str(ready))
     # the uncached run: the same script, every image, no cache
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "ref.npy"), ",".join(map(str, range(len(images)))),
                     "none"], check=True, timeout=300)
     ref = np.load(tmp_path / "ref.npy")
     go.unlink()
+    for f in ready.iterdir():
+        f.unlink()
     procs, orders = [], []
     for i in range(6):
         order = [(4 * i + j) % len(images) for j in range(12)]
@@ -243,7 +249,10 @@ def test_many_processes_write_overlapping_images_at_once(server, tmp_path, monke
         env = dict(os.environ, FEATX_CACHE_DIR=str(tmp_path / f"local{i}"))
         procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"out{i}.npy"),
                                        ",".join(map(str, order)), url], env=env, stderr=subprocess.PIPE, text=True))
-    time.sleep(1.0)
+    deadline = time.monotonic() + 300
+    while len(list(ready.iterdir())) < len(procs):  # every process fitted and waiting: then all start at once
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer died before starting"
+        time.sleep(0.05)
     go.touch()
     for p in procs:
         _, err = p.communicate(timeout=300)
