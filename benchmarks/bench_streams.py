@@ -1,9 +1,11 @@
 """CPU forward passes: one stream using every core vs one single-threaded stream per core.
 
-    python benchmarks/bench_streams.py [--models efficientnet_lite0,resnet18,resnet50] [--batch-size 4] [--repeats 3]
+    python benchmarks/bench_streams.py [--models efficientnet_lite0,resnet18,resnet50] [--batch-size 4]
+                                       [--repeats 3] [--glibc-default]
 
-A measurement for a possible change to featx's CPU path (not what featx does
-today): on the same pre-made input batches, in one run, interleaved,
+The measurement behind featx's CPU schedule (``featx._device.cpu_streams``,
+``featx._schedule``): on the same pre-made input batches, in one run,
+interleaved, in fp32 and (where the CPU has native bf16) with bf16 autocast,
 
 * ``one stream``: ``torch.set_num_threads(cores)``, the batches one after the
   other (what featx's ``transform`` does between decoding batches);
@@ -12,7 +14,9 @@ today): on the same pre-made input batches, in one run, interleaved,
   (PyTorch releases the GIL inside its operators).
 
 Named backbones with random weights (speed does not depend on the values),
-channels_last as featx runs them, 224 x 224 inputs.
+channels_last as featx runs them, 224 x 224 inputs. The C allocator keeps
+freed activations as featx sets it (``featx._malloc.keep_cpu_buffers``);
+``--glibc-default`` measures glibc's defaults instead, where the answer differs.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import write_results  # noqa: E402
+from _data import machine, write_results  # noqa: E402
 
 from featx._backbones import build_backbone  # noqa: E402
+from featx._device import autocast, cpu_native_bf16  # noqa: E402
+from featx._malloc import keep_cpu_buffers  # noqa: E402
 
 
-def _rate(module, x: torch.Tensor, n_batches: int, streams: int) -> float:
+def _rate(module, x: torch.Tensor, n_batches: int, streams: int, dtype: torch.dtype | None) -> float:
     def run(k: int) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(x.device, dtype):
             for _ in range(k):
                 module(x)
 
@@ -56,28 +62,38 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=32, help="batches per timed run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_streams.json"))
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
+    ap.add_argument("--out", default=None, help="JSON file (default: results/bench_streams[_glibc_default].json)")
     args = ap.parse_args()
+    kept = False if args.glibc_default else keep_cpu_buffers()
     cores = os.cpu_count() or 1
+    mach = machine()
+    precisions = {"fp32": None, **({"bf16": torch.bfloat16} if cpu_native_bf16() else {})}
     results = {}
-    print(f"{cores} cores, batch {args.batch_size}, {args.batches} batches per run, "
-          f"medians of {args.repeats} interleaved runs (img/s)")
+    print(f"featx CPU schedules: {mach['line']}")
+    print(f"allocator: {'featx keeps freed buffers' if kept else 'glibc defaults'}; batch {args.batch_size}, "
+          f"{args.batches} batches per run, medians of {args.repeats} interleaved runs (img/s)")
     for name in args.models.split(","):
         # channels_last, as featx runs CPU models (faster with oneDNN)
         module = build_backbone(name, None).module.eval().to(memory_format=torch.channels_last)
         x = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         x = x.contiguous(memory_format=torch.channels_last)
-        _rate(module, x, 2, 1)  # warm-up
-        one, per_core = [], []
-        for _ in range(args.repeats):
-            one.append(_rate(module, x, args.batches, 1))
-            per_core.append(_rate(module, x, args.batches, cores))
-        a, b = statistics.median(one), statistics.median(per_core)
-        results[name] = {"one_stream": one, "per_core_streams": per_core, "ratio": b / a}
-        print(f"{name:<20} one stream x {cores} threads {a:6.1f}   {cores} streams x 1 thread {b:6.1f}   "
-              f"ratio {b / a:.2f}")
+        for prec, dtype in precisions.items():
+            _rate(module, x, 2, 1, dtype)  # warm-up
+            one, per_core = [], []
+            for _ in range(args.repeats):
+                one.append(_rate(module, x, args.batches, 1, dtype))
+                per_core.append(_rate(module, x, args.batches, cores, dtype))
+            ratio = statistics.median(b / a for a, b in zip(one, per_core))
+            a, b = statistics.median(one), statistics.median(per_core)
+            results[f"{name} {prec}"] = {"one_stream": one, "per_core_streams": per_core, "ratio": ratio}
+            print(f"{name:<20} {prec:<5} one stream x {cores} threads {a:6.1f}   {cores} streams x 1 thread "
+                  f"{b:6.1f}   per-core/one {ratio:.2f}")
     torch.set_num_threads(cores)
-    write_results(args.out, {"cores": cores, "batch_size": args.batch_size, "models": results})
+    out = args.out or str(Path(__file__).resolve().parent / "results" /
+                          ("bench_streams_glibc_default.json" if args.glibc_default else "bench_streams.json"))
+    write_results(out, {"machine": mach, "allocator_kept": kept, "batch_size": args.batch_size,
+                        "models": results})
 
 
 if __name__ == "__main__":

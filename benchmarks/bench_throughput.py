@@ -25,7 +25,10 @@ single-core loop (PIL open, convert, resize, center crop: no model at all),
 and featx's 12 MP rate as a fraction of its 500x375 rate. Optionally the peak
 resident memory for N vs 4N images. Rates are medians of --repeats runs,
 interleaved; each ratio is the median of the ratios within a round (paired).
-The header states the CPU's capability; results go to JSON.
+The header states the CPU's capability and whether the C allocator keeps
+freed buffers (featx sets it in ``fit``, :mod:`featx._malloc`; it is set
+before the bare baselines run, so they get it too:
+``benchmarks/bench_allocator.py`` measures what it changes); results go to JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from _data import machine, make_big_jpegs, make_jpegs, write_results  # noqa: E4
 from featx import PretrainedFeatureExtractor  # noqa: E402
 from featx._backbones import build_backbone  # noqa: E402
 from featx._engines import _ort_installed  # noqa: E402
+from featx._malloc import keep_cpu_buffers  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -240,6 +244,9 @@ def main() -> None:
     mach = machine()
     if device.type == "cuda":
         mach["gpu"] = torch.cuda.get_device_name(device)
+    if device.type == "cpu":  # what featx's fit does: in this process, the bare baselines keep buffers too
+        mach["allocator_kept"] = keep_cpu_buffers()
+        mach["line"] += f"; C allocator keeps freed buffers: {'yes' if mach['allocator_kept'] else 'no'}"
     print(f"featx throughput, device {device}: {mach['line']}" + (f", {mach['gpu']}" if "gpu" in mach else ""))
     print(f"{max(sizes)} JPEGs 500x375 and {len(big)} JPEGs 4000x3000")
     results = {"device": str(device), "machine": mach, "sizes": sizes, "models": {}}

@@ -142,11 +142,12 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     """How many forward passes run side by side on the CPU, each single-threaded, with its own decoding.
 
     On the CPU with eager PyTorch and bf16 autocast, one single-threaded
-    stream per core decodes and computes its own batches: 2.0-2.4x the
-    throughput of one stream using every core (efficientnet_lite0, resnet50;
-    2-core AVX512_BF16 machine, ``benchmarks/bench_streams.py``), because the
-    bf16 kernels of small batches scale badly across threads. In fp32 the gain
-    is model- and machine-dependent (0.75-1.31x), so in fp32 featx measures it
+    stream per core decodes and computes its own batches: 1.3-2.0x the
+    throughput of one stream using every core (efficientnet_lite0 1.96,
+    resnet18 1.30, resnet50 1.32; 2-core AVX512_BF16 machine, buffers kept,
+    ``benchmarks/bench_streams.py``), because the bf16 kernels of small
+    batches scale badly across threads. In fp32 the gain is model-, machine-
+    and allocator-dependent (0.75-1.31x), so in fp32 featx measures it
     (:func:`fp32_stream_candidates`, :mod:`featx._schedule`). GPUs,
     ``torch.compile`` and ONNX Runtime (which has its own threads) keep one stream.
     The count is the process's torch thread count when ``fit`` runs

@@ -17,6 +17,7 @@ from ._backbones import get_template, instantiate, probe_template, resolve_prepr
 from ._device import autocast, resolve_device, resolve_precision
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._loading import PARALLEL, batches, show_progress
+from ._malloc import keep_cpu_buffers
 from ._options import DEFAULT_MODEL
 from ._pickling import pack_state, unpack_state
 from ._preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
@@ -221,6 +222,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         device = resolve_device(self.device)
         dtype = resolve_precision(self.precision, device, training=True)
+        if device.type == "cpu":
+            keep_cpu_buffers()  # each step's activations and gradients reuse memory instead of new pages
         template = get_template(self.model, self.weights)
         cfg = resolve_preprocess(template.preprocess, self.preprocess)
         pr = probe_template(template, cfg["input_size"])

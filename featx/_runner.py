@@ -31,6 +31,7 @@ from ._exceptions import DeviceWarning
 from ._fold import fold_batchnorm, folds
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
 from ._loading import batches, loader_workers, ordered_streams
+from ._malloc import keep_cpu_buffers
 from ._pooling import layer_parts, part_width, pool_parts, pooling_error
 from ._preprocess import ImageDataset, Items, collate, load_error, normalize_batch
 from ._schedule import PHASE_BATCHES, TUNE_BATCHES, recall, remember
@@ -151,6 +152,8 @@ class Runner:
 
     def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
                  settings: RunSettings):
+        if device.type == "cpu":
+            keep_cpu_buffers()  # before the first forward pass: its activations are then reused, not new pages
         self.module = place(module, device)
         self.plan, self.device, self.dtype, self.cfg, self.settings = plan, device, dtype, cfg, settings
         self.streams, self.tune = settings.streams, settings.tune

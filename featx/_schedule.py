@@ -1,25 +1,35 @@
 """How an fp32 forward pass is scheduled on the CPU: one all-core stream or one single-threaded stream per core.
 
 In bf16 the answer is always per-core streams (see :func:`featx._device.cpu_streams`).
-In fp32 it depends on the model *and* the machine, measured side by side
-(``benchmarks/bench_streams.py`` and interleaved runs, 2 cores, batch 4):
+In fp32 it depends on the model, the machine *and* the C allocator, measured
+side by side (``benchmarks/bench_streams.py``, random weights, 2 cores, batch 4):
 
-========================  ==================  =====================
-per-core streams / one    AVX2, no bf16       AVX512 + AVX512_BF16
-========================  ==================  =====================
-efficientnet_lite0        1.16                1.31
-resnet18                  1.09                1.16
-resnet50                  1.18                0.75
-convnext_tiny             --                  1.11
-========================  ==================  =====================
+========================  ==================  =====================  =====================
+per-core streams / one    AVX2, no bf16       AVX512 + AVX512_BF16   AVX512 + AVX512_BF16,
+                          (glibc defaults)    (glibc defaults)       buffers kept (featx)
+========================  ==================  =====================  =====================
+efficientnet_lite0        1.16                0.93-1.31              0.80-1.06
+resnet18                  1.09                1.15                   1.14
+resnet50                  1.18                0.75-0.89              0.80
+convnext_tiny             --                  1.11                   --
+========================  ==================  =====================  =====================
 
-No rule of thumb predicts resnet50 on the AVX-512 part, so featx measures it:
+(The ranges are runs on different days; the pretrained efficientnet_lite0 with
+its buffers kept ran 175 img/s from JPEG in one stream and 151 in two, one run,
+interleaved.) With glibc's defaults a process that had not yet freed a large
+block paid a page fault per 4 KiB of activations at every batch, which hurt
+one all-core stream more than per-core streams; featx now keeps the buffers
+(:mod:`featx._malloc`) and the key says so, so measurements taken before do
+not decide for the setting of now.
+
+No rule of thumb predicts these, so featx measures them:
 a ``transform`` of at least :data:`TUNE_BATCHES` batches runs its first
 batches alternately in both schedules (real work: every image counts) and
 keeps the faster for the rest. Each measurement is a vote, kept in
 ``schedules.json`` in the cache directory (the default one when
-``cache=None``), keyed by CPU capability, thread count, torch version, model,
-weights, input size, batch size and the layers computed. Once
+``cache=None``), keyed by CPU capability, thread count, torch version,
+allocator setting, model, weights, input size, batch size and the layers
+computed. Once
 :data:`VOTES` measurements agree by majority, later extractors and processes
 start with the winner and stop measuring: on a shared machine one
 measurement can be swayed by a neighbour (seen: lite0's 1.31 measured as a
@@ -38,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ._device import cpu_capability
+from ._malloc import TRIM_THRESHOLD
 
 __all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "schedule_key", "recall", "remember"]
 
@@ -54,12 +65,18 @@ FILE_NAME = "schedules.json"
 
 
 def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int], batch_size: int,
-                 threads: int, fields: list[str]) -> str:
-    """Everything the faster schedule depends on, as one string."""
+                 threads: int, fields: list[str], buffers_kept: bool) -> str:
+    """Everything the faster schedule depends on, as one string.
+
+    ``buffers_kept``: whether the C allocator keeps freed activations
+    (:func:`featx._malloc.keep_cpu_buffers`); it changes the answer (lite0 fp32:
+    per-core streams won without it, one stream wins with it).
+    """
     c = cpu_capability()
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M" if buffers_kept else "buffers-default"
     return "|".join([f"{c['isa']}-bf16{int(c['avx512_bf16'] or c['amx'])}", f"threads{threads}", f"torch{torch_mm}",
-                     model_id, weights_digest, f"{input_size[0]}x{input_size[1]}", f"batch{batch_size}",
+                     buffers, model_id, weights_digest, f"{input_size[0]}x{input_size[1]}", f"batch{batch_size}",
                      ",".join(fields)])
 
 
