@@ -107,7 +107,7 @@ def main() -> None:
             for kept in ((False, True) if r % 2 == 0 else (True, False)):
                 samples["kept" if kept else "default"].append(_spawn(model, n, args.data, kept))
         row = {}
-        print(f"\n{model}, N={n}{'':<22}glibc default   featx kept   kept/default")
+        print(f"\n{f'{model}, N={n}':<32} {'glibc default':>12} {'featx kept':>12} {'kept/default':>14}")
         for m in MEASURES:
             d = statistics.median(s[m] for s in samples["default"])
             k = statistics.median(s[m] for s in samples["kept"])

@@ -13,7 +13,8 @@ interleaved, in fp32 and (where the CPU has native bf16) with bf16 autocast,
   core, each running its share of the batches through the same module
   (PyTorch releases the GIL inside its operators).
 
-Named backbones with random weights (speed does not depend on the values),
+Named backbones with random weights (in fp32 not quite neutral: denormal values
+can slow a random-weight model; featx measures its real model's schedule),
 channels_last as featx runs them, 224 x 224 inputs. The C allocator keeps
 freed activations as featx sets it (``featx._malloc.keep_cpu_buffers``);
 ``--glibc-default`` measures glibc's defaults instead, where the answer differs.

@@ -144,7 +144,7 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     On the CPU with eager PyTorch and bf16 autocast, one single-threaded
     stream per core decodes and computes its own batches: 1.3-2.0x the
     throughput of one stream using every core (efficientnet_lite0 1.96,
-    resnet18 1.30, resnet50 1.32; 2-core AVX512_BF16 machine, buffers kept,
+    resnet18 1.29, resnet50 1.29; 2-core AVX512_BF16 machine, buffers kept,
     ``benchmarks/bench_streams.py``), because the bf16 kernels of small
     batches scale badly across threads. In fp32 the gain is model-, machine-
     and allocator-dependent (0.75-1.31x), so in fp32 featx measures it

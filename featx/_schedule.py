@@ -8,15 +8,16 @@ side by side (``benchmarks/bench_streams.py``, random weights, 2 cores, batch 4)
 per-core streams / one    AVX2, no bf16       AVX512 + AVX512_BF16   AVX512 + AVX512_BF16,
                           (glibc defaults)    (glibc defaults)       buffers kept (featx)
 ========================  ==================  =====================  =====================
-efficientnet_lite0        1.16                0.93-1.31              0.80-1.06
+efficientnet_lite0        1.16                0.93-1.31              1.06-1.18
 resnet18                  1.09                1.15                   1.14
 resnet50                  1.18                0.75-0.89              0.80
 convnext_tiny             --                  1.11                   --
 ========================  ==================  =====================  =====================
 
-(The ranges are runs on different days; the pretrained efficientnet_lite0 with
-its buffers kept ran 175 img/s from JPEG in one stream and 151 in two, one run,
-interleaved.) With glibc's defaults a process that had not yet freed a large
+(The ranges are runs on different days. Random weights are not neutral in
+fp32: the pretrained efficientnet_lite0 with its buffers kept ran 175 img/s
+from JPEG in one stream and 151 in two, one run, interleaved, where the
+random-weight one preferred two streams.) With glibc's defaults a process that had not yet freed a large
 block paid a page fault per 4 KiB of activations at every batch, which hurt
 one all-core stream more than per-core streams; featx now keeps the buffers
 (:mod:`featx._malloc`) and the key says so, so measurements taken before do
