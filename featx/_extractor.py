@@ -22,7 +22,6 @@ from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._fold import folds
 from ._layers import Target, resolve_layers
 from ._loading import engine_threads, show_progress
-from ._malloc import keep_cpu_buffers
 from ._objstore import is_url, open_cache, resolve_cache
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
@@ -427,7 +426,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         candidates = fp32_stream_candidates(self.device_, self.autocast_dtype_, backend)
         if candidates > 1:
             key = schedule_key(self.model_id_, self.weights_digest_, tuple(self.preprocess_["input_size"]),
-                               self.batch_size_, candidates, self._plan.out_fields, keep_cpu_buffers())
+                               self.batch_size_, candidates, self._plan.out_fields)
             remembered = recall(self._work_dir(), key)
             self.streams_ = remembered or 1
             if remembered is None:

@@ -17,11 +17,11 @@ convnext_tiny             --                  1.11                   --
 (The ranges are runs on different days. Random weights are not neutral in
 fp32: the pretrained efficientnet_lite0 with its buffers kept ran 175 img/s
 from JPEG in one stream and 151 in two, one run, interleaved, where the
-random-weight one preferred two streams.) With glibc's defaults a process that had not yet freed a large
-block paid a page fault per 4 KiB of activations at every batch, which hurt
-one all-core stream more than per-core streams; featx now keeps the buffers
-(:mod:`featx._malloc`) and the key says so, so measurements taken before do
-not decide for the setting of now.
+random-weight one preferred two streams.) With glibc's defaults a process
+that had not yet freed a large block paid a page fault per 4 KiB of
+activations at every batch, which hurt one all-core stream more than
+per-core streams; featx now keeps the buffers (:mod:`featx._malloc`) and the
+key says so, so measurements taken before do not decide for the setting of now.
 
 No rule of thumb predicts these, so featx measures them:
 a ``transform`` of at least :data:`TUNE_BATCHES` batches runs its first
@@ -30,11 +30,10 @@ keeps the faster for the rest. Each measurement is a vote, kept in
 ``schedules.json`` in the cache directory (the default one when
 ``cache=None``), keyed by CPU capability, thread count, torch version,
 allocator setting, model, weights, input size, batch size and the layers
-computed. Once
-:data:`VOTES` measurements agree by majority, later extractors and processes
-start with the winner and stop measuring: on a shared machine one
-measurement can be swayed by a neighbour (seen: lite0's 1.31 measured as a
-loss once), three rarely are. The features do not depend on the schedule
+computed. Once :data:`VOTES` measurements agree by majority, later
+extractors and processes start with the winner and stop measuring: on a
+shared machine one measurement can be swayed by a neighbour (seen: lite0's
+1.31 measured as a loss once), three rarely are. The features do not depend on the schedule
 (within 1e-5).
 """
 
@@ -49,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ._device import cpu_capability
-from ._malloc import TRIM_THRESHOLD
+from ._malloc import TRIM_THRESHOLD, keep_cpu_buffers
 
 __all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "schedule_key", "recall", "remember"]
 
@@ -66,16 +65,18 @@ FILE_NAME = "schedules.json"
 
 
 def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int], batch_size: int,
-                 threads: int, fields: list[str], buffers_kept: bool) -> str:
+                 threads: int, fields: list[str]) -> str:
     """Everything the faster schedule depends on, as one string.
 
-    ``buffers_kept``: whether the C allocator keeps freed activations
-    (:func:`featx._malloc.keep_cpu_buffers`); it changes the answer (lite0 fp32:
-    per-core streams won without it, one stream wins with it).
+    The machine's part is read here: the CPU's capability, the torch version
+    and whether the C allocator keeps freed activations
+    (:func:`featx._malloc.keep_cpu_buffers`, which this applies if it was not
+    yet; it changes the answer: lite0 fp32 preferred per-core streams without
+    it, one stream with it).
     """
     c = cpu_capability()
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M" if buffers_kept else "buffers-default"
+    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M" if keep_cpu_buffers() else "buffers-default"
     return "|".join([f"{c['isa']}-bf16{int(c['avx512_bf16'] or c['amx'])}", f"threads{threads}", f"torch{torch_mm}",
                      buffers, model_id, weights_digest, f"{input_size[0]}x{input_size[1]}", f"batch{batch_size}",
                      ",".join(fields)])

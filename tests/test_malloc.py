@@ -40,7 +40,7 @@ _ROUNDS = textwrap.dedent("""
 
 
 def _faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    env = {k: v for k, v in os.environ.items() if k not in _malloc._USER_SET}
     env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.split()[-1])
@@ -90,12 +90,9 @@ def test_another_c_library_is_left_alone(fresh, monkeypatch):
     assert _malloc.keep_cpu_buffers() is False
 
 
-def test_a_refused_trim_threshold_sets_nothing_else(monkeypatch):
+def test_a_refused_trim_threshold_sets_nothing_else(fresh, monkeypatch):
     calls = []
-    monkeypatch.setattr(_malloc, "_DONE", [])
     monkeypatch.setattr(_malloc, "_glibc", lambda: lambda p, v: calls.append(p) or 0)
-    for name in ("FEATX_KEEP_CPU_BUFFERS", *_malloc._USER_SET):
-        monkeypatch.delenv(name, raising=False)
     assert _malloc.keep_cpu_buffers() is False
     assert calls == [-1]
 
