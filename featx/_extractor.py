@@ -132,8 +132,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
         (0: in the main thread). ``"auto"``: on CUDA, up to 8 worker processes
-        decode while the GPU computes; on the CPU, each batch is decoded by one
-        thread per core between forward passes (the model already uses every
+        decode while the GPU computes; on the CPU, groups of batches are decoded
+        by one thread per core between forward passes (the model already uses every
         core, and decoders running beside it slow it down more than they
         save); inline for inputs of less than two batches.
     cache : None, True, path or URL, default=None

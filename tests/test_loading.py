@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from featx import PretrainedFeatureExtractor
-from featx._loading import PARALLEL, batches, ordered_streams
+import featx._loading as loading
+from featx._loading import PARALLEL, batches, decode_group, ordered_streams
 from featx._preprocess import ImageDataset, Items, collate
 
 
@@ -28,6 +29,84 @@ def test_every_mode_gives_the_inline_batches(dataset, workers):
     for (i1, b1, e1), (i2, b2, e2) in zip(ref, got):
         assert torch.equal(i1, i2) and torch.equal(b1, b2) and e1 == e2
     assert ref[-1][2] and "not found" in ref[-1][2][0][1]
+
+
+class _Recording(torch.utils.data.Dataset):
+    """Items ``(i, tensor of item_bytes uint8, None)``; records which thread decoded what, and when."""
+
+    def __init__(self, n, item_bytes=10, barrier=None, fail_at=None):
+        self.n, self.item_bytes, self.barrier, self.fail_at = n, item_bytes, barrier, fail_at
+        self.seen, self.threads = [], set()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        self.threads.add(threading.current_thread().name)
+        if self.barrier is not None and i < 2:
+            self.barrier.wait()  # the first two items must be decoded at the same time
+        if i == self.fail_at:
+            raise ValueError(f"item {i} broke")
+        return i, torch.full((self.item_bytes,), i % 256, dtype=torch.uint8), None
+
+
+def _decoded_before_each_batch(ds, batch_size):
+    counts, indices = [], []
+    for idx, batch, errors in batches(ds, batch_size, PARALLEL, collate):
+        counts.append(len(ds.seen))
+        indices += idx.tolist()
+        assert batch.shape == (len(idx), ds.item_bytes) and torch.equal(batch[:, 0], (idx % 256).to(torch.uint8))
+    assert indices == list(range(ds.n))  # in order, each once
+    return counts
+
+
+def test_parallel_decodes_groups_of_batches_after_the_first(monkeypatch):
+    monkeypatch.setattr(loading, "DECODE_GROUP_IMAGES", 12)
+    counts = _decoded_before_each_batch(_Recording(40), 4)
+    # the first batch alone, then 12 images (3 batches) per group, the last group short
+    assert counts == [4, 16, 16, 16, 28, 28, 28, 40, 40, 40]
+
+
+def test_parallel_groups_are_bounded_by_bytes(monkeypatch):
+    monkeypatch.setattr(loading, "DECODE_GROUP_BYTES", 10 * 1000)
+    counts = _decoded_before_each_batch(_Recording(20, item_bytes=1000), 4)
+    assert counts == [4, 12, 12, 20, 20]  # 10 images fit: groups of 2 whole batches
+    big = _Recording(12, item_bytes=64 << 20)
+    assert _decoded_before_each_batch(big, 4) == [4, 8, 12]  # nothing fits: one batch at a time
+
+
+def test_decode_group_sizes():
+    assert decode_group(4, 3 * 224 * 224) == 128  # 224 x 224 crops: the image cap
+    assert decode_group(32, 3 * 224 * 224) == 128
+    assert decode_group(48, 3 * 224 * 224) == 96  # whole batches only
+    assert decode_group(4, 10 * 3 * 518 * 518) == 8  # ten TTA views of 518 x 518: the byte cap
+    assert decode_group(256, 3 * 224 * 224) == 256  # never less than one batch
+    assert decode_group(4, 0) == 128
+
+
+def test_parallel_decodes_on_this_thread_and_a_helper_at_once(monkeypatch):
+    monkeypatch.setattr(loading, "_cores", lambda: 2)
+    ds = _Recording(24, barrier=threading.Barrier(2, timeout=10))
+    _decoded_before_each_batch(ds, 2)
+    assert threading.current_thread().name in ds.threads
+    assert any(name.startswith("featx-decode") for name in ds.threads)
+
+
+def test_parallel_on_one_core_decodes_here(monkeypatch):
+    monkeypatch.setattr(loading, "_cores", lambda: 1)
+    ds = _Recording(10)
+    assert _decoded_before_each_batch(ds, 4) == [4, 10, 10]
+    assert ds.threads == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("fail_at", [0, 9])
+def test_parallel_raises_a_decoders_error_and_stops_decoding(monkeypatch, fail_at):
+    monkeypatch.setattr(loading, "_cores", lambda: 2)
+    ds = _Recording(400, fail_at=fail_at)
+    with pytest.raises(ValueError, match=f"item {fail_at} broke"):
+        list(batches(ds, 4, PARALLEL, collate))
+    assert len(ds.seen) < 140  # the group in progress at most, none after it
 
 
 def test_streams_yield_in_order_from_several_threads():
