@@ -72,14 +72,16 @@ def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int]
     and whether the C allocator keeps freed activations
     (:func:`featx._malloc.keep_cpu_buffers`, which this applies if it was not
     yet; it changes the answer: lite0 fp32 preferred per-core streams without
-    it, one stream with it).
+    it, one stream with it). ``decode-grouped``: the one-stream design decodes
+    groups of batches between forward passes (:func:`featx._loading.batches`),
+    which made it faster; votes taken before do not decide.
     """
     c = cpu_capability()
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M" if keep_cpu_buffers() else "buffers-default"
     return "|".join([f"{c['isa']}-bf16{int(c['avx512_bf16'] or c['amx'])}", f"threads{threads}", f"torch{torch_mm}",
-                     buffers, model_id, weights_digest, f"{input_size[0]}x{input_size[1]}", f"batch{batch_size}",
-                     ",".join(fields)])
+                     buffers, "decode-grouped", model_id, weights_digest, f"{input_size[0]}x{input_size[1]}",
+                     f"batch{batch_size}", ",".join(fields)])
 
 
 def _read(path: Path) -> dict:

@@ -64,7 +64,7 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
         saved = json.loads((tmp_path / FILE_NAME).read_text())
         assert list(saved.values()) == [[winner] * vote]
     key = next(iter(saved))
-    assert "threads2" in key and "32x32" in key and "batch2" in key
+    assert "threads2" in key and "32x32" in key and "batch2" in key and "decode-grouped" in key
     # every image was computed once and the features do not depend on the schedule
     ref = _ext(tiny_cnn, tmp_path / "other", batch_size=5)
     ref._runner.tune = None
