@@ -89,11 +89,12 @@ def _parallel(dataset, batch_size: int, collate: Callable) -> Iterator:
     The first batch is decoded alone; its images' size sets how many are
     decoded per group after it (:data:`DECODE_GROUP_IMAGES`, at most
     :data:`DECODE_GROUP_BYTES`). Groups, not single batches, because a decoder
-    thread woken right after a forward pass cannot start at once: the model's
-    OpenMP threads keep spinning on the other cores for a few milliseconds
-    (measured: 4 images after each pass decoded no faster than on one core,
-    128 at a time at 1.9x). The calling thread decodes too, pulling the next
-    image from a shared counter, so no core waits for another.
+    thread handed a few images starts late: waking it takes a millisecond or
+    more (on a VM an idle core is slow to wake, and right after a forward pass
+    the model's OpenMP threads still spin on the other cores). Measured on 2
+    cores: 4 images per hand-over decoded no faster than on one core, 128 at
+    1.9x. The calling thread decodes too, pulling the next image from a shared
+    counter, so it never waits for a helper that has not started.
     """
     from concurrent.futures import ThreadPoolExecutor
 
