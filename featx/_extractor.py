@@ -16,7 +16,7 @@ from torch import nn
 
 from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
 from ._cache import default_cache_dir, namespace_for
-from ._device import cpu_streams, fp32_stream_candidates, precision_name, resolve_device
+from ._device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
 from ._engines import graph_key, onnx_path, resolve_compute
 from ._exceptions import ImageLoadWarning, ModelLoadError
 from ._fold import folds
@@ -123,12 +123,14 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         only emulates it warns (:class:`featx.DeviceWarning`) that it is
         slower there.
     batch_size : int or "auto", default="auto"
-        Images per forward pass. ``"auto"``: 64 on CUDA; 4 on the CPU (per
-        stream with bf16 streams, see ``streams_``). Batch 4 is the bare
-        model's best on the CPU, and featx's too: in fp32 from JPEG files,
-        1.26x batch 2 for efficientnet_lite0 and 1.11x for resnet50; batch 8
-        fell to 0.57x and 0.82x (2-core AVX512_BF16 machine, interleaved
-        medians). Results do not depend on it (within 1e-5 in fp32).
+        Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 8 for
+        eager fp32 and 4 otherwise (per stream with bf16 streams, see
+        ``streams_``). Measured from JPEG files on a 2-core AVX512_BF16
+        machine (interleaved medians): eager fp32 at batch 8 is 1.13x batch 4
+        for efficientnet_lite0 and 1.05x for resnet50, as the bare model's
+        best is batch 8; bf16 streams and ONNX Runtime gain nothing from 8
+        (see :func:`featx._device.auto_batch_size`). Results do not depend
+        on it (within 1e-5 in fp32).
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
         (0: in the main thread). ``"auto"``: on CUDA, up to 8 worker processes
@@ -395,7 +397,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.layers_ = [t.display for t in targets]
         self.layer_shapes_ = {t.display: t.shape for t in targets}
         self.n_features_out_ = len(names)
-        self.batch_size_ = int(self.batch_size) if self.batch_size != "auto" else (64 if device.type == "cuda" else 4)
+        self.batch_size_ = (int(self.batch_size) if self.batch_size != "auto"
+                            else auto_batch_size(device, dtype, backend))
         self.cache_dir_ = cache_dir
         self._feature_names = np.asarray(names, dtype=object)
         self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))

@@ -357,12 +357,16 @@ def test_auto_precision_follows_native_bf16(tiny_cnn, monkeypatch, native):
     assert ext.precision_ == ("bf16" if native else "fp32")
     assert ext.autocast_dtype_ == (torch.bfloat16 if native else None)
     assert ext.streams_ == (torch.get_num_threads() if native else 1)
-    # batch "auto" on the CPU: 4, per bf16 stream and for one eager fp32 stream (measured; see the parameter's docs)
-    assert ext.batch_size_ == 4
+    # batch "auto" on the CPU: 4 per bf16 stream, 8 for one eager fp32 stream (measured; see the parameter's docs)
+    assert ext.batch_size_ == (4 if native else 8)
     # explicit fp32 stays exact, whatever the CPU
     exact = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="fp32", progress=False).fit()
     assert exact.precision_ == "fp32" and exact.autocast_dtype_ is None and exact.streams_ == 1
-    assert exact.batch_size_ == 4
+    assert exact.batch_size_ == 8
+    # ONNX Runtime's fp32 gains nothing from batch 8: 4
+    ort = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", precision="fp32",
+                                     backend="onnxruntime", progress=False).fit()
+    assert ort.backend_ == "onnxruntime" and ort.batch_size_ == 4
 
 
 def test_explicit_bf16_warns_only_where_emulated(tiny_cnn, monkeypatch):
