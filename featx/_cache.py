@@ -53,6 +53,7 @@ DB_NAME = "featx-cache.sqlite"
 _SCHEMA_VERSION = "1"
 _RACY_NS = 2_000_000_000  # files modified this recently before hashing are re-hashed
 _CHUNK = 400  # SQLite host parameters per IN (...) list
+_BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -268,9 +269,9 @@ class EmbeddingCache:
             self._conn = self._open_db()
 
     def _open_db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
@@ -568,6 +569,27 @@ class EmbeddingCache:
             for k, v in list(self._registry.items()):
                 if v is self:
                     del self._registry[k]
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out another process doing the same.
+
+    SQLite answers "database is locked" at once, without its busy wait, to a
+    connection switching a new database to WAL while another one does: two
+    workers opening a fresh cache together lost one of them to "no cache".
+    Retried here for up to the busy timeout.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _qs(seq: Sequence) -> str:

@@ -327,6 +327,36 @@ def test_concurrent_processes_share_one_cache(cache_dir, files, tmp_path):
     assert ext.last_run_.computed == 0
 
 
+def _open_and_store(root, barrier, results, i):
+    """Child: open the cache at the same moment as a sibling, store 4 rows, report warnings."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        barrier.wait()
+        cache = EmbeddingCache.open(root)
+        ok = cache is not None and cache.store("ns", [(f"{i}-{j}", "f", np.full(3, j, np.float32)) for j in range(4)])
+    results.put((i, bool(ok), [str(w.message) for w in seen]))
+
+
+def test_processes_opening_a_new_cache_at_once_both_use_it(tmp_path):
+    # a fresh database switched to WAL by two processes at once: SQLite answers one of them
+    # "database is locked" at once (no busy wait); featx then ran that worker without a cache
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for round_ in range(16):
+        root = tmp_path / f"c{round_}"
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_store, args=(root, barrier, results, i)) for i in range(2)]
+        for p in procs:
+            p.start()
+        got = sorted(results.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        assert got == [(0, True, []), (1, True, [])], f"round {round_}: {got}"
+        with sqlite3.connect(root / DB_NAME) as conn:
+            assert conn.execute("SELECT COUNT(DISTINCT item) FROM embeddings").fetchone()[0] == 8
+
+
 def test_sigkill_mid_transform_then_rerun_resumes(cache_dir, files, tmp_path):
     torch.manual_seed(0)
     ref = _reference(TinyCNN(), files)
