@@ -22,9 +22,15 @@ blocks above it are still mapped and unmapped each time, which larger
 batches than the CPU default can meet) and the trim threshold at
 :data:`TRIM_THRESHOLD` (1 GiB). The cost: memory a forward pass needed at its
 peak stays with the process instead of going back to the OS between batches
-(up to 1 GiB; at featx's CPU batch size, tens of MiB). Nothing is changed
-where the user chose already (``MALLOC_MMAP_THRESHOLD_`` or
-``MALLOC_TRIM_THRESHOLD_`` in the environment), with another C library or
+(up to 1 GiB; at featx's CPU batch size, tens of MiB). And the top pad at
+:data:`TOP_PAD` (256 MiB of address space each time the heap grows, touched
+only when used): in a fresh process, decoding groups of images between
+forward passes (:mod:`featx._loading`) kept growing the heap in small steps;
+efficientnet_lite0 fp32 from JPEG ran at 141-161 img/s, call after call,
+and at 192-198 with this pad (or after the heap had once grown large; 64 MiB
+was not enough). Nothing is changed where the user chose already
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+``MALLOC_TOP_PAD_`` in the environment), with another C library or
 allocator (musl, macOS, Windows; jemalloc or tcmalloc preloaded take the call
 as a no-op), or with ``FEATX_KEEP_CPU_BUFFERS=0``.
 """
@@ -36,14 +42,16 @@ import os
 import platform
 import threading
 
-__all__ = ["keep_cpu_buffers", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_cpu_buffers", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "TOP_PAD"]
 
 #: glibc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Freed memory at the top of the heap kept for the next batch (glibc's own would be 64 MiB at most).
 TRIM_THRESHOLD = 1024 * 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-_USER_SET = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: Extra address space the heap takes each time it grows (glibc's default: 128 KiB); pages are touched only when used.
+TOP_PAD = 256 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # from glibc's malloc.h
+_USER_SET = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 _LOCK = threading.Lock()
 _DONE: list[bool] = []  # the outcome, once decided for this process
@@ -80,4 +88,5 @@ def _apply() -> bool:
     if mallopt is None:
         return False
     # the trim threshold first: a refused mmap threshold then leaves glibc's dynamic adjustment on
-    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return (bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+            and bool(mallopt(_M_TOP_PAD, TOP_PAD)))

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ._device import cpu_capability
-from ._malloc import TRIM_THRESHOLD, keep_cpu_buffers
+from ._malloc import TOP_PAD, TRIM_THRESHOLD, keep_cpu_buffers
 
 __all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "schedule_key", "recall", "remember"]
 
@@ -78,7 +78,7 @@ def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int]
     """
     c = cpu_capability()
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M" if keep_cpu_buffers() else "buffers-default"
+    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M-pad{TOP_PAD >> 20}M" if keep_cpu_buffers() else "buffers-default"
     return "|".join([f"{c['isa']}-bf16{int(c['avx512_bf16'] or c['amx'])}", f"threads{threads}", f"torch{torch_mm}",
                      buffers, "decode-grouped", model_id, weights_digest, f"{input_size[0]}x{input_size[1]}",
                      f"batch{batch_size}", ",".join(fields)])

@@ -74,11 +74,12 @@ def fresh(monkeypatch):
 def test_sets_the_thresholds_once_per_process(fresh):
     assert _malloc.keep_cpu_buffers() is True
     assert _malloc.keep_cpu_buffers() is True
-    assert fresh == [(-1, 1024 ** 3), (-3, 32 * 1024 ** 2)]  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_TOP_PAD
+    assert fresh == [(-1, 1024 ** 3), (-3, 32 * 1024 ** 2), (-2, 256 * 1024 ** 2)]
 
 
 @pytest.mark.parametrize("name, value", [("FEATX_KEEP_CPU_BUFFERS", "0"), ("MALLOC_MMAP_THRESHOLD_", "131072"),
-                                         ("MALLOC_TRIM_THRESHOLD_", "131072")])
+                                         ("MALLOC_TRIM_THRESHOLD_", "131072"), ("MALLOC_TOP_PAD_", "0")])
 def test_a_users_choice_is_left_alone(fresh, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     assert _malloc.keep_cpu_buffers() is False
