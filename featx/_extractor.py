@@ -129,7 +129,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         machine (interleaved medians): eager fp32 at batch 8 is 1.13x batch 4
         for efficientnet_lite0 and 1.05x for resnet50, as the bare model's
         best is batch 8; bf16 streams and ONNX Runtime gain nothing from 8
-        (see :func:`featx._device.auto_batch_size`). Results do not depend
+        (see ``featx._device.auto_batch_size``). Results do not depend
         on it (within 1e-5 in fp32).
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
