@@ -14,22 +14,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
-from ._cache import default_cache_dir, namespace_for
-from ._device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
-from ._engines import graph_key, onnx_path, resolve_compute
-from ._exceptions import ImageLoadWarning, ModelLoadError
-from ._fold import folds
-from ._layers import Target, resolve_layers
-from ._loading import engine_threads, show_progress
-from ._objstore import is_url, open_cache, resolve_cache
+from ._exceptions import ImageLoadWarning
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
-from ._pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
 from ._preprocess import as_items, item_path
-from ._schedule import recall, schedule_key
-from ._runner import Plan, Runner, RunSettings, RunStats, cached_run
-from ._weights import Backbone
+from ._runner import Runner, RunStats
+from ._settle import Settled, settle
 
 __all__ = ["PretrainedFeatureExtractor"]
 
@@ -331,40 +321,19 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid. Use True or False"
                                  f"{' or None (auto)' if name == 'progress' else ''}.")
 
-    def _check_device(self, device: torch.device) -> None:
-        """Refuse parameter values the resolved device cannot honour."""
-        if self.gpu_decode and device.type != "cuda":
-            raise ValueError(
-                f"gpu_decode=True decodes JPEGs with nvJPEG on a CUDA device, but the device is {str(device)!r}. "
-                "Use gpu_decode=False (the default) on this machine."
-            )
-
-    def _columns(self, targets: list[Target]) -> list[str]:
-        """The output column names, refusing a pooling a layer cannot take."""
-        names: list[str] = []
-        for t in targets:
-            problem = pooling_error(self.pooling, t.display, t.shape, t.layout, t.prefix)
-            if problem:
-                raise ValueError(problem)
-            width = pooled_width(t.shape, self.pooling, t.layout)
-            if self.pooling == "flatten" and width > FLATTEN_MAX_FEATURES:
-                raise ValueError(
-                    f"pooling='flatten' on layer {t.display!r} (output {t.shape}) gives {width:,} features per "
-                    f"image, over the limit of {FLATTEN_MAX_FEATURES:,}. Use pooling='avg' or 'gem', a deeper "
-                    "layer, or a smaller preprocess={'input_size': ...}."
-                )
-            names.extend(column_names(t.display, t.shape, self.pooling, t.layout))
-        return names
-
     # -------------------------------------------------------------------- fit
 
     def fit(self, X: Any = None, y: Any = None) -> "PretrainedFeatureExtractor":
-        """Resolve the backbone, layers, preprocessing, device and cache, and build the backbone's copy.
+        """Settle the backbone, layers, preprocessing, device, precision, schedule and cache.
 
         The extractor learns nothing from the data: ``X`` and ``y`` are
-        accepted for Pipeline compatibility and ignored. Building a named
-        backbone's weights happens once per process (later fits, e.g. inside
-        ``GridSearchCV``, reuse them); each fit makes its own private copy.
+        accepted for Pipeline compatibility and ignored. Everything is
+        decided here (:func:`featx._settle.settle`); the frozen network it
+        runs is built once per process and shared by every extractor that
+        needs the same one (later fits, e.g. inside ``GridSearchCV``, copy
+        nothing). Without a cache the network is ready when ``fit`` returns;
+        with one it is built by the first ``transform`` that has an image to
+        compute, so a search over cached features builds none.
 
         Parameters
         ----------
@@ -377,84 +346,54 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             The fitted extractor.
         """
         self._check_params()
-        device = resolve_device(self.device)
-        self._check_device(device)
-        backend, dtype = resolve_compute(self.backend, self.precision, device)
-        cache_dir = resolve_cache(self.cache)
-        template = get_template(self.model, self.weights)
-        cfg = resolve_preprocess(template.preprocess, self.preprocess)
-        pr = probe_template(template, cfg["input_size"])
-        targets = resolve_layers(self.layers, pr)
-        names = self._columns(targets)
-
-        self.device_ = device
-        self.autocast_dtype_ = dtype
-        self.precision_ = precision_name(dtype)
-        self.preprocess_ = cfg
-        self.model_id_ = template.identity
-        self.weights_id_ = template.weights
-        self.weights_digest_ = template.digest
-        self.layers_ = [t.display for t in targets]
-        self.layer_shapes_ = {t.display: t.shape for t in targets}
-        self.n_features_out_ = len(names)
-        self.batch_size_ = (int(self.batch_size) if self.batch_size != "auto"
-                            else auto_batch_size(device, dtype, backend))
-        self.cache_dir_ = cache_dir
-        self._feature_names = np.asarray(names, dtype=object)
-        self._plan = Plan.build(targets, pr, self.pooling, float(self.gem_p))
-        self._namespace = self._namespace_of(template)
-        self._set_schedule(backend)
-        # the backbone is heavy state: built here, so transform starts from fitted state
-        self._runner = self._build_runner(template, backend)
-        self.backend_ = self._runner.backend  # "torch" if the requested backend cannot run this model
+        self._adopt(settle(self.get_params(deep=False)))
         self.last_run_ = RunStats(streams=self.streams_)
         return self
 
-    def _namespace_of(self, template: Backbone) -> tuple[str, dict]:
-        """The cache namespace (and provenance) of everything that changes this extractor's numbers."""
-        return namespace_for(model_id=self.model_id_, weights_id=self.weights_id_, weights_digest=self.weights_digest_,
-                             code=template.code, preprocess=self.preprocess_,
-                             precision=str(self.autocast_dtype_ or "fp32"), tta=self.tta,
-                             folded=folds(self.autocast_dtype_))
+    def _adopt(self, s: Settled) -> None:
+        """Copy the fitted attributes from a settled record."""
+        self.__dict__.pop("_built_runner", None)
+        self._settled = s
+        self.device_ = s.device
+        self.autocast_dtype_ = s.dtype
+        self.precision_ = s.precision
+        self.preprocess_ = s.preprocess
+        self.model_id_ = s.template.identity
+        self.weights_id_ = s.template.weights
+        self.weights_digest_ = s.template.digest
+        self.layers_ = [t.display for t in s.targets]
+        self.layer_shapes_ = {t.display: t.shape for t in s.targets}
+        self.n_features_out_ = len(s.feature_names)
+        self.batch_size_ = s.batch_size
+        self.cache_dir_ = s.cache_dir
+        self._feature_names = s.feature_names
+        self._backend = s.backend
+        if s.cache_dir is None:  # every transform computes: the network is heavy state, built now
+            _ = self._runner
 
-    def _work_dir(self) -> Path:
-        """Where the schedule and exported graphs live: the cache directory, else the default one."""
-        local = self.cache_dir_ is not None and not is_url(self.cache_dir_)
-        return Path(self.cache_dir_) if local else default_cache_dir()
-
-    def _set_schedule(self, backend: str) -> None:
-        """``streams_`` and, for eager fp32 on a multi-core CPU never measured here, what to measure."""
-        self.streams_ = cpu_streams(self.device_, self.autocast_dtype_, backend)
-        self._tune = None
-        candidates = fp32_stream_candidates(self.device_, self.autocast_dtype_, backend)
-        if candidates > 1:
-            key = schedule_key(self.model_id_, self.weights_digest_, tuple(self.preprocess_["input_size"]),
-                               self.batch_size_, candidates, self._plan.out_fields)
-            remembered = recall(self._work_dir(), key)
-            self.streams_ = remembered or 1
-            if remembered is None:
-                self._tune = (self._work_dir(), key, candidates)
-
-    def _build_runner(self, template: Backbone, backend: str) -> Runner:
-        """The private backbone copy on ``device_`` with its engine, from fitted values only."""
-        store_all = self.cache_dir_ is not None
-        onnx_file = None
-        if backend == "onnxruntime":
-            fields = self._plan.fields(store_all)
-            onnx_file = onnx_path(self._work_dir(), graph_key(self._namespace[0], fields,
-                                                              tuple(self.preprocess_["input_size"])))
-        settings = RunSettings(
-            batch_size=self.batch_size_, num_workers=self.num_workers, on_error=self.on_error, backend=backend,
-            onnx_file=onnx_file, threads=engine_threads(self.num_workers), gpu_decode=bool(self.gpu_decode),
-            tta=self.tta, store_all=store_all, streams=self.streams_, tune=self._tune,
-        )
-        return Runner(instantiate(template), self._plan, self.device_, self.autocast_dtype_, self.preprocess_,
-                      settings)
+    @property
+    def _runner(self) -> Runner:
+        """The engine on the shared network, built on first use."""
+        runner = self.__dict__.get("_built_runner")
+        if runner is None:
+            runner = self.__dict__["_built_runner"] = self._settled.runner()
+        return runner
 
     @property
     def backbone_(self) -> nn.Module:
-        """The frozen backbone on ``device_`` (reading it builds nothing)."""
+        """The frozen backbone on ``device_`` (shared by every extractor of this network in the process)."""
         return self._runner.module
+
+    @property
+    def backend_(self) -> str:
+        """The backend in use: ``"auto"`` resolved, and ``"torch"`` after a fallback (once the engine is built)."""
+        runner = self.__dict__.get("_built_runner")
+        return runner.backend if runner is not None else self._backend
+
+    @property
+    def streams_(self) -> int:
+        """Forward passes run side by side: the schedule's current decision (what the runner uses)."""
+        return self._settled.schedule.streams
 
     @property
     def failed_indices_(self) -> np.ndarray:
@@ -547,12 +486,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _fill(self, items: Any, out: np.ndarray) -> None:
         """Compute (or read from the cache) every item's row of ``out``; record the run in ``last_run_``."""
-        cache = open_cache(self.cache_dir_)
-        progress = self._show_progress()
-        if cache is None:
-            stats = self._runner.run(items, np.arange(len(items)), out, progress=progress)
-        else:
-            stats = cached_run(self._runner, cache, self._namespace, items, out, progress=progress)
+        stats = self._settled.run(lambda: self._runner, items, out)
         # the record of the last run is an observer, not fitted state: one object, its contents replaced
         vars(self.last_run_).update(vars(stats))
         failed = stats.failed
@@ -566,9 +500,6 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
                 ImageLoadWarning,
                 stacklevel=_user_stacklevel(),
             )
-
-    def _show_progress(self) -> bool:
-        return show_progress(self.progress)
 
     # --------------------------------------------------------- sklearn glue
 
@@ -605,28 +536,19 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())
         # The backbone is rebuilt from model + weights after loading (and its
         # digest checked), so the weights are never duplicated in the pickle.
-        for derived in ("_runner", "_namespace", "_tune"):  # recomputed by __setstate__ on the loading machine
+        for derived in ("_built_runner", "_settled", "_feature_names"):  # settled again by __setstate__
             state.pop(derived, None)
+        if "n_features_out_" in state:
+            state["backend_"] = self.backend_
         return pack_state(state)
 
     def __setstate__(self, state: dict) -> None:
         state = unpack_state(state)
-        fitted = "n_features_out_" in state
-        if fitted:
-            state["precision_"] = precision_name(state.get("autocast_dtype_"))
+        fitted = state.pop("backend_", None) if "n_features_out_" in state else None
+        state.pop("streams_", None)  # pickles of featx <= 0.2 stored it; it is the schedule's decision now
+        state.pop("_backend", None)
         super().__setstate__(state)
-        if fitted:  # the device (and so the schedule) may have changed with the machine
-            template = self._checked_template()
-            self._namespace = self._namespace_of(template)
-            self._set_schedule(self.backend_)
-            self._runner = self._build_runner(template, self.backend_)
-
-    def _checked_template(self) -> Backbone:
-        """The backbone from ``model`` and ``weights``, refused if its weights are not those fitted."""
-        template = get_template(self.model, self.weights)
-        if template.digest != self.weights_digest_:
-            raise ModelLoadError(
-                f"the weights of {self.model_id_} ({self.weights_id_}) differ from those this extractor "
-                "was fitted with (their digest changed). Refit the extractor, or restore the original weights."
-            )
-        return template
+        if fitted is not None:  # the device (and so the schedule) may have changed with the machine
+            keep = {"device_": self.device_, "autocast_dtype_": state.get("autocast_dtype_"),
+                    "backend_": fitted, "weights_digest_": self.weights_digest_}
+            self._adopt(settle(self.get_params(deep=False), fitted=keep))

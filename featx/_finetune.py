@@ -13,14 +13,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import get_template, instantiate, probe_template, resolve_preprocess
+from ._backbones import get_template, instantiate
 from ._device import autocast, resolve_device, resolve_precision
 from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._loading import PARALLEL, batches, show_progress
-from ._malloc import keep_cpu_buffers
 from ._options import DEFAULT_MODEL
 from ._pickling import pack_state, unpack_state
 from ._preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
+from ._settle import settle_backbone
 
 __all__ = ["FineTunedClassifier"]
 
@@ -222,11 +222,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         device = resolve_device(self.device)
         dtype = resolve_precision(self.precision, device, training=True)
-        if device.type == "cpu":
-            keep_cpu_buffers()  # each step's activations and gradients reuse memory instead of new pages
-        template = get_template(self.model, self.weights)
-        cfg = resolve_preprocess(template.preprocess, self.preprocess)
-        pr = probe_template(template, cfg["input_size"])
+        template, cfg, pr = settle_backbone(self.model, self.weights, self.preprocess, device)
         pre_logits = resolve_layers([PRE_LOGITS], pr)[0]
         backbone = instantiate(template)  # a private copy: the user's module is never trained in place
         start = _first_trainable(backbone, self.trainable_from, pr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -369,6 +370,29 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
     return targets
 
 
+def _hook(capture: "weakref.ref[LayerCapture]", i: int):
+    def hook(_m, _args, out):
+        cap = capture()
+        if cap is not None:
+            cap._store(i, out)
+
+    return hook
+
+
+def _pre_hook(capture: "weakref.ref[LayerCapture]", i: int):
+    def hook(_m, args):
+        cap = capture()
+        if cap is not None:
+            cap._store(i, args[0] if args else None)
+
+    return hook
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
+
+
 class LayerCapture:
     """Runs a backbone on a batch and returns the pooled outputs of its targets.
 
@@ -387,12 +411,16 @@ class LayerCapture:
         self.gem_p = gem_p
         self._local = threading.local()  # results, counts, missing, active: one call per thread
         named = dict(module.named_modules())
+        me = weakref.ref(self)
+        handles = []
         for i, t in enumerate(targets):
             sub = named[t.module]
             if t.kind == "input":
-                sub.register_forward_pre_hook(self._make_pre_hook(i))
+                handles.append(sub.register_forward_pre_hook(_pre_hook(me, i)))
             else:
-                sub.register_forward_hook(self._make_hook(i))
+                handles.append(sub.register_forward_hook(_hook(me, i)))
+        # the module may be shared by many captures (featx._network): each removes its own hooks when collected
+        self._release = weakref.finalize(self, _remove, handles)
 
     def _store(self, i: int, value: Any) -> None:
         st = self._local
@@ -409,17 +437,9 @@ class LayerCapture:
         if st.missing == 0:
             raise _StopForward
 
-    def _make_hook(self, i: int):
-        def hook(_m, _args, out):
-            self._store(i, out)
-
-        return hook
-
-    def _make_pre_hook(self, i: int):
-        def hook(_m, args):
-            self._store(i, args[0] if args else None)
-
-        return hook
+    def close(self) -> None:
+        """Remove this capture's hooks from the module now (they are removed when it is collected anyway)."""
+        self._release()
 
     def run(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Pooled outputs per target: ``[{part: (N, d) float32 tensor}]``."""

@@ -6,9 +6,10 @@ A *field* is one layer's output under one elementary pooling, e.g.
 cache stores fields, so ``avgmax`` reuses ``avg`` and ``max``, and the same
 layer reached by name or by alias shares entries.
 
-The engine takes plain values (a module, a :class:`Plan`, :class:`RunSettings`
-settled by the estimator's ``fit``) and returns a :class:`RunStats` record per
-run; it never sees the estimator.
+The engine takes plain values (a shared :class:`~featx._network.Network`, a
+:class:`Plan`, :class:`RunSettings` and a :class:`~featx._schedule.Schedule`,
+all settled by :func:`featx._settle.settle`) and returns a :class:`RunStats`
+record per run; it never sees the estimator and writes no files of its own.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from ._cache import item_keys
 from ._device import autocast
 from ._engines import build_engine
 from ._exceptions import DeviceWarning
-from ._fold import fold_batchnorm, folds
 from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
 from ._loading import batches, loader_workers, ordered_streams
-from ._malloc import keep_cpu_buffers
+from ._network import Network
 from ._pooling import layer_parts, part_width, pool_parts, pooling_error
 from ._preprocess import ImageDataset, Items, collate, load_error, normalize_batch
-from ._schedule import PHASE_BATCHES, TUNE_BATCHES, recall, remember
+from ._schedule import PHASE_BATCHES, TUNE_BATCHES, Schedule
 
 __all__ = ["Plan", "RunSettings", "Runner", "RunStats", "cached_run"]
 
@@ -112,8 +112,6 @@ class RunSettings:
     gpu_decode: bool = False
     tta: str | None = None
     store_all: bool = False  # compute every stored field (a cached run), not only the requested ones
-    streams: int = 1  # > 1: single-threaded CPU streams that decode and compute their own batches
-    tune: tuple[Path, str, int] | None = None  # (directory, key, candidate streams): fp32 schedule to measure
 
 
 @dataclass
@@ -126,44 +124,29 @@ class RunStats:
     duplicates: int = 0  # same content twice in one call: computed once
     streams: int = 1  # forward passes side by side (after the fp32 schedule was measured, the winner)
     failed: list = field(default_factory=list)  # (index, reason) of the items that could not be read
-
-
-def place(module: nn.Module, device: torch.device) -> nn.Module:
-    # channels_last is faster for convolutions on CUDA and on x86 CPUs (oneDNN):
-    # 79 vs 49 img/s for efficientnet_lite0, batch 4, on 2 AVX2 cores.
-    return module.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def _example(cfg: dict, device: torch.device) -> torch.Tensor:
-    """One fixed random input batch of the model's size (checks a folded backbone against the original)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, *cfg["input_size"], generator=g)
-    return x.to(device).contiguous(memory_format=torch.channels_last)
+    measured: int | None = None  # the stream count this run measured as faster (None: it measured nothing)
 
 
 class Runner:
-    """A fitted extractor's private backbone on its device, with its layer capture and engine.
+    """One fitted extractor's capture and engine on a shared frozen network.
 
     The engine (eager, compiled or ONNX Runtime) is built here, so ``backend``
-    is the backend that runs, ``"torch"`` after a fallback. The measured fp32
-    schedule (``streams``, ``tune``) and the out-of-memory split
-    (``max_chunk``) are what a runner learns while it runs.
+    is the backend that runs, ``"torch"`` after a fallback. The hooks and the
+    per-call state are the runner's own; the network is not mutated. The
+    out-of-memory split (``max_chunk``) is what a runner learns while it runs;
+    the CPU stream count is read from ``schedule`` at each run, and a
+    measurement is reported in the run's stats (``measured``), not kept here.
     """
 
-    def __init__(self, module: nn.Module, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
-                 settings: RunSettings):
-        if device.type == "cpu":
-            keep_cpu_buffers()  # before the first forward pass: its activations are then reused, not new pages
-        self.module = place(module, device)
+    def __init__(self, network: Network, plan: Plan, device: torch.device, dtype: torch.dtype | None, cfg: dict,
+                 settings: RunSettings, schedule: Schedule | None = None):
+        self.module, self.folded = network.module, network.folded  # folded: BatchNorms folded into convolutions
         self.plan, self.device, self.dtype, self.cfg, self.settings = plan, device, dtype, cfg, settings
-        self.streams, self.tune = settings.streams, settings.tune
+        self.schedule = schedule if schedule is not None else Schedule()
         self.max_chunk: int | None = None  # set after an out-of-memory error
         self.mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
         targets, parts = (plan.all_targets, plan.all_parts) if settings.store_all else (plan.targets, plan.parts)
-        self.folded = 0  # BatchNorms folded into their convolutions
-        if folds(dtype):
-            self.module, self.folded = fold_batchnorm(self.module, _example(cfg, device), {t.module for t in targets})
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
         self.backend, self.engine = build_engine(settings.backend, self.capture, onnx_file=settings.onnx_file,
@@ -232,12 +215,12 @@ class Runner:
         ``sink``, so no work is lost. With ``"nan"`` its row is NaN and it is
         listed in the returned stats' ``failed``.
         """
-        stats = RunStats(images=len(indices))
+        stats = RunStats(images=len(indices), streams=self.schedule.streams)
         dataset = ImageDataset(items, indices, self.cfg, self.device if self.settings.gpu_decode else None,
                                self.settings.tta)
         bar = _progress_bar(len(indices)) if progress else None
         try:
-            for idx, fields, errors in self._computed(dataset):
+            for idx, fields, errors in self._computed(dataset, stats):
                 if fields is not None:
                     stats.computed += self._write(idx.numpy(), fields, out, sink)
                 if errors and self.settings.on_error == "raise":
@@ -250,7 +233,6 @@ class Runner:
         finally:
             if bar is not None:
                 bar.close()
-        stats.streams = self.streams
         return stats
 
     def _write(self, rows: np.ndarray, fields: dict[str, torch.Tensor], out: np.ndarray, sink) -> int:
@@ -261,27 +243,26 @@ class Runner:
             sink(rows, {f: v.float().cpu().numpy() for f, v in fields.items()})
         return len(rows)
 
-    def _computed(self, dataset: ImageDataset):
+    def _computed(self, dataset: ImageDataset, stats: RunStats):
         """``(indices, fields or None, errors)`` per batch, in order.
 
         With several CPU streams, each stream decodes and computes whole
         batches (single-threaded); otherwise batches are decoded (see
         :func:`featx._loading.batches`) and computed here, one after the other.
-        An fp32 schedule not yet measured (``tune``) is measured on the first
-        :data:`~featx._schedule.TUNE_BATCHES` batches, if there are that many.
+        An fp32 schedule not yet decided (``schedule.pending()``) is measured
+        on the first :data:`~featx._schedule.TUNE_BATCHES` batches, if there
+        are that many; the winner runs the rest and is reported in
+        ``stats.measured`` (and ``stats.streams``).
         """
         n_jobs = -(-len(dataset) // self.settings.batch_size)
         start = 0
-        if self.tune is not None:
-            directory, key, candidates = self.tune
-            remembered = recall(directory, key)  # other extractors or processes may have completed the votes
-            if remembered is not None:
-                self.streams, self.tune = remembered, None
-            elif n_jobs >= TUNE_BATCHES:
-                self.streams = yield from self._measured(dataset, candidates)
-                remember(directory, key, self.streams)
-                self.tune, start = None, TUNE_BATCHES
-        yield from self._jobs(dataset, start, n_jobs, self.streams)
+        candidates = self.schedule.pending()  # other extractors or processes may have decided it
+        streams = self.schedule.streams
+        if candidates > 1 and n_jobs >= TUNE_BATCHES:
+            streams = yield from self._measured(dataset, candidates)
+            stats.measured, start = streams, TUNE_BATCHES
+        stats.streams = streams
+        yield from self._jobs(dataset, start, n_jobs, streams)
 
     def _measured(self, dataset: ImageDataset, candidates: int):
         """Run the first batches alternately with ``candidates`` streams and one; return the faster count.
@@ -329,30 +310,36 @@ def _progress_bar(total: int):
 # ------------------------------------------------------------------ caching
 
 
-def cached_run(runner: Runner, cache: Any, namespace: tuple[str, dict], items: Items, out: np.ndarray,
-               *, progress: bool = False) -> RunStats:
-    """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once)."""
+def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: tuple[str, dict], items: Items,
+               out: np.ndarray, *, progress: bool = False, streams: int = 1) -> RunStats:
+    """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once).
+
+    ``runner`` is called only when something is missing, so a fully cached
+    run builds no network; ``streams`` is what the stats report then.
+    """
     ns, info = namespace
     cache.register_namespace(ns, info)
     keys = item_keys(items, cache)
-    fields = runner.plan.out_fields
-    hits = cache.lookup(ns, [k for k in keys if k is not None], {f: runner.plan.widths[f] for f in fields})
+    fields = plan.out_fields
+    hits = cache.lookup(ns, [k for k in keys if k is not None], {f: plan.widths[f] for f in fields})
     todo, dups, n_hits = _plan_misses(keys, hits, fields, out)
 
     def sink(rows: np.ndarray, computed: dict[str, np.ndarray]) -> None:
         payload = [(keys[i], f, v[r]) for r, i in enumerate(rows) if keys[i] is not None for f, v in computed.items()]
         if payload:
-            cache.store(ns, payload, wanted=fields)
+            cache.store(ns, payload)
 
+    stats = RunStats(streams=streams)
     try:
-        stats = runner.run(items, np.asarray(todo), out, progress=progress, sink=sink) if todo else RunStats()
+        if todo:
+            stats = runner().run(items, np.asarray(todo), out, progress=progress, sink=sink)
     finally:
         cache.flush()  # a shared store publishes beside the compute: done when the run is
     for i, j in dups:
         out[i] = out[j]
     reasons = dict(stats.failed)
     stats.failed = sorted(stats.failed + [(i, reasons[j]) for i, j in dups if j in reasons])
-    stats.images, stats.cache_hits, stats.duplicates, stats.streams = len(items), n_hits, len(dups), runner.streams
+    stats.images, stats.cache_hits, stats.duplicates = len(items), n_hits, len(dups)
     return stats
 
 

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from ._device import cpu_capability
-from ._malloc import TOP_PAD, TRIM_THRESHOLD, keep_cpu_buffers
+from ._process import allocator_setting
 
-__all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "schedule_key", "recall", "remember"]
+__all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "Schedule", "schedule_key", "recall", "remember"]
 
 #: Batches in each alternating measurement phase (streams, one stream, streams, one stream).
 PHASE_BATCHES = 4
@@ -70,7 +70,7 @@ def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int]
 
     The machine's part is read here: the CPU's capability, the torch version
     and whether the C allocator keeps freed activations
-    (:func:`featx._malloc.keep_cpu_buffers`, which this applies if it was not
+    (:func:`featx._process.allocator_setting`, which applies it if it was not
     yet; it changes the answer: lite0 fp32 preferred per-core streams without
     it, one stream with it). ``decode-grouped``: the one-stream design decodes
     groups of batches between forward passes (:func:`featx._loading.batches`),
@@ -78,7 +78,7 @@ def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int]
     """
     c = cpu_capability()
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    buffers = f"buffers-kept{TRIM_THRESHOLD >> 20}M-pad{TOP_PAD >> 20}M" if keep_cpu_buffers() else "buffers-default"
+    buffers = allocator_setting()
     return "|".join([f"{c['isa']}-bf16{int(c['avx512_bf16'] or c['amx'])}", f"threads{threads}", f"torch{torch_mm}",
                      buffers, "decode-grouped", model_id, weights_digest, f"{input_size[0]}x{input_size[1]}",
                      f"batch{batch_size}", ",".join(fields)])
@@ -127,3 +127,49 @@ def remember(directory: Path, key: str, streams: int) -> None:
             os.replace(tmp, path)  # readers see the old file or the new one, never half of one
         except OSError:
             pass
+
+
+class Schedule:
+    """How many CPU streams one fitted extractor runs: fixed, or recalled, measured and remembered.
+
+    Settled once per ``fit`` (:func:`featx._settle.settle`). ``fixed`` is the
+    count where there is nothing to choose (bf16 streams, GPUs, other
+    backends). Otherwise ``candidates`` streams are weighed against one:
+    :attr:`streams` is the decision remembered in ``directory`` under ``key``
+    (by majority of :data:`VOTES` measurements), or 1 while undecided, and
+    :meth:`pending` says how many streams a run should measure. The runner
+    measures and reports the winner in its stats; :meth:`record` keeps it for
+    this extractor and adds it to the votes. The object is shared by the
+    extractor and its runner, so ``streams_`` reads what the runner used.
+    """
+
+    def __init__(self, fixed: int = 1, *, candidates: int = 1, directory: Path | None = None, key: str | None = None):
+        self.fixed, self.candidates, self.directory, self.key = fixed, candidates, directory, key
+        self._decided: int | None = fixed if candidates <= 1 else None
+        self._lock = threading.Lock()
+
+    def _recall(self) -> int | None:
+        with self._lock:
+            if self._decided is None and self.directory is not None and self.key is not None:
+                self._decided = recall(self.directory, self.key)
+            return self._decided
+
+    @property
+    def streams(self) -> int:
+        """The stream count to run with now (1 while an fp32 choice is undecided)."""
+        decided = self._recall()
+        return 1 if decided is None else decided
+
+    def pending(self) -> int:
+        """The candidate stream count to measure against one, or 0 when decided (other extractors may have)."""
+        return 0 if self._recall() is not None else self.candidates
+
+    def record(self, streams: int, *, remember_it: bool = True) -> None:
+        """Keep a measured winner for this extractor; add it to the remembered votes unless ``remember_it`` is False."""
+        with self._lock:
+            self._decided = int(streams)
+        if remember_it and self.directory is not None and self.key is not None:
+            remember(self.directory, self.key, int(streams))
+
+    def __repr__(self) -> str:
+        return f"Schedule(streams={self.streams}, candidates={self.candidates}, decided={self._decided is not None})"

@@ -162,7 +162,7 @@ def test_unchanged_files_are_not_rehashed(tiny_cnn, cache_dir, files, monkeypatc
 
 def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatch, tmp_path):
     base = _ext(tiny_cnn, tmp_path)
-    ns0 = base._namespace[0]
+    ns0 = base._settled.namespace[0]
     fields0 = base._plan.out_fields
     torch.manual_seed(5)
     other_weights = tmp_path / "w.pth"
@@ -175,7 +175,7 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
         "model": _ext("resnet18", tmp_path, weights=None),
     }
     for what, ext in changed_ns.items():
-        assert ext._namespace[0] != ns0, what
+        assert ext._settled.namespace[0] != ns0, what
     changed_field = {
         "layer": _ext(tiny_cnn, tmp_path, layers="stage1"),
         "pooling": _ext(tiny_cnn, tmp_path, layers="stage2", pooling="max"),
@@ -184,17 +184,17 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
     gem3 = _ext(tiny_cnn, tmp_path, layers="stage2", pooling="gem")
     assert changed_field["gem_p"]._plan.out_fields != gem3._plan.out_fields
     for what, ext in changed_field.items():
-        assert ext._namespace[0] == ns0 and ext._plan.out_fields != fields0, what
+        assert ext._settled.namespace[0] == ns0 and ext._plan.out_fields != fields0, what
     same = [_ext(tiny_cnn, tmp_path, batch_size=7), _ext(tiny_cnn, tmp_path, num_workers=2)]
     same.append(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(tmp_path), precision="fp32",
                                            progress=True).fit())
     for ext in same:
-        assert ext._namespace[0] == ns0 and ext._plan.out_fields == fields0
+        assert ext._settled.namespace[0] == ns0 and ext._plan.out_fields == fields0
     monkeypatch.setattr("featx._cache.FORMAT_VERSION", 999)
-    assert base.fit()._namespace[0] != ns0
+    assert base.fit()._settled.namespace[0] != ns0
     monkeypatch.setattr("featx._cache.FORMAT_VERSION", 1)
     monkeypatch.setattr("torch.__version__", "99.1.0")
-    assert base.fit()._namespace[0] != ns0
+    assert base.fit()._settled.namespace[0] != ns0
 
 
 def test_alias_and_module_name_share_entries(tiny_cnn, cache_dir, files):

@@ -89,7 +89,7 @@ def test_tags_are_honest(make, tiny_cnn, image_paths):
 
 
 def test_init_is_cheap_and_verbatim():
-    with mock.patch("featx._extractor.get_template") as build:
+    with mock.patch("featx._settle.get_template") as build:
         ext = PretrainedFeatureExtractor("no_such_model", layers="x", device="cuda:7", batch_size=0)
     build.assert_not_called()
     assert ext.get_params()["model"] == "no_such_model" and ext.get_params()["batch_size"] == 0
@@ -229,7 +229,7 @@ def test_pickle_does_not_embed_named_backbone_weights(tmp_path):
     assert len(blob) < 200_000, f"pickle holds {len(blob):,} bytes: the weights were embedded"
     back = pickle.loads(blob)
     # rebuilt on loading from the name, so transform starts from fitted state
-    assert back.backbone_ is not ext.backbone_ and back.weights_digest_ == ext.weights_digest_
+    assert back.backbone_ is ext.backbone_ and back.weights_digest_ == ext.weights_digest_  # one network per process
     x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     np.testing.assert_array_equal(back.transform(x), ext.transform(x))
 
@@ -404,5 +404,5 @@ def test_bf16_features_close_to_fp32_and_cached_apart(tiny_cnn, image_paths, tmp
     assert b.dtype == np.float32
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
-    assert f32._namespace[0] != b16._namespace[0]
+    assert f32._settled.namespace[0] != b16._settled.namespace[0]
     np.testing.assert_array_equal(f32.transform(X), a)  # cached fp32 entries are not bf16 ones

@@ -129,4 +129,4 @@ def test_bf16_extractor_runs_folded_and_stays_close_to_fp32(image_paths):
     bf16 = PretrainedFeatureExtractor(precision="bf16", **kw).fit()
     assert _bn_count(fp32.backbone_) == 20 and _bn_count(bf16.backbone_) == 0  # explicit fp32: the module as given
     assert _cos(bf16.transform(paths), fp32.transform(paths)).min() > 0.999
-    assert bf16._namespace[1]["batchnorm"] == "folded" and "batchnorm" not in fp32._namespace[1]
+    assert bf16._settled.namespace[1]["batchnorm"] == "folded" and "batchnorm" not in fp32._settled.namespace[1]

@@ -173,8 +173,8 @@ def test_results_do_not_depend_on_batch_size_streams_or_threads(tiny_cnn, image_
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
                     ext = _reference(tiny_cnn, X, batch_size=bs)
-                    runner = ext._runner  # fit settles the schedule from the CPU and precision; forced here
-                    runner.streams, runner.tune = streams, None
+                    # fit settles the schedule from the CPU and precision; forced here
+                    ext._settled.schedule.record(streams, remember_it=False)
                     np.testing.assert_allclose(ext.transform(X), ref, rtol=1e-5, atol=1e-6,
                                                err_msg=f"batch {bs}, {streams} streams, {threads} threads")
                     assert ext.last_run_.computed == len(X) and ext.last_run_.streams == streams
@@ -186,8 +186,7 @@ def test_streams_keep_errors_in_order_and_lose_no_work(tiny_cnn, image_paths, tm
     paths = list(image_paths[0][:9])
     bad = paths[:5] + [str(tmp_path / "missing.jpg")] + paths[5:]
     ext = _reference(tiny_cnn, bad, batch_size=2, on_error="nan")
-    runner = ext._runner
-    runner.streams, runner.tune = 2, None
+    ext._settled.schedule.record(2, remember_it=False)
     with pytest.warns(Warning, match="1 of 10 images"):
         out = ext.transform(bad)
     assert list(ext.failed_indices_) == [5] and np.isnan(out[5]).all()

@@ -102,7 +102,7 @@ def test_a_cpu_extractor_sets_them_when_fitted(monkeypatch, tiny_cnn):
     from featx import PretrainedFeatureExtractor
 
     calls = []
-    monkeypatch.setattr("featx._runner.keep_cpu_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr("featx._process.keep_cpu_buffers", lambda: calls.append(1) or True)
     PretrainedFeatureExtractor(tiny_cnn, device="cpu", cache=None).fit()
     assert calls == [1]
 
@@ -115,7 +115,7 @@ def test_fine_tuning_on_the_cpu_sets_them(monkeypatch):
     from .conftest import SMALL, TinyCNN
 
     calls = []
-    monkeypatch.setattr("featx._finetune.keep_cpu_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr("featx._process.keep_cpu_buffers", lambda: calls.append(1) or True)
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, size=(8, 40, 52, 3), dtype=np.uint8)
     FineTunedClassifier(TinyCNN(), trainable_from=0, max_epochs=1, preprocess=SMALL, progress=False,

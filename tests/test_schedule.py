@@ -58,7 +58,7 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
     winner = 1 if slow_streams else 2
     for vote in range(1, VOTES + 1):
         ext = _ext(tiny_cnn, tmp_path)
-        assert ext.streams_ == 1 and ext._runner.tune is not None  # not decided yet: measured again
+        assert ext.streams_ == 1 and ext._settled.schedule.pending() == 2  # not decided yet: measured again
         out = ext.transform([im ^ vote for im in images])  # new images each time: computed
         assert ext.last_run_.streams == winner and ext.last_run_.computed == len(images)
         saved = json.loads((tmp_path / FILE_NAME).read_text())
@@ -67,11 +67,11 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
     assert "threads2" in key and "32x32" in key and "batch2" in key and "decode-grouped" in key
     # every image was computed once and the features do not depend on the schedule
     ref = _ext(tiny_cnn, tmp_path / "other", batch_size=5)
-    ref._runner.tune = None
+    ref._settled.schedule.record(1, remember_it=False)
     np.testing.assert_allclose(out, ref.transform([im ^ VOTES for im in images]), rtol=1e-5, atol=1e-6)
     # decided: a new extractor for the same model starts with the choice, without measuring
     again = _ext(tiny_cnn, tmp_path)
-    assert again.streams_ == winner and again._runner.tune is None
+    assert again.streams_ == winner and again._settled.schedule.pending() == 0
     again.transform([255 - im for im in images[:6]])  # new images: computed, not cache hits
     assert again.last_run_.computed == 6 and again.last_run_.streams == winner
 
@@ -136,8 +136,8 @@ def test_bf16_and_other_backends_are_not_measured(tiny_cnn, tmp_path, two_thread
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
     bf16 = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", progress=False,
                                       cache=str(tmp_path)).fit()
-    assert bf16.precision_ == "bf16" and bf16.streams_ == 2 and bf16._runner.tune is None
+    assert bf16.precision_ == "bf16" and bf16.streams_ == 2 and bf16._settled.schedule.pending() == 0
     single = _ext(tiny_cnn, tmp_path)
     torch.set_num_threads(1)
-    assert _ext(tiny_cnn, tmp_path)._runner.tune is None  # one thread: nothing to choose
-    assert single._runner.tune is not None
+    assert _ext(tiny_cnn, tmp_path)._settled.schedule.pending() == 0  # one thread: nothing to choose
+    assert single._settled.schedule.pending() == 2

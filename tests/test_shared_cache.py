@@ -95,7 +95,7 @@ def _check_store(server: MotoServer, bucket: str, ext: PretrainedFeatureExtracto
     of ``images``' objects. ``others``: objects of other images may be there too (checked intact)."""
     from featx._cache import content_key
 
-    ns = ext._namespace[0]
+    ns = ext._settled.namespace[0]
     widths = ext._runner.plan.widths
     fields = {f: widths[f] for f in ext._runner.plan.out_fields}
     by_key = {content_key(im): i for i, im in enumerate(images)}
