@@ -35,6 +35,6 @@ for layer in list_layers(net, preprocess=prep):
     if layer.alias:
         print(f"{layer.name:<10} alias {layer.alias:<10} shape {layer.shape}")
 paths, y, _ = demo_data()
-ext = PretrainedFeatureExtractor(net, layers=["block1", "block2"], pooling="avgmax", preprocess=prep)
+ext = PretrainedFeatureExtractor(net, layers=["block1", "block2"], pooling="catavgmax", preprocess=prep)
 scores = cross_val_score(make_pipeline(ext, StandardScaler(), LogisticRegression(max_iter=3000)), paths, y, cv=4)
-print(f"SmallNet (random weights) block1+block2 avgmax: accuracy {scores.mean():.3f}")
+print(f"SmallNet (random weights) block1+block2 catavgmax: accuracy {scores.mean():.3f}")

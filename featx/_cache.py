@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ._exceptions import CacheWarning
+from ._store import EmbeddingStore, store_info
 
 __all__ = [
     "FORMAT_VERSION",
@@ -217,7 +218,7 @@ def _hash_file(path: str) -> str:
     return "f:" + h.hexdigest()
 
 
-class EmbeddingCache:
+class EmbeddingCache(EmbeddingStore):
     """A handle on one cache directory's database, shared per process.
 
     Use :meth:`open`, which returns None (after a warning) when the directory
@@ -226,6 +227,12 @@ class EmbeddingCache:
 
     _registry: dict[tuple[int, str], "EmbeddingCache"] = {}
     _registry_lock = threading.Lock()
+    kind = "SQLite database"
+    eviction = "least-recently-used"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -439,8 +446,9 @@ class EmbeddingCache:
             )
         return found
 
-    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *, wanted: Sequence[str] | None = None) -> bool:
-        """Write ``(item key, field, vector)`` rows in one transaction (every row: ``wanted`` is for shared stores)."""
+    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *,
+              requested: Sequence[str] | None = None) -> bool:
+        """Write every ``(item key, field, vector)`` row in one transaction, committed when it returns."""
         now = _clock()
         payload = []
         for item, field, vec in rows:
@@ -456,76 +464,40 @@ class EmbeddingCache:
     def _db_bytes(self) -> int:
         return sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
 
-    def graphs(self) -> list[Path]:
-        """The exported ONNX graphs kept beside the database (``backend="onnxruntime"``), least recently used first."""
-        found = []
-        for p in (self.root / "onnx").glob("*.onnx"):
-            try:
-                st = p.stat()
-                found.append((max(st.st_atime, st.st_mtime), p))  # exported, or last used (featx sets atime)
-            except OSError:  # removed meanwhile
-                continue
-        return [p for _, p in sorted(found)]
-
-    @staticmethod
-    def _bytes(paths: list[Path]) -> int:
-        total = 0
-        for p in paths:
-            try:
-                total += p.stat().st_size
-            except OSError:
-                pass
-        return total
-
     def info(self) -> dict:
-        """Size on disk (database and exported graphs), entry counts and a per-namespace breakdown with provenance."""
+        """Size on disk, entry counts and a per-namespace breakdown with provenance (:func:`featx._store.store_info`)."""
         db = self._db_bytes()
-        graphs = self.graphs()
-        graph_bytes = self._bytes(graphs)
         per_ns = self._read(
             "SELECT n.ns, n.info, n.created, COUNT(e.rowid), COALESCE(SUM(LENGTH(e.vec)), 0), "
             "COUNT(DISTINCT e.item), MAX(e.atime) FROM namespaces n LEFT JOIN embeddings e ON e.ns = n.ns "
             "GROUP BY n.ns ORDER BY n.created",
             (),
         )
-        files = self._read("SELECT COUNT(*) FROM files", ())[0][0]
+        files = self._read("SELECT COUNT(*) FROM files", ())
         namespaces = []
         for ns, info, created, n_rows, nbytes, n_items, last in per_ns:
             namespaces.append(
                 {"namespace": ns, "entries": n_rows, "images": n_items, "vector_bytes": nbytes,
                  "created": created, "last_used": last, "provenance": json.loads(info)}
             )
-        return {
-            "path": str(self.path),
-            "size_bytes": db + graph_bytes,
-            "database_bytes": db,
-            "graphs": len(graphs),
-            "graph_bytes": graph_bytes,
-            "entries": sum(n["entries"] for n in namespaces),
-            "files_indexed": files,
-            "namespaces": namespaces,
-        }
+        return store_info(location=self.location, kind=self.kind, size_bytes=db,
+                          entries=sum(n["entries"] for n in namespaces), namespaces=namespaces,
+                          files_indexed=files[0][0] if files else 0, parts={"database": db})
 
-    def clear(self) -> None:
-        """Delete every entry, namespace, file hash and exported graph, and shrink the file."""
+    def clear(self) -> int:
+        """Delete every entry, namespace and file hash, and shrink the file; return how many entries went."""
+        rows = self._read("SELECT COUNT(*) FROM embeddings", ())
         self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")])
         self._vacuum()
-        for p in self.graphs():
-            p.unlink(missing_ok=True)
+        return rows[0][0] if rows else 0
 
     def prune(self, max_bytes: int) -> int:
-        """Evict until the cache (database and graphs) is at most ``max_bytes``; return how many entries went.
+        """Evict the least recently used entries until the database is at most 90% of ``max_bytes``.
 
-        Exported graphs go first, least recently used first (re-exporting one
-        takes seconds; an embedding took a forward pass), then the least
-        recently used entries. Like ccache, it evicts down to 90% of the
-        limit, so that the next few writes do not immediately exceed it again.
+        Like ccache, it evicts down to 90% of the limit, so that the next few
+        writes do not immediately exceed it again. Returns how many entries went.
         """
         self._vacuum()
-        graphs = self.graphs()
-        while graphs and self._db_bytes() + self._bytes(graphs) > max_bytes:
-            graphs.pop(0).unlink(missing_ok=True)
-        max_bytes -= self._bytes(graphs)
         removed = 0
         for _ in range(10):  # the file has been compacted (above, or at the end of the last pass)
             size = self._db_bytes()

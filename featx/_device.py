@@ -142,12 +142,11 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     """How many forward passes run side by side on the CPU, each single-threaded, with its own decoding.
 
     On the CPU with eager PyTorch and bf16 autocast, one single-threaded
-    stream per core decodes and computes its own batches: 1.3-2.0x the
-    throughput of one stream using every core (efficientnet_lite0 1.96,
-    resnet18 1.29, resnet50 1.29; 2-core AVX512_BF16 machine, buffers kept,
-    ``benchmarks/bench_streams.py``), because the bf16 kernels of small
-    batches scale badly across threads. In fp32 the gain is model-, machine-
-    and allocator-dependent (0.75-1.31x), so in fp32 featx measures it
+    stream per core decodes and computes its own batches, because the bf16
+    kernels of small batches scale badly across threads (measured by
+    ``benchmarks/bench_streams.py``; figures on the Performance page of the
+    docs). In fp32 the gain depends on the model, the machine and the
+    allocator, so in fp32 featx measures it
     (:func:`fp32_stream_candidates`, :mod:`featx._schedule`). GPUs,
     ``torch.compile`` and ONNX Runtime (which has its own threads) keep one stream.
     The count is the process's torch thread count when ``fit`` runs
@@ -159,12 +158,11 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
 def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
     """``batch_size="auto"``: 64 on CUDA; on the CPU 8 for one eager fp32 stream, else 4 (per bf16 stream).
 
-    Measured from JPEG files, interleaved medians on a 2-core AVX512_BF16
-    machine with featx's allocator setting and grouped decoding: eager fp32
-    at batch 8 is 1.13x batch 4 for efficientnet_lite0 and 1.05x for
-    resnet50 (batch 16: 0.91x and 0.92x of batch 4), as the bare model's best
-    is batch 8. bf16 streams and ONNX Runtime gain nothing from 8 (1.03x and
-    0.98x), so they keep 4: half the latency and memory per stream.
+    The rule follows the bare model's best batch from JPEG files, measured
+    side by side (``benchmarks/bench_throughput.py``; figures on the
+    Performance page of the docs): one eager fp32 stream gains from 8, while
+    bf16 streams and ONNX Runtime gain nothing from it and keep 4, half the
+    latency and memory per stream.
     """
     if device.type == "cuda":
         return 64

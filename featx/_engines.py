@@ -32,7 +32,8 @@ from ._exceptions import BackendWarning
 from ._layers import LayerCapture
 from ._options import BACKENDS
 
-__all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path"]
+__all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path", "artifacts",
+           "prune_artifacts", "clear_artifacts", "artifact_bytes"]
 
 
 #: ONNX opset of exported graphs (supported by every ONNX Runtime >= 1.14).
@@ -88,6 +89,52 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 def onnx_path(root: Path, key: str) -> Path:
     """Where the exported graph for ``key`` lives."""
     return root / "onnx" / f"{key}.onnx"
+
+
+# ------------------------------------------------- artifacts on disk (housekeeping for `featx cache`)
+
+
+def artifacts(root: Path) -> list[Path]:
+    """The engines' files kept in a cache directory (exported ONNX graphs), least recently used first."""
+    found = []
+    for p in (Path(root) / "onnx").glob("*.onnx"):
+        try:
+            st = p.stat()
+            found.append((max(st.st_atime, st.st_mtime), p))  # exported, or last used (featx sets atime)
+        except OSError:  # removed meanwhile
+            continue
+    return [p for _, p in sorted(found)]
+
+
+def artifact_bytes(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def prune_artifacts(root: Path, max_bytes: int, other_bytes: int) -> tuple[int, int]:
+    """Remove artifacts, least recently used first, until they and ``other_bytes`` fit in ``max_bytes``.
+
+    They go before embeddings (re-exporting a graph takes seconds; an
+    embedding took a forward pass). Returns ``(removed, bytes left)``.
+    """
+    paths, removed = artifacts(root), 0
+    while paths and other_bytes + artifact_bytes(paths) > max_bytes:
+        paths.pop(0).unlink(missing_ok=True)
+        removed += 1
+    return removed, artifact_bytes(paths)
+
+
+def clear_artifacts(root: Path) -> int:
+    """Remove every artifact; return how many."""
+    paths = artifacts(root)
+    for p in paths:
+        p.unlink(missing_ok=True)
+    return len(paths)
 
 
 class _Truncated(nn.Module):
@@ -197,23 +244,25 @@ def _check_against_eager(cap: LayerCapture, run: Engine, input_size: tuple[int, 
 
 
 def _compiled_engine(cap: LayerCapture) -> Engine:
-    compiled = torch.compile(cap.run, dynamic=None)
+    eager = cap.run  # one bound method object: ``cap.run`` is a new one at every access
+    compiled = torch.compile(eager, dynamic=None)
     state = {"fn": compiled}
 
     def run(x: torch.Tensor) -> list:
+        fn = state["fn"]
+        if fn is eager:  # after a fallback: eager's own errors are eager's, raised as they are
+            return fn(x)
         try:
-            return state["fn"](x)
+            return fn(x)
         except Exception as exc:  # no C++ compiler, an unsupported op, ...: eager from now on
-            if state["fn"] is cap.run:
-                raise
             warnings.warn(
                 f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "running eager PyTorch instead.",
                 BackendWarning,
                 stacklevel=2,
             )
-            state["fn"] = cap.run
-            return cap.run(x)
+            state["fn"] = eager
+            return eager(x)
 
     return run
 

@@ -55,8 +55,12 @@ class DeviceWarning(FeatxWarning):
     --------
     >>> import warnings
     >>> from featx import DeviceWarning
-    >>> warnings.filterwarnings("ignore", category=DeviceWarning)  # I know my CPU emulates bf16
-    >>> warnings.resetwarnings()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.filterwarnings("ignore", category=DeviceWarning)  # I know my CPU emulates bf16
+    ...     warnings.warn("bf16 is emulated on this CPU", DeviceWarning)
+    >>> caught
+    []
     """
 
 
@@ -92,7 +96,11 @@ class BackendWarning(FeatxWarning):
     >>> from featx import BackendWarning
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("error", BackendWarning)  # insist on the backend I asked for
-    ...     pass
+    ...     try:
+    ...         warnings.warn("could not export this model", BackendWarning)
+    ...     except BackendWarning as w:
+    ...         print("refused:", w)
+    refused: could not export this model
     """
 
 

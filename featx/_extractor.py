@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._exceptions import ImageLoadWarning
+from ._exceptions import FeatxWarning, ImageLoadWarning
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
 from ._preprocess import as_items, item_path
@@ -74,10 +74,12 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ``"block1"`` ... ``"blockN"`` for a vision transformer's blocks, or
         ``"output"``. Several layers are concatenated in the order given. See
         :func:`featx.list_layers`.
-    pooling : {"avg", "max", "avgmax", "gem", "flatten", "cls", "cls+avg"}, default="avg"
+    pooling : {"avg", "max", "avgmax", "catavgmax", "gem", "flatten", "cls", "cls+avg"}, default="avg"
         How a layer's output becomes a vector. For a spatial map (``C x H x W``,
         or ``H x W x C`` as Swin's stages give, pooled over H and W either way):
-        global average, global max, both concatenated (``2C``), generalised
+        global average, global max, the mean of the two (``"avgmax"``, as in
+        timm), the two concatenated (``"catavgmax"``, ``2C``; featx <= 0.2
+        called this ``"avgmax"`` and warns about the change), generalised
         mean with exponent ``gem_p``, or all ``C*H*W`` values (refused beyond
         262,144 values per image). For a transformer's token sequence
         (``L x C``): ``"avg"``, ``"max"`` and ``"gem"`` pool the patch tokens
@@ -101,26 +103,22 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
         older ones); on the CPU, bf16 autocast where the CPU computes bf16
-        natively (AVX512_BF16 or AMX, as PyTorch reports it: 1.6-2.0x the
-        bare fp32 forward pass; features with a median cosine of 0.997 or
-        more to fp32's, and cross-validated accuracy within 1.3 points, see
-        the Performance page of the docs) and fp32 elsewhere. The
-        choice is in ``precision_`` and in the cache key. In bf16 and fp16
-        the backbone runs with each BatchNorm folded into the convolution
-        before it (where that provably gives the same outputs in fp32;
-        about 1.2x faster for efficientnet_lite0). ``"fp32"`` is exact
+        natively (AVX512_BF16 or AMX, as PyTorch reports it) and fp32
+        elsewhere; what bf16 gains in speed and changes in the features and
+        in cross-validated accuracy is measured on the Performance page of
+        the docs. The choice is in ``precision_`` and in the cache key. In
+        bf16 and fp16 the backbone runs with each BatchNorm folded into the
+        convolution before it (where that provably gives the same outputs in
+        fp32). ``"fp32"`` is exact
         everywhere: the module's own arithmetic. ``"bf16"`` on a CPU that
         only emulates it warns (:class:`featx.DeviceWarning`) that it is
         slower there.
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 8 for
         eager fp32 and 4 otherwise (per stream with bf16 streams, see
-        ``streams_``). Measured from JPEG files on a 2-core AVX512_BF16
-        machine (interleaved medians): eager fp32 at batch 8 is 1.13x batch 4
-        for efficientnet_lite0 and 1.05x for resnet50, as the bare model's
-        best is batch 8; bf16 streams and ONNX Runtime gain nothing from 8
-        (see ``featx._device.auto_batch_size``). Results do not depend
-        on it (within 1e-5 in fp32).
+        ``streams_``): the bare model's best batch, as measured on the
+        Performance page of the docs. Results do not depend on it (within
+        1e-5 in fp32).
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
         (0: in the main thread). ``"auto"``: on CUDA, up to 8 worker processes
@@ -161,8 +159,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ``pip install 'featx[onnx]'``): the backbone up to the deepest
         requested layer plus the pooling, exported once to ONNX and stored in
         ``<cache dir>/onnx/`` (the default cache directory when ``cache`` is
-        None), then run by ONNX Runtime, typically 1.3-2x faster than eager
-        PyTorch on CPUs. ``"auto"``: ONNX Runtime on the CPU when it is
+        None), then run by ONNX Runtime (its speed against eager PyTorch: see the
+        Performance page of the docs). ``"auto"``: ONNX Runtime on the CPU when it is
         installed, eager PyTorch otherwise. Backends agree within 1e-4
         (relative), so they share cache entries. A model that cannot be
         exported or compiled runs in eager PyTorch, with a
@@ -192,7 +190,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     backbone_ : torch.nn.Module
         The frozen backbone, in ``eval()`` mode, on ``device_``; in bf16 or
         fp16, with its BatchNorms folded into their convolutions (see
-        ``precision``).
+        ``precision``). Shared, read-only, by every extractor of the process
+        that runs the same network; reading it builds it if no transform has.
     device_ : torch.device
         The resolved device.
     autocast_dtype_ : torch.dtype or None
@@ -202,17 +201,19 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     streams_ : int
         Forward passes run side by side. On the CPU with bf16, one
         single-threaded stream per torch thread, each decoding and computing
-        its own batches (2-2.4x one all-core stream there). With eager fp32
-        on a multi-core CPU the faster of the two depends on the model and
-        the machine (0.75-1.31x), so a ``transform`` of at least 16 batches
+        its own batches. With eager fp32 on a multi-core CPU the faster of
+        the two depends on the model and the machine (see the Performance
+        page of the docs), so a ``transform`` of at least 16 batches
         measures both on its own images and keeps the faster one; the
         majority of three such measurements is remembered across processes
-        in ``schedules.json`` in the cache directory (see
-        ``featx._schedule``): ``streams_`` is the remembered choice, or 1
-        until it is decided. 1 on GPUs and other backends.
+        in ``schedules.json`` in the cache directory. ``streams_`` is the
+        current decision, the one the runner uses (after a measuring
+        ``transform``, its winner), or 1 until it is decided. 1 on GPUs and
+        other backends.
     backend_ : str
         The backend in use: ``"auto"`` resolved, and ``"torch"`` after a
-        fallback.
+        fallback (known once the engine is built: in ``fit`` without a cache,
+        else at the first image computed).
     preprocess_ : dict
         The resolved preprocessing (``input_size``, ``resize_size``, ``mean``,
         ``std``, ``interpolation``).
@@ -301,6 +302,13 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         """Refuse invalid parameter values (those that need no device or model to judge)."""
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is invalid. It must be one of {list(POOLINGS)}.")
+        if self.pooling == "avgmax":
+            warnings.warn(
+                "pooling='avgmax' follows timm since featx 0.3: the mean of average and max pooling (C features). "
+                "featx 0.2's 'avgmax' concatenated them (2C features): that is pooling='catavgmax' now.",
+                FeatxWarning,
+                stacklevel=3,
+            )
         if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or not self.gem_p > 0:
             raise ValueError(f"gem_p={self.gem_p!r} is invalid. It must be a positive number.")
         for name, low in (("batch_size", 1), ("num_workers", 0)):

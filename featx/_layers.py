@@ -374,7 +374,7 @@ def _hook(capture: "weakref.ref[LayerCapture]", i: int):
     def hook(_m, _args, out):
         cap = capture()
         if cap is not None:
-            cap._store(i, out)
+            cap.store(i, out)
 
     return hook
 
@@ -383,7 +383,7 @@ def _pre_hook(capture: "weakref.ref[LayerCapture]", i: int):
     def hook(_m, args):
         cap = capture()
         if cap is not None:
-            cap._store(i, args[0] if args else None)
+            cap.store(i, args[0] if args else None)
 
     return hook
 
@@ -422,7 +422,7 @@ class LayerCapture:
         # the module may be shared by many captures (featx._network): each removes its own hooks when collected
         self._release = weakref.finalize(self, _remove, handles)
 
-    def _store(self, i: int, value: Any) -> None:
+    def store(self, i: int, value: Any) -> None:
         st = self._local
         if not getattr(st, "active", False):  # the backbone is being run directly, not through the capture
             return

@@ -91,10 +91,11 @@ def _parallel(dataset, batch_size: int, collate: Callable) -> Iterator:
     :data:`DECODE_GROUP_BYTES`). Groups, not single batches, because a decoder
     thread handed a few images starts late: waking it takes a millisecond or
     more (on a VM an idle core is slow to wake, and right after a forward pass
-    the model's OpenMP threads still spin on the other cores). Measured on 2
-    cores: 4 images per hand-over decoded no faster than on one core, 128 at
-    1.9x. The calling thread decodes too, pulling the next image from a shared
-    counter, so it never waits for a helper that has not started.
+    the model's OpenMP threads still spin on the other cores), so small
+    hand-overs decode no faster than one core (measured: see the
+    Performance page of the docs). The calling thread decodes too, pulling
+    the next image from a shared counter, so it never waits for a helper
+    that has not started.
     """
     from concurrent.futures import ThreadPoolExecutor
 

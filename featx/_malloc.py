@@ -2,37 +2,26 @@
 
 A CPU forward pass allocates and frees its activations (megabytes each) for
 every batch. glibc's ``malloc`` serves a block above its *mmap threshold*
-(128 KiB at the start of a process) with a fresh ``mmap`` and returns it with
-``munmap`` when freed, and memory freed at the top of the heap beyond its
-*trim threshold* goes back to the OS too. Either way each batch's activations
-are new pages: the kernel zero-fills them on first touch, one page fault per
-4 KiB, which is slow on virtual machines above all. glibc raises both
-thresholds by itself once a large block is freed (to 32 MiB and 64 MiB at
-most), so how fast a process ran depended on what it happened to do before,
-and a forward pass whose heap peaks above 64 MiB (efficientnet_lite0 at
-batch 4 does) was trimmed after every batch even then. Seen on the 2-core
-AVX512_BF16 machine, efficientnet_lite0 fp32 at batch 4: 76-150 img/s in
-processes that had run featx (up to 550000 page faults per 128 images) and
-about 200 img/s with these thresholds (no page fault).
+with a fresh ``mmap`` and returns it with ``munmap`` when freed, and memory
+freed at the top of the heap beyond its *trim threshold* goes back to the OS
+too. Either way each batch's activations are new pages that the kernel
+zero-fills on first touch, one page fault per 4 KiB, slow on virtual
+machines above all; and glibc adjusts both thresholds by itself once a large
+block is freed, so speed depended on what the process happened to do before.
 
 :func:`keep_cpu_buffers` sets them with ``mallopt`` (glibc's documented
-interface), once per process, before featx's first CPU forward pass: the
-mmap threshold at glibc's largest (:data:`MMAP_THRESHOLD`, 32 MiB; single
-blocks above it are still mapped and unmapped each time, which larger
-batches than the CPU default can meet) and the trim threshold at
-:data:`TRIM_THRESHOLD` (1 GiB). The cost: memory a forward pass needed at its
-peak stays with the process instead of going back to the OS between batches
-(up to 1 GiB; at featx's CPU batch size, tens of MiB). And the top pad at
-:data:`TOP_PAD` (256 MiB of address space each time the heap grows, touched
-only when used): in a fresh process, decoding groups of images between
-forward passes (:mod:`featx._loading`) kept growing the heap in small steps;
-efficientnet_lite0 fp32 from JPEG ran at 141-161 img/s, call after call,
-and at 192-198 with this pad (or after the heap had once grown large; 64 MiB
-was not enough). Nothing is changed where the user chose already
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+interface), once per process, before featx's first CPU forward pass (through
+:func:`featx._process.prepare`): the mmap threshold at glibc's largest
+(:data:`MMAP_THRESHOLD`), the trim threshold at :data:`TRIM_THRESHOLD`, and
+the top pad at :data:`TOP_PAD` (address space taken each time the heap
+grows, touched only when used), so that grouped decoding does not grow the
+heap in small steps. The cost: memory a forward pass needed at its peak
+stays with the process between batches. Nothing is changed where the user
+chose already (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
 ``MALLOC_TOP_PAD_`` in the environment), with another C library or
-allocator (musl, macOS, Windows; jemalloc or tcmalloc preloaded take the call
-as a no-op), or with ``FEATX_KEEP_CPU_BUFFERS=0``.
+allocator (musl, macOS, Windows; jemalloc or tcmalloc preloaded take the
+call as a no-op), or with ``FEATX_KEEP_CPU_BUFFERS=0``. What it changes, as
+measured (``benchmarks/bench_allocator.py``): the Performance page of the docs (``docs/performance.md``).
 """
 
 from __future__ import annotations

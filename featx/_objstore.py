@@ -50,6 +50,7 @@ import numpy as np
 
 from ._cache import EmbeddingCache, _digest, _hash_file, default_cache_dir, resolve_cache_dir
 from ._exceptions import CacheWarning
+from ._store import EmbeddingStore, store_info
 
 __all__ = ["LAYOUT", "SharedCache", "check_url", "is_url", "open_cache", "pack", "resolve_cache", "unpack"]
 
@@ -256,7 +257,7 @@ def _is_vector(path: str) -> bool:
     return name != "namespace.json" and ".tmp-" not in name
 
 
-class SharedCache:
+class SharedCache(EmbeddingStore):
     """The cache interface of :class:`~featx._cache.EmbeddingCache` on an :class:`ObjectStore`.
 
     Use :meth:`open`. Every remote call goes through :meth:`_remote`, which
@@ -265,6 +266,12 @@ class SharedCache:
 
     _registry: dict[tuple[int, str], "SharedCache"] = {}
     _registry_lock = threading.Lock()
+    kind = "shared object store"
+    eviction = "oldest"  # objects are immutable and stores keep no access times
+
+    @property
+    def location(self) -> str:
+        return self.url
 
     def __init__(self, url: str, local: EmbeddingCache | None):
         self.url = url.rstrip("/")
@@ -403,10 +410,11 @@ class SharedCache:
             self.local.store(ns, fetched)
         return found
 
-    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *, wanted: Sequence[str] | None = None) -> bool:
-        """Write rows to the local layer; queue each image's ``wanted`` fields for publishing as one object.
+    def store(self, ns: str, rows: list[tuple[str, str, np.ndarray]], *,
+              requested: Sequence[str] | None = None) -> bool:
+        """Write rows to the local layer; queue each image's ``requested`` fields for publishing as one object.
 
-        Without ``wanted``, an image's object holds every field of its rows.
+        Without ``requested``, an image's object holds every field of its rows.
         Publishing overlaps the next batches; :meth:`flush` (called at the end
         of every run) waits for it.
         """
@@ -414,7 +422,7 @@ class SharedCache:
             self.local.store(ns, rows)
         per_item: dict[str, dict[str, np.ndarray]] = {}
         for k, f, v in rows:
-            if wanted is None or f in wanted:
+            if requested is None or f in requested:
                 per_item.setdefault(k, {})[f] = v
         objects = {self._object(ns, k, vecs): pack(ns, k, vecs) for k, vecs in per_item.items()}
         replace = {p: b for p, b in objects.items() if p in self._corrupt}
@@ -452,16 +460,17 @@ class SharedCache:
             entry["images"] = len(entry.pop("items"))
             namespaces.append(entry)
         total = sum(size for _, size, _ in listing)
-        return {"path": self.url, "store": "objects", "size_bytes": total, "database_bytes": total, "graphs": 0,
-                "graph_bytes": 0, "entries": sum(n["entries"] for n in namespaces), "files_indexed": 0,
-                "namespaces": namespaces}
+        return store_info(location=self.location, kind=self.kind, size_bytes=total,
+                          entries=sum(n["entries"] for n in namespaces), namespaces=namespaces,
+                          files_indexed=None, parts={"objects": total})
 
-    def clear(self) -> None:
-        """Delete every object of the layout (other data under the prefix is left alone)."""
+    def clear(self) -> int:
+        """Delete every object of the layout (other data under the prefix is left alone); return how many vectors."""
         paths = [p for p, _, _ in self.store_.walk()]
         if paths:
             self.store_.delete(paths)
         self._namespaces.clear()
+        return sum(1 for p in paths if _is_vector(p))
 
     def prune(self, max_bytes: int) -> int:
         """Delete the oldest objects until the store holds at most 90% of ``max_bytes``; return how many went.

@@ -9,7 +9,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 #: ``precision=`` values. "auto": bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: ``pooling=`` values (see :mod:`featx._pooling`).
-POOLINGS = ("avg", "max", "avgmax", "gem", "flatten", "cls", "cls+avg")
+POOLINGS = ("avg", "max", "avgmax", "catavgmax", "gem", "flatten", "cls", "cls+avg")
 #: Poolings that need a class token (layers with token layout and at least one prefix token).
 TOKEN_POOLINGS = ("cls", "cls+avg")
 #: ``backend=`` values (see :mod:`featx._engines`).

@@ -13,6 +13,10 @@ the backbone is probed, see :mod:`featx._layers`):
   patch tokens only (the prefix excluded, as timm's ``global_pool="avg"``
   does); ``"cls+avg"`` is the two side by side (DINOv2's linear-probe
   recipe); ``flatten`` keeps every token;
+- ``"avgmax"`` is the mean of ``"avg"`` and ``"max"`` (``C`` features) and
+  ``"catavgmax"`` their concatenation (``2C``), as timm names them
+  (``SelectAdaptivePool2d``); featx <= 0.2 called the concatenation
+  ``"avgmax"``;
 - ``"vec"``: ``(N, D)`` vectors (already pooled, e.g. ``pre_logits``): returned
   as they are, whatever the pooling.
 """
@@ -30,11 +34,11 @@ __all__ = ["POOLINGS", "TOKEN_POOLINGS", "layer_parts", "pool", "pool_parts", "p
 FLATTEN_MAX_FEATURES = 262_144
 
 _GEM_EPS = 1e-6
-_COMPOSITE = {"avgmax": ["avg", "max"], "cls+avg": ["cls", "avg"]}
+_COMPOSITE = {"catavgmax": ["avg", "max"], "cls+avg": ["cls", "avg"]}
 
 
 def pool_parts(pooling: str) -> list[str]:
-    """The elementary poolings a pooling is made of (``avgmax`` is ``avg`` then ``max``)."""
+    """The elementary poolings a pooling is made of (``catavgmax`` is ``avg`` then ``max``)."""
     return list(_COMPOSITE.get(pooling, [pooling]))
 
 
@@ -79,7 +83,7 @@ def pooling_error(pooling: str, layer: str, shape: tuple[int, ...], layout: str 
     if layout != "tokens":
         return (f"pooling={pooling!r} takes a transformer's class token, but layer {layer!r} is a "
                 f"{'(C, H, W)' if layout == 'nchw' else '(H, W, C)'} map {shape}. Use 'avg', 'max', 'gem' or "
-                "'avgmax' for maps.")
+                "'catavgmax' for maps.")
     if prefix < 1:
         return (f"pooling={pooling!r} takes the class token, but layer {layer!r} (tokens {shape}) has no "
                 "class token. Use 'avg' (the mean of its tokens) instead.")
@@ -112,6 +116,8 @@ def pool(x: torch.Tensor, pooling: str, gem_p: float = 3.0, layout: str | None =
         return x.mean(dims)
     if pooling == "max":
         return x.amax(dims)
+    if pooling == "avgmax":  # timm's meaning: the mean of the two (catavgmax is their concatenation)
+        return 0.5 * (x.mean(dims) + x.amax(dims))
     if pooling == "gem":
         # Generalised mean (Radenovic et al.): (mean(x^p))^(1/p) over positive activations.
         return x.clamp(min=_GEM_EPS).pow(gem_p).mean(dims).pow(1.0 / gem_p)

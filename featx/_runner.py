@@ -3,7 +3,7 @@
 A *field* is one layer's output under one elementary pooling, e.g.
 ``output:layer4|avg`` or ``input:fc|vec`` (the input of the classifier, i.e.
 ``pre_logits``). The output matrix is the requested fields side by side; the
-cache stores fields, so ``avgmax`` reuses ``avg`` and ``max``, and the same
+cache stores fields, so ``catavgmax`` reuses ``avg`` and ``max``, and the same
 layer reached by name or by alias shares entries.
 
 The engine takes plain values (a shared :class:`~featx._network.Network`, a
@@ -327,7 +327,7 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
     def sink(rows: np.ndarray, computed: dict[str, np.ndarray]) -> None:
         payload = [(keys[i], f, v[r]) for r, i in enumerate(rows) if keys[i] is not None for f, v in computed.items()]
         if payload:
-            cache.store(ns, payload)
+            cache.store(ns, payload, requested=fields)
 
     stats = RunStats(streams=streams)
     try:

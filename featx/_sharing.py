@@ -12,7 +12,6 @@ _TRUSTED = (
     "featx._extractor.PretrainedFeatureExtractor",
     "featx._finetune.FineTunedClassifier",
     "featx._layers.Target",
-    "featx._runner.Plan",
     "featx._runner.RunStats",
 )
 

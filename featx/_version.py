@@ -1,3 +1,3 @@
 """The package version (its own module, so that submodules need not import the package)."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"

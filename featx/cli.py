@@ -279,55 +279,73 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open_cache(args: argparse.Namespace):
+    """``(store or None, artifact directory or None, where)``: the store as the protocol, whatever its kind."""
     from ._cache import DB_NAME, EmbeddingCache, resolve_cache_dir
+    from ._engines import artifacts
     from ._objstore import SharedCache, check_url, is_url
 
-    if is_url(args.cache_dir):  # a shared store: managed as it is, without a local layer
+    if is_url(args.cache_dir):  # a shared store: managed as it is, without a local layer (and no artifacts)
         try:
             url = check_url(args.cache_dir)
         except ValueError as exc:
             raise _CliError(str(exc)) from None
-        return url, SharedCache(url, local=None)
+        return SharedCache(url, local=None), None, url
     root = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(True)
-    if not (root / DB_NAME).exists() and not list((root / "onnx").glob("*.onnx")):
-        return root, None
-    return root, EmbeddingCache.open(root)
+    if not (root / DB_NAME).exists() and not artifacts(root):
+        return None, None, str(root)
+    return EmbeddingCache.open(root), root, str(root)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _print_info(info: dict, graphs: list) -> None:
+    from ._engines import artifact_bytes
+
+    parts = [f"{name} {_human(size)}" for name, size in info["parts"].items()]
+    if graphs:
+        parts.append(f"{_plural(len(graphs), 'exported ONNX graph')} {_human(artifact_bytes(graphs))}")
+    total = info["size_bytes"] + artifact_bytes(graphs)
+    print(f"cache      {info['path']} ({info['kind']})")
+    print(f"size       {_human(total)} ({', '.join(parts)})")
+    indexed = "" if info["files_indexed"] is None else f"; {info['files_indexed']} files indexed"
+    print(f"entries    {info['entries']} in {len(info['namespaces'])} namespace(s){indexed}")
+    for ns in info["namespaces"]:
+        prov = ns["provenance"]
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(ns["last_used"])) if ns["last_used"] else "never"
+        tta = f"  tta={prov['tta']}" if prov.get("tta") else ""
+        print(f"- {prov['model']}  weights={prov.get('weights')}{tta}  images={ns['images']}  entries={ns['entries']}  "
+              f"vectors={_human(ns['vector_bytes'])}  last used {used}")
+        print(f"    namespace {ns['namespace']}: featx {prov.get('featx')}, torch {prov.get('torch_full')}, "
+              f"{'/'.join(prov.get('library_full') or ['-'])}, precision {_PRECISION_SHOWN.get(prov.get('precision'), prov.get('precision'))}, "
+              f"input {prov['preprocess'].get('input_size')}")
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    root, cache = _open_cache(args)
+    from ._engines import artifacts, clear_artifacts, prune_artifacts
+
+    cache, root, where = _open_cache(args)
     if cache is None:
-        print(f"no featx cache at {root}")
+        print(f"no featx cache at {where}")
         return 0
+    graphs = artifacts(root) if root is not None else []
     if args.cache_cmd == "info":
-        info = cache.info()
-        print(f"cache      {info['path']}")
-        if info.get("store") == "objects":
-            print(f"size       {_human(info['size_bytes'])} in {info['entries']} objects (a shared store)")
-        else:
-            print(f"size       {_human(info['size_bytes'])} (database {_human(info['database_bytes'])}, {info['graphs']} "
-                  f"exported ONNX graph{'' if info['graphs'] == 1 else 's'} {_human(info['graph_bytes'])})")
-        print(f"entries    {info['entries']} in {len(info['namespaces'])} namespace(s); {info['files_indexed']} files indexed")
-        for ns in info["namespaces"]:
-            prov = ns["provenance"]
-            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(ns["last_used"])) if ns["last_used"] else "never"
-            tta = f"  tta={prov['tta']}" if prov.get("tta") else ""
-            print(f"- {prov['model']}  weights={prov.get('weights')}{tta}  images={ns['images']}  entries={ns['entries']}  "
-                  f"vectors={_human(ns['vector_bytes'])}  last used {used}")
-            print(f"    namespace {ns['namespace']}: featx {prov.get('featx')}, torch {prov.get('torch_full')}, "
-                  f"{'/'.join(prov.get('library_full') or ['-'])}, precision {_PRECISION_SHOWN.get(prov.get('precision'), prov.get('precision'))}, "
-                  f"input {prov['preprocess'].get('input_size')}")
+        _print_info(cache.info(), graphs)
     elif args.cache_cmd == "clear":
-        info = cache.info()
-        cache.clear()
-        print(f"removed {info['entries']} entries and {info['graphs']} exported graph"
-              f"{'' if info['graphs'] == 1 else 's'} from {root}")
+        entries = cache.clear()
+        removed = clear_artifacts(root) if root is not None else 0
+        print(f"removed {entries} entries and {_plural(removed, 'exported graph')} from {where}")
     elif args.cache_cmd == "prune":
         before = cache.info()["size_bytes"]
-        removed = cache.prune(args.max_size)
-        after = cache.info()["size_bytes"]
-        order = "oldest" if isinstance(root, str) else "least-recently-used"  # objects keep no access times
-        print(f"evicted {removed} {order} entries: {_human(before)} -> {_human(after)} "
+        from ._engines import artifact_bytes
+
+        before += artifact_bytes(graphs)
+        dropped, left = prune_artifacts(root, args.max_size, before - artifact_bytes(graphs)) if root else (0, 0)
+        removed = cache.prune(args.max_size - left)
+        after = cache.info()["size_bytes"] + left
+        dropped_text = f" and {_plural(dropped, 'exported graph')}" if dropped else ""
+        print(f"evicted {removed} {cache.eviction} entries{dropped_text}: {_human(before)} -> {_human(after)} "
               f"(limit {_human(args.max_size)})")
     return 0
 

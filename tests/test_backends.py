@@ -40,7 +40,7 @@ def images():
 CASES = [
     ("efficientnet_lite0", "DEFAULT", ["stage3", "pre_logits"], "avg"),
     ("efficientnet_lite0", "DEFAULT", ["stage4", "stage5"], "gem"),
-    ("resnet18", None, ["layer2", "layer4"], "avgmax"),
+    ("resnet18", None, ["layer2", "layer4"], "catavgmax"),
     ("resnet18", None, ["layer3", "pre_logits"], "max"),
     ("timm:resnet10t", None, ["layer1", "layer3"], "avg"),
     ("timm:resnet10t", None, ["layer2", "layer4"], "gem"),
@@ -197,7 +197,7 @@ def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
 
 
 def test_torch_compile_matches_eager(tiny_cnn, images):
-    kw = dict(layers=["stage1", "pre_logits"], pooling="avgmax", preprocess=SMALL, progress=False)
+    kw = dict(layers=["stage1", "pre_logits"], pooling="catavgmax", preprocess=SMALL, progress=False)
     ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
     ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", batch_size=2, **kw).fit()
     with warnings.catch_warnings():
@@ -220,6 +220,37 @@ def test_torch_compile_failure_falls_back(tiny_cnn, images):
         ext.fit()  # compiled here; the compiled function fails on its first batch
         got = ext.transform(images)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_after_a_compile_fallback_eager_errors_raise_once_without_a_second_warning(tiny_cnn, images):
+    from featx._engines import _compiled_engine
+
+    class Cap:  # a capture whose eager run fails the second time it is called
+        calls = 0
+
+        def run(self, x):
+            Cap.calls += 1
+            if Cap.calls > 1:
+                raise ValueError("eager failure")
+            return [{"vec": x}]
+
+    def broken(fn, **kw):
+        def run(x):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    cap = Cap()
+    with mock.patch("torch.compile", broken):
+        engine = _compiled_engine(cap)
+    x = torch.zeros(1, 3)
+    with pytest.warns(BackendWarning, match="torch.compile failed"):
+        engine(x)  # compiled fails: warned, eager ran once
+    assert Cap.calls == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        with pytest.raises(ValueError, match="eager failure"):
+            engine(x)  # eager's own error: raised as it is, not another "torch.compile failed", not run twice
+    assert Cap.calls == 2
 
 
 # ------------------------------------------------------------ .npy streaming

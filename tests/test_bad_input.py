@@ -222,11 +222,12 @@ def _variant(images: list, k: int) -> list:
     return out
 
 
-def _child(cache_dir, images, order_seed, writing):
+def _child(cache_dir, images, order_seed, writing, stall):
     """Embed ``paths`` into the cache; ``writing`` is 1 exactly while a cache write transaction runs.
 
-    The write is slowed down (SQLite's progress handler sleeps inside it), so
-    that a kill lands inside it often.
+    The write is slowed down (SQLite's progress handler sleeps inside it);
+    with ``stall`` the first write stops inside its transaction until the
+    child is killed, so that kill lands inside it for certain.
     """
     from featx._cache import EmbeddingCache
 
@@ -239,7 +240,7 @@ def _child(cache_dir, images, order_seed, writing):
     def slow_write(self, fn, *args):
         def inside(conn, *a):
             writing.value = 1  # within BEGIN IMMEDIATE ... COMMIT
-            conn.set_progress_handler(lambda: time.sleep(0.001) or 0, 50)
+            conn.set_progress_handler(lambda: time.sleep(60 if stall else 0.001) or 0, 50)
             try:
                 return fn(conn, *a)
             finally:
@@ -267,7 +268,8 @@ def test_sigkill_during_cache_writes_never_corrupts(image_paths, tmp_path):
     killed_mid_write = 0
     for k in range(20):
         writing = ctx.Value("i", 0, lock=False)
-        proc = ctx.Process(target=_child, args=(cache_dir, images, k, writing))
+        stall = k % 2 == 0  # every other kill lands inside a write for certain; the rest anywhere near one
+        proc = ctx.Process(target=_child, args=(cache_dir, images, k, writing, stall))
         proc.start()
         deadline = time.monotonic() + 30
         while writing.value == 0 and proc.is_alive() and time.monotonic() < deadline:
@@ -276,8 +278,10 @@ def test_sigkill_during_cache_writes_never_corrupts(image_paths, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         # the child is dead, so the flag is final: 1 means it died inside a write transaction
+        assert proc.exitcode == -signal.SIGKILL or not stall
         if proc.exitcode == -signal.SIGKILL and writing.value == 1:
             killed_mid_write += 1
+        assert writing.value == 1 or not stall, "a stalled child was killed outside its write"
         # after each kill the cache is consistent: what the child committed reads back intact and right
         X = _variant(images, k)
         torch.manual_seed(0)
@@ -287,7 +291,7 @@ def test_sigkill_during_cache_writes_never_corrupts(image_paths, tmp_path):
             warnings.simplefilter("error", CacheWarning)
             got = _ext(TinyCNN(), cache=cache_dir).transform(X)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    assert killed_mid_write >= 10, f"only {killed_mid_write} of 20 kills landed inside a cache write"
+    assert killed_mid_write >= 10  # the ten stalled children at least
     with sqlite3.connect(os.path.join(cache_dir, DB_NAME)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 

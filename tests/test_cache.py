@@ -163,7 +163,7 @@ def test_unchanged_files_are_not_rehashed(tiny_cnn, cache_dir, files, monkeypatc
 def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatch, tmp_path):
     base = _ext(tiny_cnn, tmp_path)
     ns0 = base._settled.namespace[0]
-    fields0 = base._plan.out_fields
+    fields0 = base._settled.plan.out_fields
     torch.manual_seed(5)
     other_weights = tmp_path / "w.pth"
     torch.save(TinyCNN().state_dict(), other_weights)
@@ -182,14 +182,14 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
         "gem_p": _ext(tiny_cnn, tmp_path, layers="stage2", pooling="gem", gem_p=4.0),
     }
     gem3 = _ext(tiny_cnn, tmp_path, layers="stage2", pooling="gem")
-    assert changed_field["gem_p"]._plan.out_fields != gem3._plan.out_fields
+    assert changed_field["gem_p"]._settled.plan.out_fields != gem3._settled.plan.out_fields
     for what, ext in changed_field.items():
-        assert ext._settled.namespace[0] == ns0 and ext._plan.out_fields != fields0, what
+        assert ext._settled.namespace[0] == ns0 and ext._settled.plan.out_fields != fields0, what
     same = [_ext(tiny_cnn, tmp_path, batch_size=7), _ext(tiny_cnn, tmp_path, num_workers=2)]
     same.append(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(tmp_path), precision="fp32",
                                            progress=True).fit())
     for ext in same:
-        assert ext._settled.namespace[0] == ns0 and ext._plan.out_fields == fields0
+        assert ext._settled.namespace[0] == ns0 and ext._settled.plan.out_fields == fields0
     monkeypatch.setattr("featx._cache.FORMAT_VERSION", 999)
     assert base.fit()._settled.namespace[0] != ns0
     monkeypatch.setattr("featx._cache.FORMAT_VERSION", 1)
@@ -213,7 +213,7 @@ def test_layer_and_pooling_grid_runs_backbone_once(cache_dir, files):
     first = _ext(model, cache_dir, layers="layer1", **kw)
     first.transform(files)
     assert first.last_run_.computed == len(files)
-    for layers, pooling in [("pre_logits", "avg"), (["layer3", "layer4"], "avgmax"), ("stage1", "max"), ("layer2", "avg")]:
+    for layers, pooling in [("pre_logits", "avg"), (["layer3", "layer4"], "catavgmax"), ("stage1", "max"), ("layer2", "avg")]:
         ext = _ext(model, cache_dir, layers=layers, pooling=pooling, **kw)
         got = ext.transform(files)
         assert ext.last_run_.computed == 0, (layers, pooling)
@@ -225,7 +225,7 @@ def test_grid_search_processes_each_image_once(tiny_cnn, cache_dir, image_paths,
     pipe = make_pipeline(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(cache_dir), progress=False),
                          LogisticRegression(max_iter=300))
     grid = {"pretrainedfeatureextractor__layers": ["stage1", "stage2", "pre_logits"],
-            "pretrainedfeatureextractor__pooling": ["avg", "avgmax"], "logisticregression__C": [0.1, 1.0]}
+            "pretrainedfeatureextractor__pooling": ["avg", "catavgmax"], "logisticregression__C": [0.1, 1.0]}
     GridSearchCV(pipe, grid, cv=3).fit(paths, y)
     assert computed[0] == len(paths)
 

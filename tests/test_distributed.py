@@ -23,7 +23,7 @@ S3_PORT = free_port()  # the S3 test's server: its address is in the Ray workers
 
 def _extractor(**kw):
     return PretrainedFeatureExtractor("resnet18", weights=None, preprocess=SMALL, layers=["layer2", "layer4"],
-                                      pooling="avgmax", progress=False, **kw)
+                                      pooling="catavgmax", progress=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,31 @@ def test_the_performance_page_types_no_figure_itself():
     prose = re.sub(r"`[^`]*`", "", prose)  # code: script names and options
     typed = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?x\b(?!\d)", prose)
     assert not typed, f"figures typed into docs/performance.md instead of read from JSON: {typed}"
+
+
+def test_the_package_version_is_the_changelogs_newest_entry():
+    import re
+
+    from featx import __version__
+
+    changelog = (Path(__file__).resolve().parents[1] / "docs" / "changelog.md").read_text()
+    newest = re.search(r"^## (\d+\.\d+)", changelog, re.M).group(1)
+    assert ".".join(__version__.split(".")[:2]) == newest, (
+        f"featx.__version__ is {__version__!r} but the changelog's newest entry is {newest}: the cache's "
+        "provenance records and the docs' header would name the wrong release")
+
+
+def test_the_repository_tracks_no_build_artifacts_and_no_orphan_results():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    assert [f for f in tracked if f.endswith((".whl", ".egg", ".pyc"))] == []
+    readers = "".join(p.read_text() for p in [*root.glob("docs/**/*.md"), *root.glob("docs/**/*.rst"),
+                                              *root.glob("benchmarks/*.py"), root / "README.md"])
+    orphans = [f for f in tracked if f.startswith("benchmarks/results/")
+               and Path(f).stem not in readers and Path(f).name not in readers]
+    assert orphans == [], f"results that no page or benchmark reads: {orphans}"

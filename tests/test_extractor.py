@@ -108,7 +108,7 @@ def test_clone_gives_an_unbuilt_estimator(tiny_cnn):
 def test_set_params_then_fit_rebuilds(tiny_cnn):
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False).fit()
     assert ext.n_features_out_ == 16
-    ext.set_params(layers="stem", pooling="avgmax").fit()
+    ext.set_params(layers="stem", pooling="catavgmax").fit()
     assert ext.n_features_out_ == 16 and ext.layers_ == ["stem"]
 
 
@@ -215,9 +215,20 @@ def test_an_image_in_a_short_batch_gets_exactly_its_full_batch_features(tiny_cnn
         torch.set_num_threads(threads)
 
 
-def test_progress_bar(small_ext, image_paths, capsys):
+def test_progress_bar(small_ext, image_paths, monkeypatch):
+    from tqdm.auto import tqdm
+
+    bars = []
+    real_init = tqdm.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        bars.append(self)
+
+    monkeypatch.setattr(tqdm, "__init__", init)
     small_ext.set_params(progress=True).fit().transform(image_paths[0][:3])
-    assert "img" in capsys.readouterr().err
+    (bar,) = bars
+    assert bar.total == 3 and bar.n == 3 and bar.unit == "img"  # every image counted once
 
 
 # --------------------------------------------------------------- pickling

@@ -213,16 +213,16 @@ def test_tta_views_are_the_documented_crops():
 def test_tta_features_are_the_mean_over_views(tiny_cnn):
     imgs = np.random.default_rng(2).integers(0, 256, (3, 50, 60, 3), dtype=np.uint8)
     plain = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, layers=["stage1", "pre_logits"],
-                                       pooling="avgmax").fit()
+                                       pooling="catavgmax").fit()
     tta = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, layers=["stage1", "pre_logits"],
-                                     pooling="avgmax", tta="hflip", batch_size=2).fit()
+                                     pooling="catavgmax", tta="hflip", batch_size=2).fit()
     got = tta.transform(imgs)
     assert not np.allclose(got, plain.transform(imgs), rtol=1e-3)
     cfg = plain.preprocess_
     views = torch.stack([tta_views(torch.from_numpy(im).permute(2, 0, 1), cfg, "hflip") for im in imgs])
     # the views as ready-made 32 x 32 inputs (resize 32 -> 32 and crop 32: unchanged)
     direct = PretrainedFeatureExtractor(tiny_cnn, preprocess={"input_size": 32, "resize_size": 32}, progress=False,
-                                        layers=["stage1", "pre_logits"], pooling="avgmax").fit()
+                                        layers=["stage1", "pre_logits"], pooling="catavgmax").fit()
     exact = direct.transform(views.flatten(0, 1)).reshape(3, 2, -1).mean(1)
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
 

@@ -152,8 +152,15 @@ def test_streams_stay_bounded_when_the_consumer_is_slow():
 
     gen = ordered_streams(50, job, 2, ahead=2)
     assert next(gen) == 0
-    threading.Event().wait(0.2)  # give the streams time to run ahead as far as they may
-    assert len(running) <= 1 + 2 * 2 + 1
+    bound = 1 + 2 * 2 + 1  # the one consumed, streams x ahead waiting, one more taking its slot
+    deadline = threading.Event()
+    for _ in range(600):  # the streams run ahead until the bound stops them (a hang fails after 60 s)
+        if len(running) >= bound - 1:
+            break
+        deadline.wait(0.1)
+    assert len(running) >= bound - 1, f"the streams ran only {len(running)} jobs: they never ran ahead"
+    deadline.wait(0.2)  # had nothing stopped them, they would go on now
+    assert len(running) <= bound
     gen.close()
 
 

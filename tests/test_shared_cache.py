@@ -30,16 +30,19 @@ import torch
 from featx import CacheWarning, PretrainedFeatureExtractor
 from featx._objstore import SharedCache, check_url, pack, unpack
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
-
 from .conftest import SMALL, TinyCNN  # noqa: E402
 from .s3server import KEYS, MotoServer  # noqa: E402
 
 
 
+def _needs_s3() -> None:
+    pytest.importorskip("s3fs")  # only the tests against a real S3 server need them
+    pytest.importorskip("moto")
+
+
 @pytest.fixture(scope="module")
 def server():
+    _needs_s3()
     srv = MotoServer()
     yield srv
     srv.stop()
@@ -322,6 +325,7 @@ def test_a_worker_killed_mid_write_leaves_no_partial_object(server, tmp_path, mo
 
 
 def test_server_stopped_mid_job_warns_and_computes(tmp_path, monkeypatch, images, reference):
+    _needs_s3()
     srv = MotoServer()
     try:
         _use(monkeypatch, srv.endpoint)
@@ -354,6 +358,7 @@ def test_server_stopped_mid_job_warns_and_computes(tmp_path, monkeypatch, images
 
 def test_a_store_that_does_not_answer_costs_one_timeout(tmp_path, monkeypatch, images, reference):
     """A black hole (accepts connections, never replies): the read times out once, with a warning."""
+    _needs_s3()
     import fsspec
     import threading
 
@@ -393,6 +398,7 @@ def test_a_store_that_does_not_answer_costs_one_timeout(tmp_path, monkeypatch, i
 
 
 def test_read_only_bucket_is_read_and_not_written(tmp_path, monkeypatch, images, reference):
+    _needs_s3()
     import boto3
 
     srv = MotoServer()
@@ -450,7 +456,7 @@ def test_cache_command_manages_an_s3_store(server, monkeypatch, images, capsys):
     _ext(cache=url).transform(images)
     assert main(["cache", "info", "--cache-dir", url]) == 0
     out = capsys.readouterr().out
-    assert f"in {len(images)} objects (a shared store)" in out and "module:TinyCNN" in out and f"images={len(images)}" in out
+    assert f"entries    {len(images)} in 1 namespace(s)\n" in out and "(shared object store)" in out and "module:TinyCNN" in out and f"images={len(images)}" in out
     size = SharedCache(url, None).info()["size_bytes"]
     assert main(["cache", "prune", "--cache-dir", url, "--max-size", str(size // 2)]) == 0
     assert "oldest entries" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_check_dict_unchanged_catches_a_transform_that_changes_fitted_state(imag
     real = PretrainedFeatureExtractor.transform
 
     def transform(self, X):
-        self.backend_ = "changed"
+        self.batch_size_ = 999
         return real(self, X)
 
     monkeypatch.setattr(PretrainedFeatureExtractor, "transform", transform)

@@ -74,7 +74,7 @@ def test_vit_layers_are_blocks_with_token_layout():
     assert not any(r.alias and r.alias.startswith("stage") for r in rows.values())  # a ViT has blocks, not stages
 
 
-@pytest.mark.parametrize("pooling", ["cls", "avg", "max", "gem", "cls+avg", "avgmax", "flatten"])
+@pytest.mark.parametrize("pooling", ["cls", "avg", "max", "gem", "cls+avg", "catavgmax", "flatten"])
 def test_vit_token_poolings_match_forward_intermediates(images, pooling):
     vit = _vit()
     ext = _ext(vit, layers="block2", pooling=pooling)
@@ -87,13 +87,13 @@ def test_vit_token_poolings_match_forward_intermediates(images, pooling):
         "max": patches.max(1),
         "gem": np.power(np.power(np.clip(patches, 1e-6, None), 3.0).mean(1), 1 / 3.0),
         "cls+avg": np.concatenate([cls, patches.mean(1)], 1),
-        "avgmax": np.concatenate([patches.mean(1), patches.max(1)], 1),
+        "catavgmax": np.concatenate([patches.mean(1), patches.max(1)], 1),
         "flatten": np.concatenate([prefix, patches], 1).reshape(len(images), -1),
     }[pooling]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     names = ext.get_feature_names_out()
     assert len(names) == got.shape[1]
-    part = {"cls+avg": "cls", "avgmax": "avg"}.get(pooling, pooling)
+    part = {"cls+avg": "cls", "catavgmax": "avg"}.get(pooling, pooling)
     assert names[0] == f"block2_{part}_0"
     if pooling == "cls+avg":
         assert names[32] == "block2_avg_0"
@@ -166,7 +166,7 @@ def test_swin_stages_are_nhwc_and_pooled_over_space(images):
     rows = {r.name: r for r in list_layers(swin)}
     assert (rows["layers.1"].alias, rows["layers.1"].layout, rows["layers.1"].channels) == ("stage2", "nhwc", 32)
     assert rows["patch_embed.proj"].layout == "nchw"  # a convolution, though its shape reads either way
-    ext = _ext(swin, layers="stage2", pooling="avgmax")
+    ext = _ext(swin, layers="stage2", pooling="catavgmax")
     x = _model_input(ext, images)
     with torch.inference_mode():
         ref, = swin.forward_intermediates(x, indices=[1], intermediates_only=True)  # N x C x H x W
@@ -291,7 +291,7 @@ def test_onnxruntime_and_tta_with_token_and_nhwc_layers(tmp_path, make, layers, 
     model = make()
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
-    kw = dict(layers=layers, pooling="avgmax", preprocess={"resize_size": size})  # no resampling: exact flips
+    kw = dict(layers=layers, pooling="catavgmax", preprocess={"resize_size": size})  # no resampling: exact flips
     ref = _ext(model, **kw).transform(images)
     if _ort_installed():
         ort = _ext(model, backend="onnxruntime", cache=str(tmp_path), **kw)
