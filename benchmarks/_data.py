@@ -57,7 +57,7 @@ def machine() -> dict:
     """What every benchmark prints first: CPU model and capability (ISA, native bf16, VNNI, AMX), cores, torch."""
     import platform
 
-    from featx._device import cpu_capability, describe_cpu
+    from featx._runtime.device import cpu_capability, describe_cpu
 
     model = platform.processor() or platform.machine()
     try:

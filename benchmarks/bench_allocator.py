@@ -1,4 +1,4 @@
-"""What keeping freed activation buffers (featx._malloc) is worth: fresh processes with and without it.
+"""What keeping freed activation buffers (featx._runtime.malloc) is worth: fresh processes with and without it.
 
     python benchmarks/bench_allocator.py [--models efficientnet_lite0,resnet50] [--n 256,96] [--repeats 3]
 
@@ -42,7 +42,7 @@ def _child(model: str, paths: list[str]) -> dict:
     import torch
 
     from featx import PretrainedFeatureExtractor
-    from featx._backbones import build_backbone
+    from featx._models.backbones import build_backbone
 
     weights = "DEFAULT" if model.startswith("efficientnet_lite") else None
     kw = dict(weights=weights, device="cpu", cache=None, progress=False)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import make_jpegs, write_results  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
-from featx import _cache  # noqa: E402
-from featx._runner import Runner  # noqa: E402
+from featx._cache import sqlite as _cache  # noqa: E402
+from featx._runtime.runner import Runner  # noqa: E402
 
 _COMPUTED = [0]
 _forward = Runner.forward

@@ -39,7 +39,7 @@ from _data import machine, make_jpegs, write_results  # noqa: E402
 from s3server import KEYS, MotoServer  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
-from featx._objstore import SharedCache  # noqa: E402
+from featx._cache.objects import SharedCache  # noqa: E402
 
 
 def _machine_switch(tmp: str, read_through: bool) -> None:

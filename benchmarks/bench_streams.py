@@ -3,8 +3,8 @@
     python benchmarks/bench_streams.py [--models efficientnet_lite0,resnet18,resnet50] [--batch-size 4]
                                        [--repeats 3] [--glibc-default]
 
-The measurement behind featx's CPU schedule (``featx._device.cpu_streams``,
-``featx._schedule``): on the same pre-made input batches, in one run,
+The measurement behind featx's CPU schedule (``featx._runtime.device.cpu_streams``,
+``featx._runtime.schedule``): on the same pre-made input batches, in one run,
 interleaved, in fp32 and (where the CPU has native bf16) with bf16 autocast,
 
 * ``one stream``: ``torch.set_num_threads(cores)``, the batches one after the
@@ -16,7 +16,7 @@ interleaved, in fp32 and (where the CPU has native bf16) with bf16 autocast,
 Named backbones with random weights (in fp32 not quite neutral: denormal values
 can slow a random-weight model; featx measures its real model's schedule),
 channels_last as featx runs them, 224 x 224 inputs. The C allocator keeps
-freed activations as featx sets it (``featx._malloc.keep_cpu_buffers``);
+freed activations as featx sets it (``featx._runtime.malloc.keep_cpu_buffers``);
 ``--glibc-default`` measures glibc's defaults instead, where the answer differs.
 """
 
@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import machine, write_results  # noqa: E402
 
-from featx._backbones import build_backbone  # noqa: E402
-from featx._device import autocast, cpu_native_bf16  # noqa: E402
-from featx._malloc import keep_cpu_buffers  # noqa: E402
+from featx._models.backbones import build_backbone  # noqa: E402
+from featx._runtime.device import autocast, cpu_native_bf16  # noqa: E402
+from featx._runtime.malloc import keep_cpu_buffers  # noqa: E402
 
 
 def _rate(module, x: torch.Tensor, n_batches: int, streams: int, dtype: torch.dtype | None) -> float:

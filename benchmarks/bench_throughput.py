@@ -26,7 +26,7 @@ and featx's 12 MP rate as a fraction of its 500x375 rate. Optionally the peak
 resident memory for N vs 4N images. Rates are medians of --repeats runs,
 interleaved; each ratio is the median of the ratios within a round (paired).
 The header states the CPU's capability and whether the C allocator keeps
-freed buffers (featx sets it in ``fit``, :mod:`featx._malloc`; it is set
+freed buffers (featx sets it in ``fit``, :mod:`featx._runtime.malloc`; it is set
 before the bare baselines run, so they get it too:
 ``benchmarks/bench_allocator.py`` measures what it changes); results go to JSON.
 """
@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import machine, make_big_jpegs, make_jpegs, write_results  # noqa: E402
 
 from featx import PretrainedFeatureExtractor  # noqa: E402
-from featx._backbones import build_backbone  # noqa: E402
-from featx._engines import _ort_installed  # noqa: E402
-from featx._malloc import keep_cpu_buffers  # noqa: E402
+from featx._models.backbones import build_backbone  # noqa: E402
+from featx._runtime.engines import _ort_installed  # noqa: E402
+from featx._runtime.malloc import keep_cpu_buffers  # noqa: E402
 
 
 def _timed(fn) -> float:

@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING
 
 from ._exceptions import BackendWarning, CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError
 
+from ._legacy import install as _install_legacy_paths
 from ._sharing import trusted_types
 from ._version import __version__
+
+_install_legacy_paths()  # extractors pickled by featx 0.2 name its old module paths
 
 _LAZY = {
     "PretrainedFeatureExtractor": "._extractor",
     "FineTunedClassifier": "._finetune",
     "list_layers": "._inspect",
-    "LayerInfo": "._layers",
+    "LayerInfo": "._models.layers",
     "load_image_folder": ".datasets",
     "make_demo_folder": ".datasets",
 }
@@ -62,5 +65,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._extractor import PretrainedFeatureExtractor
     from ._finetune import FineTunedClassifier
     from ._inspect import list_layers
-    from ._layers import LayerInfo
+    from ._models.layers import LayerInfo
     from .datasets import load_image_folder, make_demo_folder

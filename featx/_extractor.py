@@ -15,11 +15,10 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._exceptions import FeatxWarning, ImageLoadWarning
+from ._images.preprocess import as_items, item_path
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
-from ._preprocess import as_items, item_path
-from ._runner import Runner, RunStats
-from ._settle import Settled, settle
+from ._runtime import RunStats, Settled, settle
 
 __all__ = ["PretrainedFeatureExtractor"]
 
@@ -336,7 +335,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
         The extractor learns nothing from the data: ``X`` and ``y`` are
         accepted for Pipeline compatibility and ignored. Everything is
-        decided here (:func:`featx._settle.settle`); the frozen network it
+        decided here (:func:`featx._runtime.settling.settle`); the frozen network it
         runs is built once per process and shared by every extractor that
         needs the same one (later fits, e.g. inside ``GridSearchCV``, copy
         nothing). Without a cache the network is ready when ``fit`` returns;
@@ -380,7 +379,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
             _ = self._runner
 
     @property
-    def _runner(self) -> Runner:
+    def _runner(self):
         """The engine on the shared network, built on first use."""
         runner = self.__dict__.get("_built_runner")
         if runner is None:
@@ -554,7 +553,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         state = unpack_state(state)
         fitted = state.pop("backend_", None) if "n_features_out_" in state else None
         state.pop("streams_", None)  # pickles of featx <= 0.2 stored it; it is the schedule's decision now
-        state.pop("_backend", None)
+        for stale in ("_backend", "_plan", "_namespace", "_tune"):  # featx 0.2's derived state
+            state.pop(stale, None)
         super().__setstate__(state)
         if fitted is not None:  # the device (and so the schedule) may have changed with the machine
             keep = {"device_": self.device_, "autocast_dtype_": state.get("autocast_dtype_"),

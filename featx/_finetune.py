@@ -13,14 +13,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._backbones import get_template, instantiate
-from ._device import autocast, resolve_device, resolve_precision
-from ._layers import PRE_LOGITS, LayerCapture, resolve_layers
-from ._loading import PARALLEL, batches, show_progress
+from ._images.preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
+from ._models.backbones import get_template, instantiate
+from ._models.layers import PRE_LOGITS, LayerCapture, resolve_layers
 from ._options import DEFAULT_MODEL
 from ._pickling import pack_state, unpack_state
-from ._preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
-from ._settle import settle_backbone
+from ._runtime.device import autocast, resolve_device, resolve_precision
+from ._runtime.loading import PARALLEL, batches, show_progress
+from ._runtime.settling import settle_backbone
 
 __all__ = ["FineTunedClassifier"]
 

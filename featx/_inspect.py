@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from ._backbones import build_backbone, resolve_preprocess
+from ._models.backbones import build_backbone, resolve_preprocess
+from ._models.layers import LayerInfo, layer_table, probe
 from ._options import DEFAULT_MODEL
-from ._layers import LayerInfo, layer_table, probe
 
 __all__ = ["list_layers"]
 

@@ -8,13 +8,13 @@ __all__ = ["BACKENDS", "DEFAULT_MODEL", "ON_ERROR", "PRECISIONS", "POOLINGS", "T
 DEFAULT_MODEL = "efficientnet_lite0"
 #: ``precision=`` values. "auto": bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: ``pooling=`` values (see :mod:`featx._pooling`).
+#: ``pooling=`` values (see :mod:`featx._models.pooling`).
 POOLINGS = ("avg", "max", "avgmax", "catavgmax", "gem", "flatten", "cls", "cls+avg")
 #: Poolings that need a class token (layers with token layout and at least one prefix token).
 TOKEN_POOLINGS = ("cls", "cls+avg")
-#: ``backend=`` values (see :mod:`featx._engines`).
+#: ``backend=`` values (see :mod:`featx._runtime.engines`).
 BACKENDS = ("torch", "torch.compile", "onnxruntime", "auto")
-#: ``tta=`` values other than None (see :data:`featx._preprocess.TTA_VIEWS` for their views).
+#: ``tta=`` values other than None (see :data:`featx._images.preprocess.TTA_VIEWS` for their views).
 TTA_MODES = ("hflip", "five_crop", "ten_crop", "multiscale")
 #: The extractor's ``on_error=`` values.
 ON_ERROR = ("raise", "nan")

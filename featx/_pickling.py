@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ._device import load_device
+from ._runtime.device import load_device
 
 __all__ = ["pack_state", "unpack_state"]
 

@@ -11,8 +11,8 @@ __all__ = ["trusted_types"]
 _TRUSTED = (
     "featx._extractor.PretrainedFeatureExtractor",
     "featx._finetune.FineTunedClassifier",
-    "featx._layers.Target",
-    "featx._runner.RunStats",
+    "featx._models.layers.Target",
+    "featx._runtime.runner.RunStats",
 )
 
 

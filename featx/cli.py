@@ -280,9 +280,9 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 def _open_cache(args: argparse.Namespace):
     """``(store or None, artifact directory or None, where)``: the store as the protocol, whatever its kind."""
-    from ._cache import DB_NAME, EmbeddingCache, resolve_cache_dir
-    from ._engines import artifacts
-    from ._objstore import SharedCache, check_url, is_url
+    from ._cache.sqlite import DB_NAME, EmbeddingCache, resolve_cache_dir
+    from ._runtime.engines import artifacts
+    from ._cache.objects import SharedCache, check_url, is_url
 
     if is_url(args.cache_dir):  # a shared store: managed as it is, without a local layer (and no artifacts)
         try:
@@ -301,7 +301,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _print_info(info: dict, graphs: list) -> None:
-    from ._engines import artifact_bytes
+    from ._runtime.engines import artifact_bytes
 
     parts = [f"{name} {_human(size)}" for name, size in info["parts"].items()]
     if graphs:
@@ -323,7 +323,7 @@ def _print_info(info: dict, graphs: list) -> None:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from ._engines import artifacts, clear_artifacts, prune_artifacts
+    from ._runtime.engines import artifacts, clear_artifacts, prune_artifacts
 
     cache, root, where = _open_cache(args)
     if cache is None:
@@ -338,7 +338,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed {entries} entries and {_plural(removed, 'exported graph')} from {where}")
     elif args.cache_cmd == "prune":
         before = cache.info()["size_bytes"]
-        from ._engines import artifact_bytes
+        from ._runtime.engines import artifact_bytes
 
         before += artifact_bytes(graphs)
         dropped, left = prune_artifacts(root, args.max_size, before - artifact_bytes(graphs)) if root else (0, 0)

@@ -54,7 +54,7 @@ def computed(monkeypatch):
     """``computed[0]``: images pushed through a backbone (by any extractor) while the test runs."""
     import threading
 
-    from featx._runner import Runner
+    from featx._runtime.runner import Runner
 
     count, lock, original = [0], threading.Lock(), Runner.forward
 

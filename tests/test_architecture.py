@@ -17,12 +17,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 MAX_FUNCTION_LINES = 60
 
 
+_PACKAGES: set[str] = set()  # modules that are packages (their __init__)
+
+
 def _modules() -> dict[str, ast.Module]:
-    """``{"featx._runner": tree, "featx": tree of __init__, ...}``."""
+    """``{"featx._runtime.runner": tree, "featx": tree of __init__, ...}``."""
     out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if parts[-1] == "__init__":
+            _PACKAGES.add(name)
         out[name] = ast.parse(path.read_text(), str(path))
     return out
 
@@ -37,7 +42,7 @@ def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
     """The featx modules ``name`` imports anywhere (top level, inside functions, and PEP 562 lazy names)."""
-    package = name if name == "featx" else name.rpartition(".")[0]
+    package = name if name == "featx" or name in _PACKAGES else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -127,6 +132,54 @@ def test_no_module_reads_another_objects_private_attributes():
     assert reads == [], f"private attributes of other objects read: {reads}"
 
 
+#: The layers of featx, bottom to top: a module may import its own subpackage and the layers below it.
+BASE = {"featx._exceptions", "featx._options", "featx._version"}
+LAYERS = [
+    ("base", BASE),
+    ("leaves", {"featx._images", "featx._models", "featx._cache"}),  # none imports another leaf
+    ("engine", {"featx._runtime"}),
+]
+
+
+def _layer_of(module: str) -> tuple[int, str]:
+    """``(layer index, subpackage)`` of a module; the estimators and apps on top are ``(len(LAYERS), module)``."""
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if module == m or module.startswith(m + "."):
+                return i, m
+    return len(LAYERS), module
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, deps in graph.items():
+        li, own = _layer_of(mod)
+        for dep in deps:
+            lj, theirs = _layer_of(dep)
+            if lj > li or (lj == li and li < len(LAYERS) and theirs != own):
+                bad.append(f"{mod} -> {dep}")
+    return sorted(bad)
+
+
+def test_subpackages_import_only_the_layers_below_them():
+    assert _layer_violations(_graph()) == []
+
+
+def test_the_estimator_uses_the_engine_through_its_front_door():
+    """``PretrainedFeatureExtractor`` settles through ``featx._runtime`` and reads none of its modules."""
+    deps = _graph()["featx._extractor"]
+    assert "featx._runtime" in deps
+    assert sorted(d for d in deps if d.startswith(("featx._runtime.", "featx._models", "featx._cache"))) == []
+
+
+def test_the_layer_check_can_fail():
+    assert _layer_violations({"featx._models.layers": {"featx._runtime.device"}}) == [
+        "featx._models.layers -> featx._runtime.device"]
+    assert _layer_violations({"featx._cache.sqlite": {"featx._images.preprocess"}}) == [
+        "featx._cache.sqlite -> featx._images.preprocess"]
+    assert _layer_violations({"featx._runtime.runner": {"featx._cache.sqlite", "featx._exceptions"}}) == []
+
+
 # ------------------------------------------------------- the checks can fail
 
 
@@ -136,14 +189,15 @@ def test_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from . import _runner", {"featx._runner"}),
+    ("from . import _extractor", {"featx._extractor"}),
+    ("from ._runtime import runner", {"featx._runtime.runner"}),
     ("from . import __version__", {"featx"}),
-    ("def f():\n    from ._cache import x", {"featx._cache"}),
+    ("def f():\n    from ._cache.sqlite import x", {"featx._cache.sqlite"}),
     ("import featx", {"featx"}),
     ("from featx._extractor import P", {"featx._extractor"}),
 ])
 def test_import_reader_sees_every_kind_of_import(source, expected):
-    known = {"featx", "featx._runner", "featx._cache", "featx._extractor", "featx.cli"}
+    known = {"featx", "featx._runtime", "featx._runtime.runner", "featx._cache.sqlite", "featx._extractor", "featx.cli"}
     assert _imports("featx.cli", ast.parse(source), known) == expected
 
 

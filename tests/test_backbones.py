@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import torchvision
 
 from featx import ModelLoadError, PretrainedFeatureExtractor
-from featx._backbones import build_backbone
-from featx._weights import load_checkpoint
+from featx._models.backbones import build_backbone
+from featx._models.weights import load_checkpoint
 
 from .conftest import SMALL, TinyCNN, capture_matrix
 
@@ -53,7 +53,7 @@ def test_default_weights_loaded_by_position_with_shapes_checked():
     got = bb.module.state_dict()
     assert list(got) == list(ref)
     # the packaged file's first tensor is the stem convolution
-    from featx._backbones import _offline_weights_file
+    from featx._models.backbones import _offline_weights_file
 
     packaged = load_checkpoint(_offline_weights_file("efficientnet_lite0"))
     assert torch.equal(got["conv_stem.weight"], packaged["_conv_stem.weight"])
@@ -203,7 +203,7 @@ def test_bad_model_or_weights(model, weights, match):
 
 
 def test_missing_offline_package_says_what_to_install(monkeypatch):
-    import featx._backbones as bbm
+    import featx._models.backbones as bbm
 
     monkeypatch.setitem(bbm.OFFLINE_MODELS, "efficientnet_lite9", ("tf_efficientnet_lite0", "no_such_pkg_xyz", "efficientnet-lite9-pytorch-model"))
     with pytest.raises(ModelLoadError, match="pip install efficientnet-lite9-pytorch-model"):
@@ -267,7 +267,7 @@ def test_concurrent_first_builds_build_once(monkeypatch):
     import threading
     import time
 
-    from featx import _backbones
+    from featx._models import backbones as _backbones
 
     real, calls = _backbones._build_torchvision, []
 

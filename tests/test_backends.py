@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from featx import BackendWarning, PretrainedFeatureExtractor
-from featx._engines import resolve_backend
-from featx._preprocess import ImageDataset, _device_jpeg, _fast_jpeg, as_items
+from featx._runtime.engines import resolve_backend
+from featx._images.preprocess import ImageDataset, _device_jpeg, _fast_jpeg, as_items
 
 from .conftest import SMALL, TinyCNN
 
@@ -118,7 +118,7 @@ def test_damaged_onnx_file_is_exported_again(tiny_cnn, images, tmp_path):
     first = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
     (path,) = (tmp_path / "onnx").glob("*.onnx")
     path.write_bytes(b"not an onnx file")
-    import featx._cache as cache_mod
+    import featx._cache.sqlite as cache_mod
 
     with mock.patch.object(cache_mod.EmbeddingCache, "lookup", return_value={}):  # force a recompute
         second = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
@@ -159,7 +159,7 @@ def test_backend_validation():
     assert resolve_backend("auto", CPU, None) == "onnxruntime"
     assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"
     assert resolve_backend("auto", torch.device("cuda"), None) == "torch"
-    with mock.patch("featx._engines._ort_installed", return_value=False):
+    with mock.patch("featx._runtime.engines._ort_installed", return_value=False):
         assert resolve_backend("auto", CPU, None) == "torch"
         with pytest.raises(ImportError, match=r"pip install 'featx\[onnx\]'"):
             resolve_backend("onnxruntime", CPU, None)
@@ -169,7 +169,7 @@ def test_backend_validation():
 
 @needs_ort
 def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
-    import featx._device as dev
+    import featx._runtime.device as dev
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)  # an AVX2-class CPU
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto", cache=tmp_path).fit()
@@ -223,7 +223,7 @@ def test_torch_compile_failure_falls_back(tiny_cnn, images):
 
 
 def test_after_a_compile_fallback_eager_errors_raise_once_without_a_second_warning(tiny_cnn, images):
-    from featx._engines import _compiled_engine
+    from featx._runtime.engines import _compiled_engine
 
     class Cap:  # a capture whose eager run fails the second time it is called
         calls = 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from featx import CacheWarning, DeviceWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, PretrainedFeatureExtractor
-from featx._cache import DB_NAME
+from featx._cache.sqlite import DB_NAME
 
 from .conftest import SMALL, TinyCNN
 from .make_gauntlet import _png_with_size, build
@@ -229,7 +229,7 @@ def _child(cache_dir, images, order_seed, writing, stall):
     with ``stall`` the first write stops inside its transaction until the
     child is killed, so that kill lands inside it for certain.
     """
-    from featx._cache import EmbeddingCache
+    from featx._cache.sqlite import EmbeddingCache
 
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it hangs there)
     torch.manual_seed(0)

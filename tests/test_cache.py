@@ -22,8 +22,8 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
 from featx import CacheWarning, PretrainedFeatureExtractor
-from featx import _cache as cache_mod
-from featx._cache import DB_NAME, EmbeddingCache, default_cache_dir, resolve_cache_dir
+from featx._cache import sqlite as cache_mod
+from featx._cache.sqlite import DB_NAME, EmbeddingCache, default_cache_dir, resolve_cache_dir
 
 from .conftest import SMALL, TinyCNN, make_image
 
@@ -190,9 +190,9 @@ def test_every_key_component_changes_the_namespace_or_field(tiny_cnn, monkeypatc
                                            progress=True).fit())
     for ext in same:
         assert ext._settled.namespace[0] == ns0 and ext._settled.plan.out_fields == fields0
-    monkeypatch.setattr("featx._cache.FORMAT_VERSION", 999)
+    monkeypatch.setattr("featx._cache.sqlite.FORMAT_VERSION", 999)
     assert base.fit()._settled.namespace[0] != ns0
-    monkeypatch.setattr("featx._cache.FORMAT_VERSION", 1)
+    monkeypatch.setattr("featx._cache.sqlite.FORMAT_VERSION", 1)
     monkeypatch.setattr("torch.__version__", "99.1.0")
     assert base.fit()._settled.namespace[0] != ns0
 

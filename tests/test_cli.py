@@ -39,7 +39,7 @@ def test_extract_and_cache_commands_for_real(image_folder, tmp_path):
     assert res.returncode == 0, res.stderr
     summary, compute = res.stdout.strip().splitlines()[-2:]
     assert summary.startswith("24 images, 1392 features") and "images/s" in summary and "cache hits 0" in summary
-    from featx._device import cpu_native_bf16
+    from featx._runtime.device import cpu_native_bf16
 
     assert compute.startswith(f"computed on cpu in {'bf16' if cpu_native_bf16() else 'fp32'} with torch")
     z = np.load(out)

@@ -134,7 +134,7 @@ def test_ray_recovers_from_a_killed_actor(ray_session, paths, tmp_path):
 
 
 def test_ray_rerun_uses_the_shared_cache(ray_session, paths, local, tmp_path):
-    from featx._cache import EmbeddingCache
+    from featx._cache.sqlite import EmbeddingCache
     from featx.distributed import ray_transform
 
     cache = tmp_path / "cache"

@@ -25,7 +25,7 @@ from sklearn.svm import SVC
 from sklearn.utils import estimator_checks as ec
 
 from featx import DeviceWarning, ModelLoadError, PretrainedFeatureExtractor
-from featx._device import resolve_device, resolve_precision
+from featx._runtime.device import resolve_device, resolve_precision
 
 from .conftest import SMALL, TinyCNN
 
@@ -89,7 +89,7 @@ def test_tags_are_honest(make, tiny_cnn, image_paths):
 
 
 def test_init_is_cheap_and_verbatim():
-    with mock.patch("featx._settle.get_template") as build:
+    with mock.patch("featx._runtime.settling.get_template") as build:
         ext = PretrainedFeatureExtractor("no_such_model", layers="x", device="cuda:7", batch_size=0)
     build.assert_not_called()
     assert ext.get_params()["model"] == "no_such_model" and ext.get_params()["batch_size"] == 0
@@ -313,7 +313,7 @@ def test_gpu_fitted_extractor_loads_on_cpu_only_machine(tiny_cnn):
 
 
 def test_resolve_device():
-    with mock.patch("torch.cuda.is_available", return_value=False), mock.patch("featx._device._mps_available", return_value=False):
+    with mock.patch("torch.cuda.is_available", return_value=False), mock.patch("featx._runtime.device._mps_available", return_value=False):
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
@@ -326,9 +326,9 @@ def test_resolve_device():
 
 def test_resolve_precision():
     cpu = torch.device("cpu")
-    with mock.patch("featx._device.cpu_native_bf16", return_value=False):
+    with mock.patch("featx._runtime.device.cpu_native_bf16", return_value=False):
         assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
-    with mock.patch("featx._device.cpu_native_bf16", return_value=True):
+    with mock.patch("featx._runtime.device.cpu_native_bf16", return_value=True):
         assert resolve_precision("auto", cpu) == torch.bfloat16 and resolve_precision("fp32", cpu) is None
         assert resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
@@ -361,7 +361,7 @@ def test_cuda_matches_cpu(image_paths):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_follows_native_bf16(tiny_cnn, monkeypatch, native):
-    import featx._device as dev
+    import featx._runtime.device as dev
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: native)
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", progress=False).fit()
@@ -383,7 +383,7 @@ def test_auto_precision_follows_native_bf16(tiny_cnn, monkeypatch, native):
 def test_explicit_bf16_warns_only_where_emulated(tiny_cnn, monkeypatch):
     import warnings
 
-    import featx._device as dev
+    import featx._runtime.device as dev
     from featx import DeviceWarning
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)
@@ -397,7 +397,7 @@ def test_explicit_bf16_warns_only_where_emulated(tiny_cnn, monkeypatch):
 
 
 def test_native_bf16_is_read_from_torch_probes(monkeypatch):
-    import featx._device as dev
+    import featx._runtime.device as dev
 
     for avx512_bf16, amx, want in [(True, False, True), (False, True, True), (False, False, False)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
@@ -417,3 +417,18 @@ def test_bf16_features_close_to_fp32_and_cached_apart(tiny_cnn, image_paths, tmp
     assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
     assert f32._settled.namespace[0] != b16._settled.namespace[0]
     np.testing.assert_array_equal(f32.transform(X), a)  # cached fp32 entries are not bf16 ones
+
+
+def test_an_extractor_pickled_by_featx_0_2_loads(image_paths):
+    """0.2's module paths (``featx._runner.RunStats`` in ``last_run_``) and state (``_plan``, ``streams_``) load."""
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32}, device="cpu",
+                                     precision="fp32", progress=False).fit()
+    want = ext.transform(image_paths[0][:2])
+    state = ext.__getstate__()
+    state.update(_plan="a 0.2 Plan", streams_=1, backend_="torch")
+    blob = pickle.dumps(state, protocol=0).replace(b"featx._runtime.runner", b"featx._runner")
+    assert b"cfeatx._runner\nRunStats" in blob
+    old = PretrainedFeatureExtractor.__new__(PretrainedFeatureExtractor)
+    old.__setstate__(pickle.loads(blob))
+    assert type(old.last_run_).__name__ == "RunStats" and "_plan" not in vars(old)
+    np.testing.assert_array_equal(old.transform(image_paths[0][:2]), want)

@@ -14,7 +14,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, cross_val_score
 
 from featx import FineTunedClassifier, ImageLoadError, PretrainedFeatureExtractor
-from featx._preprocess import TTA_VIEWS, resize_crop, tta_views
+from featx._images.preprocess import TTA_VIEWS, resize_crop, tta_views
 
 from .conftest import SMALL, TinyCNN
 
@@ -46,7 +46,7 @@ def fitted(demo):
 
 
 def test_fine_tuning_real_weights(fitted, demo):
-    from featx._backbones import get_template
+    from featx._models.backbones import get_template
 
     paths, y = demo
     clf = fitted
@@ -273,7 +273,7 @@ def test_random_state_none_int_and_generator():
 
 
 def test_non_deterministic_tag_follows_the_resolved_device(monkeypatch):
-    import featx._device as dev
+    import featx._runtime.device as dev
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert FineTunedClassifier().__sklearn_tags__().non_deterministic is False  # "auto" on a CPU-only machine

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from featx import PretrainedFeatureExtractor
-from featx._fold import fold_batchnorm
+from featx._models.fold import fold_batchnorm
 
 from .conftest import SMALL
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from featx import PretrainedFeatureExtractor
-import featx._loading as loading
-from featx._loading import PARALLEL, batches, decode_group, ordered_streams
-from featx._preprocess import ImageDataset, Items, collate
+import featx._runtime.loading as loading
+from featx._runtime.loading import PARALLEL, batches, decode_group, ordered_streams
+from featx._images.preprocess import ImageDataset, Items, collate
 
 
 @pytest.fixture

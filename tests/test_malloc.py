@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from featx import _malloc
+from featx._runtime import malloc as _malloc
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -20,7 +20,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # faults over 20 passes say whether freed memory was reused or handed back to the OS.
 _ROUNDS = textwrap.dedent("""
     import resource, sys, torch, torch.nn as nn
-    from featx._malloc import keep_cpu_buffers
+    from featx._runtime.malloc import keep_cpu_buffers
     if sys.argv[1] == "keep":
         assert keep_cpu_buffers()
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def test_a_cpu_extractor_sets_them_when_fitted(monkeypatch, tiny_cnn):
     from featx import PretrainedFeatureExtractor
 
     calls = []
-    monkeypatch.setattr("featx._process.keep_cpu_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr("featx._runtime.process.keep_cpu_buffers", lambda: calls.append(1) or True)
     PretrainedFeatureExtractor(tiny_cnn, device="cpu", cache=None).fit()
     assert calls == [1]
 
@@ -115,7 +115,7 @@ def test_fine_tuning_on_the_cpu_sets_them(monkeypatch):
     from .conftest import SMALL, TinyCNN
 
     calls = []
-    monkeypatch.setattr("featx._process.keep_cpu_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr("featx._runtime.process.keep_cpu_buffers", lambda: calls.append(1) or True)
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, size=(8, 40, 52, 3), dtype=np.uint8)
     FineTunedClassifier(TinyCNN(), trainable_from=0, max_epochs=1, preprocess=SMALL, progress=False,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from featx import PretrainedFeatureExtractor
-from featx import _fold, _network
+from featx._models import fold as _fold
+from featx._runtime import network as _network
 
 from .conftest import SMALL
 

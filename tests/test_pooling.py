@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from featx import PretrainedFeatureExtractor
-from featx._pooling import column_names, pool, pooled_width
+from featx._models.pooling import column_names, pool, pooled_width
 
 from .conftest import SMALL
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from featx import ImageLoadError, PretrainedFeatureExtractor
-from featx._preprocess import load_item, resize_crop
+from featx._images.preprocess import load_item, resize_crop
 
 from .conftest import SMALL, make_image
 
@@ -103,7 +103,7 @@ def _real_ext():
 
 
 def _real_template_module():
-    from featx._backbones import build_backbone
+    from featx._models.backbones import build_backbone
 
     return build_backbone("efficientnet_lite0", "DEFAULT").module
 
@@ -305,7 +305,7 @@ def test_bad_X(ext, X, match):
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_fast_jpeg_path_matches_pillow(orientation, mode):
-    from featx._preprocess import _fast_jpeg, _open_image
+    from featx._images.preprocess import _fast_jpeg, _open_image
 
     rng = np.random.default_rng(orientation)
     img = Image.fromarray(make_image(rng, 1, (37, 53))).convert(mode)
@@ -363,7 +363,7 @@ def test_phone_formats_decode_like_pillow_with_orientation_and_cache(fmt, ext, t
 def test_heic_without_the_plugin_names_the_extra(tmp_path, monkeypatch, ext):
     import sys
 
-    import featx._preprocess as pre
+    import featx._images.preprocess as pre
 
     path, _ = _phone_photo(tmp_path, "heic")
     monkeypatch.setattr(pre, "_HEIF_READY", [])

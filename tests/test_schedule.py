@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from featx import PretrainedFeatureExtractor
-from featx._runner import Runner
-from featx._schedule import FILE_NAME, TUNE_BATCHES, VOTES, recall, remember
+from featx._runtime.runner import Runner
+from featx._runtime.schedule import FILE_NAME, TUNE_BATCHES, VOTES, recall, remember
 
 from .conftest import SMALL, TinyCNN
 
@@ -131,7 +131,7 @@ def test_a_damaged_or_unwritable_memory_never_fails_a_transform(tiny_cnn, images
 
 
 def test_bf16_and_other_backends_are_not_measured(tiny_cnn, tmp_path, two_threads, monkeypatch):
-    import featx._device as dev
+    import featx._runtime.device as dev
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
     bf16 = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, device="cpu", progress=False,

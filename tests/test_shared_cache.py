@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from featx import CacheWarning, PretrainedFeatureExtractor
-from featx._objstore import SharedCache, check_url, pack, unpack
+from featx._cache.objects import SharedCache, check_url, pack, unpack
 
 from .conftest import SMALL, TinyCNN  # noqa: E402
 from .s3server import KEYS, MotoServer  # noqa: E402
@@ -96,7 +96,7 @@ def _check_store(server: MotoServer, bucket: str, ext: PretrainedFeatureExtracto
                  others: bool = False) -> int:
     """Every object in the bucket is intact and holds exactly the uncached features of its image; the count
     of ``images``' objects. ``others``: objects of other images may be there too (checked intact)."""
-    from featx._cache import content_key
+    from featx._cache.sqlite import content_key
 
     ns = ext._settled.namespace[0]
     widths = ext._runner.plan.widths
@@ -268,7 +268,7 @@ def test_many_processes_write_overlapping_images_at_once(server, tmp_path, monke
 
 def _killable_child(url, images, k, writing, local_dir):
     """Embed new content into the S3 cache; ``writing`` is 1 exactly while objects are being published."""
-    from featx._objstore import ObjectStore
+    from featx._cache.objects import ObjectStore
 
     os.environ["FEATX_CACHE_DIR"] = local_dir
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it hangs there)
@@ -330,7 +330,7 @@ def test_server_stopped_mid_job_warns_and_computes(tmp_path, monkeypatch, images
     try:
         _use(monkeypatch, srv.endpoint)
         url = f"s3://{srv.bucket()}/p"
-        from featx._objstore import ObjectStore
+        from featx._cache.objects import ObjectStore
 
         real_put, calls = ObjectStore.put, [0]
 

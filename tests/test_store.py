@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx._cache import EmbeddingCache
-from featx._objstore import SharedCache
-from featx._store import EmbeddingStore
+from featx._cache.sqlite import EmbeddingCache
+from featx._cache.objects import SharedCache
+from featx._cache.base import EmbeddingStore
 
 INFO_KEYS = {"path", "kind", "size_bytes", "entries", "namespaces", "files_indexed", "parts"}
 NS_KEYS = {"namespace", "entries", "images", "vector_bytes", "created", "last_used", "provenance"}

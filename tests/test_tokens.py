@@ -14,7 +14,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from featx import PretrainedFeatureExtractor, list_layers  # noqa: E402
-from featx._preprocess import load_item, normalize_batch, resize_crop  # noqa: E402
+from featx._images.preprocess import load_item, normalize_batch, resize_crop  # noqa: E402
 
 
 def _vit(reg_tokens: int = 4, class_token: bool = True):
@@ -286,7 +286,7 @@ def test_finetune_trainable_from_counts_vit_blocks(images):
 
 @pytest.mark.parametrize("make,layers,size", [(_vit, ["block2", "pre_logits"], 32), (_swin, ["stage2"], 64)])
 def test_onnxruntime_and_tta_with_token_and_nhwc_layers(tmp_path, make, layers, size):
-    from featx._engines import _ort_installed
+    from featx._runtime.engines import _ort_installed
 
     model = make()
     rng = np.random.default_rng(1)

@@ -1,14 +1,14 @@
 """Frozen networks on their device, built once per process and shared by every extractor that needs them.
 
 A fitted extractor needs its backbone on a device, in ``channels_last``, and
-in bf16/fp16 with its BatchNorms folded (:mod:`featx._fold`, whose check
+in bf16/fp16 with its BatchNorms folded (:mod:`featx._models.fold`, whose check
 runs a forward pass). All of that is a function of the weights, the device,
 the precision and (for folding) the layers that are read, so it is done once
 per process for each such combination and the inference-only module is
 shared: ``GridSearchCV``'s 91 fits of one backbone copy and fold it once,
 not 91 times. Nothing mutates a shared network: each runner registers its
 own forward hooks (removed when the runner is collected) and keeps its
-per-call state per thread (:class:`featx._layers.LayerCapture`), so
+per-call state per thread (:class:`featx._models.layers.LayerCapture`), so
 extractors with different layers may run one network in several threads at
 once.
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._fold import fold_batchnorm, folds
-from ._weights import Backbone
+from .._models.fold import fold_batchnorm, folds
+from .._models.weights import Backbone
 
 __all__ = ["Network", "frozen_network", "clear", "MAX_NETWORKS"]
 
@@ -79,7 +79,7 @@ def frozen_network(template: Backbone, device: torch.device, dtype: torch.dtype 
 
     A template shared within the process (a named model) gives a network
     shared within the process; a private one (a user's ``nn.Module``,
-    already copied by :func:`featx._backbones.get_template`) is placed and
+    already copied by :func:`featx._models.backbones.get_template`) is placed and
     folded as it is, for its one extractor.
     """
     if not template.shared:

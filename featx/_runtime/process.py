@@ -2,9 +2,9 @@
 
 featx changes one thing outside its own objects: before the first CPU
 forward pass it asks glibc to keep freed activation buffers
-(:func:`featx._malloc.keep_cpu_buffers`, once per process; the user's
+(:func:`featx._runtime.malloc.keep_cpu_buffers`, once per process; the user's
 ``MALLOC_*`` variables and ``FEATX_KEEP_CPU_BUFFERS=0`` are respected).
-Settling (:func:`featx._settle.settle`) and the fine-tuner call
+Settling (:func:`featx._runtime.settling.settle`) and the fine-tuner call
 :func:`prepare` and nothing else does; the schedule key reads the outcome
 from here.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._malloc import TOP_PAD, TRIM_THRESHOLD, keep_cpu_buffers
+from .malloc import TOP_PAD, TRIM_THRESHOLD, keep_cpu_buffers
 
 __all__ = ["prepare", "allocator_setting"]
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._pooling import channels, default_layout, layer_parts, pool
+from .pooling import channels, default_layout, layer_parts, pool
 
 __all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "stage_names", "block_names",
            "prefix_tokens"]
@@ -419,7 +419,7 @@ class LayerCapture:
                 handles.append(sub.register_forward_pre_hook(_pre_hook(me, i)))
             else:
                 handles.append(sub.register_forward_hook(_hook(me, i)))
-        # the module may be shared by many captures (featx._network): each removes its own hooks when collected
+        # the module may be shared by many captures (featx._runtime.network): each removes its own hooks when collected
         self._release = weakref.finalize(self, _remove, handles)
 
     def store(self, i: int, value: Any) -> None:
@@ -434,18 +434,25 @@ class LayerCapture:
         st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p, tg.layout, tg.prefix)
                          for p in self.parts[i]}
         st.missing -= 1
-        if st.missing == 0:
+        if st.missing == 0 and st.stop:
             raise _StopForward
 
     def close(self) -> None:
         """Remove this capture's hooks from the module now (they are removed when it is collected anyway)."""
         self._release()
 
-    def run(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Pooled outputs per target: ``[{part: (N, d) float32 tensor}]``."""
+    def run(self, x: torch.Tensor, *, stop: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Pooled outputs per target: ``[{part: (N, d) float32 tensor}]``.
+
+        ``stop``: end the forward pass once the deepest target has run (by an
+        exception from its hook). ``stop=False`` runs the whole forward pass,
+        for graph capture (``torch.export`` follows no exceptions): the layers
+        after the deepest target then compute nothing that is returned, and a
+        compiler drops them as dead code.
+        """
         n = len(self.targets)
         st = self._local
-        st.results, st.counts, st.missing, st.active = [None] * n, [0] * n, n, True
+        st.results, st.counts, st.missing, st.active, st.stop = [None] * n, [0] * n, n, True, stop
         try:
             self.module(x)
         except _StopForward:

@@ -8,12 +8,12 @@ import warnings
 
 import torch
 
-from ._exceptions import DeviceWarning
+from .._exceptions import DeviceWarning
 
 __all__ = ["resolve_device", "resolve_precision", "precision_name", "cpu_capability", "cpu_native_bf16",
            "cpu_streams", "fp32_stream_candidates", "autocast", "load_device"]
 
-from ._options import PRECISIONS  # noqa: E402
+from .._options import PRECISIONS  # noqa: E402
 
 
 def _mps_available() -> bool:
@@ -147,7 +147,7 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     ``benchmarks/bench_streams.py``; figures on the Performance page of the
     docs). In fp32 the gain depends on the model, the machine and the
     allocator, so in fp32 featx measures it
-    (:func:`fp32_stream_candidates`, :mod:`featx._schedule`). GPUs,
+    (:func:`fp32_stream_candidates`, :mod:`featx._runtime.schedule`). GPUs,
     ``torch.compile`` and ONNX Runtime (which has its own threads) keep one stream.
     The count is the process's torch thread count when ``fit`` runs
     (``torch.set_num_threads`` or ``OMP_NUM_THREADS`` limit it).

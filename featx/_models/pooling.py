@@ -1,7 +1,7 @@
 """Pooling of intermediate layer outputs into fixed-length vectors.
 
 A layer's output is pooled per image according to its *layout* (found when
-the backbone is probed, see :mod:`featx._layers`):
+the backbone is probed, see :mod:`featx._models.layers`):
 
 - ``"nchw"``: ``(N, C, H, W)`` maps (CNNs): pooled over H and W;
 - ``"nhwc"``: ``(N, H, W, C)`` maps (Swin and other timm models with
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._options import POOLINGS, TOKEN_POOLINGS
+from .._options import POOLINGS, TOKEN_POOLINGS
 
 __all__ = ["POOLINGS", "TOKEN_POOLINGS", "layer_parts", "pool", "pool_parts", "pooled_width", "part_width",
            "channels", "column_names", "default_layout", "pooling_error", "FLATTEN_MAX_FEATURES"]

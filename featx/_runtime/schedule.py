@@ -1,6 +1,6 @@
 """How an fp32 forward pass is scheduled on the CPU: one all-core stream or one single-threaded stream per core.
 
-In bf16 the answer is always per-core streams (see :func:`featx._device.cpu_streams`).
+In bf16 the answer is always per-core streams (see :func:`featx._runtime.device.cpu_streams`).
 In fp32 it depends on the model, the machine *and* the C allocator, measured
 side by side (``benchmarks/bench_streams.py``, random weights, 2 cores, batch 4):
 
@@ -20,7 +20,7 @@ from JPEG in one stream and 151 in two, one run, interleaved, where the
 random-weight one preferred two streams.) With glibc's defaults a process
 that had not yet freed a large block paid a page fault per 4 KiB of
 activations at every batch, which hurt one all-core stream more than
-per-core streams; featx now keeps the buffers (:mod:`featx._malloc`) and the
+per-core streams; featx now keeps the buffers (:mod:`featx._runtime.malloc`) and the
 key says so, so measurements taken before do not decide for the setting of now.
 
 No rule of thumb predicts these, so featx measures them:
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from ._device import cpu_capability
-from ._process import allocator_setting
+from .device import cpu_capability
+from .process import allocator_setting
 
 __all__ = ["TUNE_BATCHES", "PHASE_BATCHES", "VOTES", "Schedule", "schedule_key", "recall", "remember"]
 
@@ -70,10 +70,10 @@ def schedule_key(model_id: str, weights_digest: str, input_size: tuple[int, int]
 
     The machine's part is read here: the CPU's capability, the torch version
     and whether the C allocator keeps freed activations
-    (:func:`featx._process.allocator_setting`, which applies it if it was not
+    (:func:`featx._runtime.process.allocator_setting`, which applies it if it was not
     yet; it changes the answer: lite0 fp32 preferred per-core streams without
     it, one stream with it). ``decode-grouped``: the one-stream design decodes
-    groups of batches between forward passes (:func:`featx._loading.batches`),
+    groups of batches between forward passes (:func:`featx._runtime.loading.batches`),
     which made it faster; votes taken before do not decide.
     """
     c = cpu_capability()
@@ -132,7 +132,7 @@ def remember(directory: Path, key: str, streams: int) -> None:
 class Schedule:
     """How many CPU streams one fitted extractor runs: fixed, or recalled, measured and remembered.
 
-    Settled once per ``fit`` (:func:`featx._settle.settle`). ``fixed`` is the
+    Settled once per ``fit`` (:func:`featx._runtime.settling.settle`). ``fixed`` is the
     count where there is nothing to choose (bf16 streams, GPUs, other
     backends). Otherwise ``candidates`` streams are weighed against one:
     :attr:`streams` is the decision remembered in ``directory`` under ``key``

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._weights import Backbone, download_message
-from ._exceptions import ModelLoadError
+from .weights import Backbone, download_message
+from .._exceptions import ModelLoadError
 
 __all__ = ["build_open_clip", "EMBEDDING"]
 

@@ -48,9 +48,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._cache import EmbeddingCache, _digest, _hash_file, default_cache_dir, resolve_cache_dir
-from ._exceptions import CacheWarning
-from ._store import EmbeddingStore, store_info
+from .sqlite import EmbeddingCache, _digest, _hash_file, default_cache_dir, resolve_cache_dir
+from .._exceptions import CacheWarning
+from .base import EmbeddingStore, store_info
 
 __all__ = ["LAYOUT", "SharedCache", "check_url", "is_url", "open_cache", "pack", "resolve_cache", "unpack"]
 
@@ -258,7 +258,7 @@ def _is_vector(path: str) -> bool:
 
 
 class SharedCache(EmbeddingStore):
-    """The cache interface of :class:`~featx._cache.EmbeddingCache` on an :class:`ObjectStore`.
+    """The cache interface of :class:`~featx._cache.sqlite.EmbeddingCache` on an :class:`ObjectStore`.
 
     Use :meth:`open`. Every remote call goes through :meth:`_remote`, which
     turns any failure into a :class:`CacheWarning` and a miss.

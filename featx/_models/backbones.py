@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._exceptions import ModelLoadError
-from ._hub import timm_weights_ready, torchvision_weights_ready
-from ._layers import Probe, probe
-from ._weights import (OFFLINE_HINT, Backbone, download_message, file_weights_id, is_checkpoint_path,
+from .._exceptions import ModelLoadError
+from .hub import timm_weights_ready, torchvision_weights_ready
+from .layers import Probe, probe
+from .weights import (OFFLINE_HINT, Backbone, download_message, file_weights_id, is_checkpoint_path,
                        load_checkpoint, load_into, weights_digest)
 
 __all__ = ["build_backbone", "get_template", "instantiate", "probe_template", "OFFLINE_MODELS", "resolve_preprocess"]
@@ -305,7 +305,7 @@ def _build_timm(name: str, weights: Any) -> Backbone:
 
 
 def _build_open_clip(name: str, weights: Any) -> Backbone:
-    from ._open_clip import build_open_clip
+    from .open_clip import build_open_clip
 
     return build_open_clip(name, weights)
 

@@ -34,8 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._exceptions import CacheWarning
-from ._store import EmbeddingStore, store_info
+from .._exceptions import CacheWarning
+from .base import EmbeddingStore, store_info
 
 __all__ = [
     "FORMAT_VERSION",
@@ -81,7 +81,7 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(cache: Any) -> Path | None:
-    """The ``cache`` parameter (None, True/False, or a directory; URLs are :mod:`featx._objstore`'s) as a directory or None."""
+    """The ``cache`` parameter (None, True/False, or a directory; URLs are :mod:`featx._cache.objects`'s) as a directory or None."""
     if cache is None or cache is False:
         return None
     if cache is True:
@@ -128,7 +128,7 @@ def namespace_for(*, model_id: str, weights_id: str | None, weights_digest: str,
     """
     import torch
 
-    from ._version import __version__
+    from .._version import __version__
 
     library = _model_library(model_id)
     key = {
@@ -465,7 +465,7 @@ class EmbeddingCache(EmbeddingStore):
         return sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
 
     def info(self) -> dict:
-        """Size on disk, entry counts and a per-namespace breakdown with provenance (:func:`featx._store.store_info`)."""
+        """Size on disk, entry counts and a per-namespace breakdown with provenance (:func:`featx._cache.base.store_info`)."""
         db = self._db_bytes()
         per_ns = self._read(
             "SELECT n.ns, n.info, n.created, COUNT(e.rowid), COALESCE(SUM(LENGTH(e.vec)), 0), "

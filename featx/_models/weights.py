@@ -1,6 +1,6 @@
 """What a backbone is and where its weights come from: the ``Backbone`` record, local checkpoints, digests.
 
-Shared by the builders (:mod:`featx._backbones`, :mod:`featx._open_clip`) and
+Shared by the builders (:mod:`featx._models.backbones`, :mod:`featx._models.open_clip`) and
 free of them, so neither imports the other back.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._exceptions import ModelLoadError
-from ._options import DEFAULT_MODEL
+from .._exceptions import ModelLoadError
+from .._options import DEFAULT_MODEL
 
 __all__ = ["Backbone", "CHECKPOINT_SUFFIXES", "OFFLINE_HINT", "download_message", "file_weights_id",
            "is_checkpoint_path", "load_checkpoint", "load_into", "weights_digest"]

@@ -5,15 +5,15 @@ unpickled extractor is rebuilt, of its fitted device, precision and backend):
 it validates what needs a device or a model to judge, and returns a frozen
 :class:`Settled` record of device, precision, backend, batch size,
 preprocessing, layer targets and plan, cache location and namespace,
-exported-graph path and the CPU :class:`~featx._schedule.Schedule`. The
+exported-graph path and the CPU :class:`~featx._runtime.schedule.Schedule`. The
 estimator's ``fit`` copies its fitted attributes from the record;
 ``__setstate__`` settles again from the fitted values; the fine-tuner uses
 the backbone half (:func:`settle_backbone`). Process-wide settings are made
-here, through :func:`featx._process.prepare`, and nowhere else.
+here, through :func:`featx._runtime.process.prepare`, and nowhere else.
 
 The record builds the engine (:meth:`Settled.runner`) and runs it
 (:meth:`Settled.run`); the network under it is built once per process
-(:mod:`featx._network`), and a run whose every image is cached builds
+(:mod:`featx._runtime.network`), and a run whose every image is cached builds
 nothing at all.
 """
 
@@ -26,21 +26,21 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ._backbones import get_template, probe_template, resolve_preprocess
-from ._cache import default_cache_dir, namespace_for
-from ._device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
-from ._engines import graph_key, onnx_path, resolve_compute
-from ._exceptions import ModelLoadError
-from ._fold import folds
-from ._layers import Probe, Target, resolve_layers
-from ._loading import engine_threads, show_progress
-from ._network import frozen_network
-from ._objstore import is_url, open_cache, resolve_cache
-from ._pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
-from ._process import prepare
-from ._runner import Plan, Runner, RunSettings, RunStats, cached_run
-from ._schedule import Schedule, schedule_key
-from ._weights import Backbone
+from .._models.backbones import get_template, probe_template, resolve_preprocess
+from .._cache.sqlite import default_cache_dir, namespace_for
+from .device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
+from .engines import graph_key, onnx_path, resolve_compute
+from .._exceptions import ModelLoadError
+from .._models.fold import folds
+from .._models.layers import Probe, Target, resolve_layers
+from .loading import engine_threads, show_progress
+from .network import frozen_network
+from .._cache.objects import is_url, open_cache, resolve_cache
+from .._models.pooling import FLATTEN_MAX_FEATURES, column_names, pooled_width, pooling_error
+from .process import prepare
+from .runner import Plan, Runner, RunSettings, RunStats, cached_run
+from .schedule import Schedule, schedule_key
+from .._models.weights import Backbone
 
 __all__ = ["Settled", "settle", "settle_backbone", "check_weights"]
 

@@ -1,7 +1,7 @@
 """Inference backends: what runs the truncated backbone on a normalised batch.
 
 Every engine maps an ``(N, 3, H, W)`` float32 batch to the pooled fields of a
-:class:`~featx._layers.LayerCapture`: ``[{part: (N, d) tensor}]`` per target.
+:class:`~featx._models.layers.LayerCapture`: ``[{part: (N, d) tensor}]`` per target.
 
 - ``torch``: eager PyTorch with forward hooks (the reference);
 - ``torch.compile``: the same capture compiled by TorchInductor (the first
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._device import resolve_precision
-from ._exceptions import BackendWarning
-from ._layers import LayerCapture
-from ._options import BACKENDS
+from .device import resolve_precision
+from .._exceptions import BackendWarning
+from .._models.layers import LayerCapture
+from .._options import BACKENDS
 
 __all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path", "artifacts",
            "prune_artifacts", "clear_artifacts", "artifact_bytes"]

@@ -6,9 +6,9 @@ A *field* is one layer's output under one elementary pooling, e.g.
 cache stores fields, so ``catavgmax`` reuses ``avg`` and ``max``, and the same
 layer reached by name or by alias shares entries.
 
-The engine takes plain values (a shared :class:`~featx._network.Network`, a
-:class:`Plan`, :class:`RunSettings` and a :class:`~featx._schedule.Schedule`,
-all settled by :func:`featx._settle.settle`) and returns a :class:`RunStats`
+The engine takes plain values (a shared :class:`~featx._runtime.network.Network`, a
+:class:`Plan`, :class:`RunSettings` and a :class:`~featx._runtime.schedule.Schedule`,
+all settled by :func:`featx._runtime.settling.settle`) and returns a :class:`RunStats`
 record per run; it never sees the estimator and writes no files of its own.
 """
 
@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from ._cache import item_keys
-from ._device import autocast
-from ._engines import build_engine
-from ._exceptions import DeviceWarning
-from ._layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
-from ._loading import batches, loader_workers, ordered_streams
-from ._network import Network
-from ._pooling import layer_parts, part_width, pool_parts, pooling_error
-from ._preprocess import ImageDataset, Items, collate, load_error, normalize_batch
-from ._schedule import PHASE_BATCHES, TUNE_BATCHES, Schedule
+from .._cache.sqlite import item_keys
+from .device import autocast
+from .engines import build_engine
+from .._exceptions import DeviceWarning
+from .._models.layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
+from .loading import batches, loader_workers, ordered_streams
+from .network import Network
+from .._models.pooling import layer_parts, part_width, pool_parts, pooling_error
+from .._images.preprocess import ImageDataset, Items, collate, load_error, normalize_batch
+from .schedule import PHASE_BATCHES, TUNE_BATCHES, Schedule
 
 __all__ = ["Plan", "RunSettings", "Runner", "RunStats", "cached_run"]
 
@@ -104,7 +104,7 @@ class RunSettings:
     """How a fitted extractor runs, settled once in ``fit``."""
 
     batch_size: int
-    num_workers: Any  # the parameter: an int or "auto" (see featx._loading.loader_workers)
+    num_workers: Any  # the parameter: an int or "auto" (see featx._runtime.loading.loader_workers)
     on_error: str = "raise"
     backend: str = "torch"
     onnx_file: Path | None = None  # where the ONNX graph lives (backend "onnxruntime")
@@ -248,9 +248,9 @@ class Runner:
 
         With several CPU streams, each stream decodes and computes whole
         batches (single-threaded); otherwise batches are decoded (see
-        :func:`featx._loading.batches`) and computed here, one after the other.
+        :func:`featx._runtime.loading.batches`) and computed here, one after the other.
         An fp32 schedule not yet decided (``schedule.pending()``) is measured
-        on the first :data:`~featx._schedule.TUNE_BATCHES` batches, if there
+        on the first :data:`~featx._runtime.schedule.TUNE_BATCHES` batches, if there
         are that many; the winner runs the rest and is reported in
         ``stats.measured`` (and ``stats.streams``).
         """
@@ -282,7 +282,7 @@ class Runner:
 
     def _jobs(self, dataset: ImageDataset, lo: int, hi: int, streams: int):
         """Batches ``lo`` to ``hi - 1`` with ``streams`` single-threaded streams, or decoded by
-        :func:`featx._loading.batches` and computed here, one after the other."""
+        :func:`featx._runtime.loading.batches` and computed here, one after the other."""
         size, n = self.settings.batch_size, len(dataset)
         if streams > 1 and hi - lo > 1:
             def job(k: int):

@@ -1,12 +1,12 @@
 """The protocol every embedding store follows, written down (as joblib's ``StoreBackendBase``).
 
-featx has two stores: :class:`featx._cache.EmbeddingCache` (SQLite in a local
-directory) and :class:`featx._objstore.SharedCache` (immutable objects under a
+featx has two stores: :class:`featx._cache.sqlite.EmbeddingCache` (SQLite in a local
+directory) and :class:`featx._cache.objects.SharedCache` (immutable objects under a
 storage URL, read through a local SQLite layer). The engine
-(:func:`featx._runner.cached_run`) and the command line (``featx cache``)
+(:func:`featx._runtime.runner.cached_run`) and the command line (``featx cache``)
 use only the methods below, with the same meaning in both, and never ask
 which store they hold. Exported and compiled graphs are the engines'
-artifacts (:mod:`featx._engines`), not entries of a store.
+artifacts (:mod:`featx._runtime.engines`), not entries of a store.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class EmbeddingStore(ABC):
     """Per-image vectors by namespace, item key and field.
 
     A *namespace* names everything that changes an extractor's numbers (see
-    :func:`featx._cache.namespace_for`); an *item key* names an image's
+    :func:`featx._cache.sqlite.namespace_for`); an *item key* names an image's
     content; a *field* is one layer under one elementary pooling. Faults
     never raise from the methods that serve a transform (``path_keys``,
     ``register_namespace``, ``lookup``, ``store``, ``flush``): they warn

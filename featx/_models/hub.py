@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from ._exceptions import ModelLoadError
+from .._exceptions import ModelLoadError
 
 __all__ = ["reachable", "torchvision_weights_ready", "timm_weights_ready"]
 

@@ -11,7 +11,7 @@ block is freed, so speed depended on what the process happened to do before.
 
 :func:`keep_cpu_buffers` sets them with ``mallopt`` (glibc's documented
 interface), once per process, before featx's first CPU forward pass (through
-:func:`featx._process.prepare`): the mmap threshold at glibc's largest
+:func:`featx._runtime.process.prepare`): the mmap threshold at glibc's largest
 (:data:`MMAP_THRESHOLD`), the trim threshold at :data:`TRIM_THRESHOLD`, and
 the top pad at :data:`TOP_PAD` (address space taken each time the heap
 grows, touched only when used), so that grouped decoding does not grow the
