@@ -305,7 +305,7 @@ def _print_info(info: dict, graphs: list) -> None:
 
     parts = [f"{name} {_human(size)}" for name, size in info["parts"].items()]
     if graphs:
-        parts.append(f"{_plural(len(graphs), 'exported ONNX graph')} {_human(artifact_bytes(graphs))}")
+        parts.append(f"{_plural(len(graphs), 'exported graph')} {_human(artifact_bytes(graphs))}")
     total = info["size_bytes"] + artifact_bytes(graphs)
     print(f"cache      {info['path']} ({info['kind']})")
     print(f"size       {_human(total)} ({', '.join(parts)})")
@@ -467,7 +467,7 @@ def _add_demo_command(sub: Any, debug: argparse.ArgumentParser) -> None:
 def _add_cache_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     cache_dir = _cache_dir_parent(top=False)
     p = sub.add_parser("cache", help="inspect and manage the embedding cache", parents=[debug, _cache_dir_parent(True)],
-                       description="Inspect and manage the embedding cache (embeddings and exported ONNX graphs).")
+                       description="Inspect and manage the embedding cache (embeddings, exported and compiled graphs).")
     csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
     csub.add_parser("info", help="size, entries and a per-model breakdown with provenance", parents=[debug, cache_dir],
                     description="Show the cache's size, entries and a per-model breakdown with provenance.")

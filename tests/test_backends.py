@@ -196,30 +196,42 @@ def test_backends_share_cache_entries(tiny_cnn, images, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_torch_compile_matches_eager(tiny_cnn, images):
+def test_in_process_torch_compile_matches_eager(tiny_cnn, images):
+    """The in-process engine (CUDA, and bf16 on the CPU); fp32 on the CPU runs a package kept on disk."""
+    from featx._runtime.engines import _compiled_engine
+
     kw = dict(layers=["stage1", "pre_logits"], pooling="catavgmax", preprocess=SMALL, progress=False)
-    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", **kw).fit().transform(images)
-    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", batch_size=2, **kw).fit()
-    with warnings.catch_warnings():
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", batch_size=2, **kw).fit()
+    cap = ext._runner.capture
+    engine = _compiled_engine(cap)
+    x = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("error", BackendWarning)
-        got = ext.transform(images)  # batches of 2, 2, 1: a recompilation for the last one
-    assert ext.backend_ == "torch.compile"
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+        got, want = engine(x), cap.run(x)
+    for g, w in zip(got, want):
+        for p in w:
+            torch.testing.assert_close(g[p], w[p], rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_failure_falls_back(tiny_cnn, images):
-    ref = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False).fit().transform(images)
+def test_in_process_torch_compile_failure_falls_back(tiny_cnn, images):
+    from featx._runtime.engines import _compiled_engine
+
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False).fit()
+    cap = ext._runner.capture
 
     def broken(fn, **kw):
         def run(x):
             raise RuntimeError("no C++ compiler found\nmore detail")
         return run
 
-    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", backend="torch.compile", preprocess=SMALL, progress=False)
-    with mock.patch("torch.compile", broken), pytest.warns(BackendWarning, match="no C\\+\\+ compiler found"):
-        ext.fit()  # compiled here; the compiled function fails on its first batch
-        got = ext.transform(images)
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    with mock.patch("torch.compile", broken):
+        engine = _compiled_engine(cap)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(BackendWarning, match="no C\\+\\+ compiler found"), torch.inference_mode():
+        got = engine(x)
+    with torch.inference_mode():
+        want = cap.run(x)
+    torch.testing.assert_close(got[0]["vec"], want[0]["vec"])
 
 
 def test_after_a_compile_fallback_eager_errors_raise_once_without_a_second_warning(tiny_cnn, images):

@@ -240,7 +240,9 @@ def _child(cache_dir, images, order_seed, writing, stall):
     def slow_write(self, fn, *args):
         def inside(conn, *a):
             writing.value = 1  # within BEGIN IMMEDIATE ... COMMIT
-            conn.set_progress_handler(lambda: time.sleep(60 if stall else 0.001) or 0, 50)
+            if stall:
+                time.sleep(600)  # inside the transaction until the kill
+            conn.set_progress_handler(lambda: time.sleep(0.001) or 0, 50)
             try:
                 return fn(conn, *a)
             finally:
@@ -271,9 +273,10 @@ def test_sigkill_during_cache_writes_never_corrupts(image_paths, tmp_path):
         stall = k % 2 == 0  # every other kill lands inside a write for certain; the rest anywhere near one
         proc = ctx.Process(target=_child, args=(cache_dir, images, k, writing, stall))
         proc.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while writing.value == 0 and proc.is_alive() and time.monotonic() < deadline:
             time.sleep(0.0005)
+        assert writing.value == 1 or not stall, "a stalled child never began a write"
         time.sleep(rng.uniform(0.0, 0.005))  # somewhere inside (or just after) the write transaction
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()

@@ -293,7 +293,7 @@ def test_cache_commands_cover_exported_graphs(image_folder, tmp_path, capsys):
     assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
     info = capsys.readouterr().out
     size_line = next(line for line in info.splitlines() if line.startswith("size"))
-    assert "1 exported ONNX graph" in size_line
+    assert "1 exported graph" in size_line
     graph_mib = graph.stat().st_size / 2**20
     assert float(size_line.split()[1]) >= graph_mib * 0.99  # the total counts the graph
     assert "tta=hflip" in info and info.count("torchvision:resnet18") == 2

@@ -46,3 +46,17 @@ def test_classifier_fits_use_one_blas_thread(image_folder, monkeypatch):
     assert seen and set(seen) == {1}
     assert after == inside  # the caller's limits are restored
     assert before  # numpy has a BLAS that threadpoolctl sees (else the test proves nothing)
+
+
+def test_the_best_row_is_the_first_within_one_image_of_the_top():
+    from featx.evaluate import EvalRow, _first_of_the_best
+
+    def row(clf, mean):
+        return (EvalRow("pretrained", clf, "stage5", mean, 0.01, {}, 0.1), clf, None)
+
+    n = 160
+    rows = [row("logreg", 154 / n), row("rbf_svm", 155 / n), row("random_forest", 150 / n)]
+    assert _first_of_the_best(rows, n)[1] == "logreg"  # one image apart: tied, the first listed wins
+    rows = [row("logreg", 153 / n), row("rbf_svm", 155 / n)]
+    assert _first_of_the_best(rows, n)[1] == "rbf_svm"  # two images better: a real difference
+    assert _first_of_the_best([], n) is None

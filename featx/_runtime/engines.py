@@ -52,11 +52,14 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
     """The backend and autocast dtype a fitted extractor will use, decided together.
 
     ``precision="auto"`` with ``backend="onnxruntime"`` is fp32 (ONNX Runtime
-    computes in fp32 here). ``backend="auto"`` is ONNX Runtime only where the
-    precision is fp32 on the CPU: where the CPU has native bf16, ``"auto"``
-    precision is bf16 and eager PyTorch with bf16 (about 2x fp32) wins.
+    computes in fp32 here), and so is ``backend="torch.compile"`` on the CPU
+    (its package kept on disk is compiled in fp32, whose features equal eager
+    PyTorch's; see :mod:`featx._runtime.compiled`). ``backend="auto"`` is ONNX
+    Runtime only where the precision is fp32 on the CPU: where the CPU has
+    native bf16, ``"auto"`` precision is bf16 and eager PyTorch with bf16 wins
+    (measured on the Performance page of the docs).
     """
-    if backend == "onnxruntime" and precision == "auto":
+    if precision == "auto" and (backend == "onnxruntime" or (backend == "torch.compile" and device.type == "cpu")):
         precision = "fp32"
     dtype = resolve_precision(precision, device)
     return resolve_backend(backend, device, dtype), dtype
@@ -95,9 +98,9 @@ def onnx_path(root: Path, key: str) -> Path:
 
 
 def artifacts(root: Path) -> list[Path]:
-    """The engines' files kept in a cache directory (exported ONNX graphs), least recently used first."""
+    """The engines' files kept in a cache directory (exported ONNX graphs, compiled packages), least recently used first."""
     found = []
-    for p in (Path(root) / "onnx").glob("*.onnx"):
+    for p in [*(Path(root) / "onnx").glob("*.onnx"), *(Path(root) / "compiled").glob("*.pt2")]:
         try:
             st = p.stat()
             found.append((max(st.st_atime, st.st_mtime), p))  # exported, or last used (featx sets atime)
@@ -268,8 +271,18 @@ def _compiled_engine(cap: LayerCapture) -> Engine:
 
 
 def build_engine(backend: str, cap: LayerCapture, *, onnx_file: Path | None, input_size: tuple[int, int],
-                 threads: int) -> tuple[str, Engine]:
-    """``(backend actually used, engine)``; an export failure falls back to eager with one warning."""
+                 threads: int, compiled: tuple | None = None) -> tuple[str, Engine]:
+    """``(backend actually used, engine)``; an export failure falls back to eager with one warning.
+
+    ``compiled``: ``(package path, batch size, start)`` on the CPU, where
+    ``"torch.compile"`` runs a package compiled ahead of time and kept on disk
+    (:mod:`featx._runtime.compiled`); elsewhere it is ``torch.compile`` in this process.
+    """
+    if backend == "torch.compile" and compiled is not None:
+        from .compiled import CompiledEngine
+
+        path, batch_size, start = compiled
+        return backend, CompiledEngine(cap, path, batch_size, start)
     if backend == "torch.compile":
         return backend, _compiled_engine(cap)
     if backend == "onnxruntime":

@@ -112,6 +112,8 @@ class RunSettings:
     gpu_decode: bool = False
     tta: str | None = None
     store_all: bool = False  # compute every stored field (a cached run), not only the requested ones
+    compiled_file: Path | None = None  # where the compiled package lives (backend "torch.compile" on the CPU)
+    compile_params: dict | None = None  # the extractor's parameters: what the compiling process rebuilds
 
 
 @dataclass
@@ -150,7 +152,8 @@ class Runner:
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
         self.backend, self.engine = build_engine(settings.backend, self.capture, onnx_file=settings.onnx_file,
-                                                 input_size=tuple(cfg["input_size"]), threads=settings.threads)
+                                                 input_size=tuple(cfg["input_size"]), threads=settings.threads,
+                                                 compiled=_compiled_spec(settings, device))
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fields of one decoded batch.
@@ -299,6 +302,16 @@ class Runner:
         with torch.inference_mode():
             for idx, batch, errors in loader:
                 yield idx, None if batch is None else self.forward(batch), errors
+
+
+def _compiled_spec(settings: RunSettings, device: torch.device) -> tuple | None:
+    """``(package path, batch size, start compiling)`` for the CPU's compiled engine, else None."""
+    if settings.compiled_file is None or device.type != "cpu":
+        return None
+    from .compiled import compile_in_background
+
+    path, params, bs = settings.compiled_file, settings.compile_params, settings.batch_size
+    return path, bs, lambda: compile_in_background(params, path, bs, torch.get_num_threads())
 
 
 def _progress_bar(total: int):

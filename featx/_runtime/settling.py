@@ -29,6 +29,7 @@ import torch
 from .._models.backbones import get_template, probe_template, resolve_preprocess
 from .._cache.sqlite import default_cache_dir, namespace_for
 from .device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
+from .compiled import artifact_key, artifact_path
 from .engines import graph_key, onnx_path, resolve_compute
 from .._exceptions import ModelLoadError
 from .._models.fold import folds
@@ -183,14 +184,19 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
                               precision=str(dtype or "fp32"), tta=params["tta"], folded=folds(dtype))
     work_dir = _work_dir(cache_dir)
     store_all = cache_dir is not None
-    onnx_file = None
+    onnx_file = compiled_file = None
     if backend == "onnxruntime":
         onnx_file = onnx_path(work_dir, graph_key(namespace[0], plan.fields(store_all), tuple(cfg["input_size"])))
+    if backend == "torch.compile" and device.type == "cpu" and dtype is None:  # bf16: in-process torch.compile
+        compiled_file = artifact_path(work_dir, artifact_key(namespace[0], plan.fields(store_all),
+                                                             tuple(cfg["input_size"]), batch_size,
+                                                             torch.get_num_threads(), precision_name(dtype)))
     schedule = _schedule(device, dtype, backend, batch_size, template, cfg, plan, work_dir)
     settings = RunSettings(
         batch_size=batch_size, num_workers=params["num_workers"], on_error=params["on_error"], backend=backend,
         onnx_file=onnx_file, threads=engine_threads(params["num_workers"]), gpu_decode=bool(params["gpu_decode"]),
-        tta=params["tta"], store_all=store_all,
+        tta=params["tta"], store_all=store_all, compiled_file=compiled_file,
+        compile_params=dict(params) if compiled_file is not None else None,
     )
     return Settled(device=device, dtype=dtype, backend=backend, batch_size=batch_size, preprocess=cfg,
                    template=template, probe=pr, targets=targets, feature_names=np.asarray(names, dtype=object),

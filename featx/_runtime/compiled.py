@@ -1,0 +1,264 @@
+"""Compiled graphs kept on disk: the truncated backbone as an AOTInductor package, built in the background.
+
+``backend="torch.compile"`` on the CPU runs the capture (the backbone up to
+the deepest requested layer, with the pooling) as a graph compiled ahead of
+time by TorchInductor, with freezing, for one batch shape (featx pads short
+batches to ``batch_size``), one thread count and one CPU. Compiling takes
+seconds to a minute, so:
+
+- **compiled once, kept on disk.** The package is stored in
+  ``<cache dir>/compiled/<digest>.pt2``, the digest naming everything that
+  defines it (:func:`artifact_key`: the embedding namespace, the fields
+  computed, input size, batch size, threads, precision, CPU capability and
+  torch version). A later extractor, in this process or another, loads it in
+  milliseconds instead of compiling.
+- **no first-call tax.** When the package is missing, a separate process
+  (``python -m featx._runtime.compiled``) rebuilds the same network from the
+  extractor's parameters, exports and compiles it, and publishes the package
+  atomically (a temporary name, then a rename), at the lowest CPU priority,
+  while this process runs the same batches in eager PyTorch. Between batches the engine looks for the
+  package and switches to it when it appears; a small job finishes in eager
+  PyTorch and leaves the package for the next one. Concurrent processes
+  compile a graph once (a lock file next to it).
+- **checked.** The first batch run by a loaded package is compared with eager
+  PyTorch on the same batch; a package that disagrees, or cannot be loaded,
+  is removed (it is compiled again next time) with one
+  :class:`featx.BackendWarning`, and the run goes on in eager PyTorch. So is a
+  compilation that fails (no C++ compiler, a model that does not export).
+
+Features agree with eager PyTorch within :data:`RTOL` of their scale, so the
+two share cache entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._exceptions import BackendWarning
+from .._models.layers import LayerCapture
+from .device import cpu_capability
+
+__all__ = ["RTOL", "artifact_key", "artifact_path", "CompiledEngine", "compile_in_background"]
+
+#: Largest difference from eager PyTorch accepted, relative to the largest value of a field.
+RTOL = 1e-4
+#: Directory of the packages inside a cache directory.
+DIRECTORY = "compiled"
+#: A lock older than this is a crashed compiler's: another process may take it over.
+STALE_LOCK_S = 15 * 60
+_FORMAT = "aoti-1"
+
+
+def artifact_key(namespace: str, fields: list[str], input_size: tuple[int, int], batch_size: int, threads: int,
+                 precision: str) -> str:
+    """Digest naming a compiled package: everything that defines the compiled code."""
+    c = cpu_capability()
+    machine = f"{c['isa']}-bf16{int(bool(c['avx512_bf16']))}-amx{int(bool(c['amx']))}-vnni{int(bool(c.get('vnni')))}"
+    text = "|".join([_FORMAT, namespace, ",".join(fields), f"{input_size[0]}x{input_size[1]}", f"batch{batch_size}",
+                     f"threads{threads}", precision, machine, torch.__version__])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def artifact_path(root: Path, key: str) -> Path:
+    return Path(root) / DIRECTORY / f"{key}.pt2"
+
+
+class _Graph(nn.Module):
+    """The capture as a module returning a flat tuple of pooled tensors (what gets exported)."""
+
+    def __init__(self, cap: LayerCapture):
+        super().__init__()
+        self.backbone = cap.module
+        self._cap = cap
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        results = self._cap.run(x, stop=False)  # export follows no exceptions; the rest is dead code
+        return tuple(r[p] for r, ps in zip(results, self._cap.parts) for p in ps)
+
+
+# ------------------------------------------------------------------ the compiling process
+
+
+def _lock(path: Path) -> bool:
+    """Take the compile lock for ``path``; False when another live process holds it."""
+    lock = path.with_suffix(".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime < STALE_LOCK_S:
+                    return False
+                lock.unlink()  # a crashed compiler's: take it over
+            except OSError:
+                return False
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def compile_in_background(params: dict, path: Path, batch_size: int, threads: int) -> subprocess.Popen | None:
+    """Start a process that compiles the package at ``path`` (None: another process is compiling it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or not _lock(path):
+        return None
+    fd, spec = tempfile.mkstemp(prefix=path.stem + ".", suffix=".spec", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump({"params": params, "path": str(path), "batch_size": batch_size, "threads": threads}, f)
+    log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115 - the child writes it; kept for the error message
+    try:
+        return subprocess.Popen(_child_command(spec), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    except OSError:
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        return None
+    finally:
+        log.close()
+
+
+def _child_command(spec: str) -> list[str]:
+    return [sys.executable, "-m", "featx._runtime.compiled", spec]
+
+
+def _strip_metadata_asserts(ep: Any) -> None:
+    """Drop export's tensor-metadata assertions: under autocast they name the pre-cast dtype and fail freezing."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
+            graph.erase_node(node)
+    ep.graph_module.recompile()
+
+
+def _compile(spec_file: str) -> None:
+    """The child: rebuild the extractor's network from its parameters, export, compile, publish."""
+    with open(spec_file, "rb") as f:
+        spec = pickle.load(f)
+    os.unlink(spec_file)
+    path = Path(spec["path"])
+    try:  # the lowest priority: the extractor that asked computes its images meanwhile, at full speed
+        os.nice(19)
+    except (AttributeError, OSError):
+        pass
+    torch.set_num_threads(spec["threads"])
+    from .settling import settle  # the child settles the same record as the parent (backend: eager)
+
+    try:
+        settled = settle({**spec["params"], "backend": "torch"})
+        runner = settled.runner()
+        x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=torch.channels_last)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        with torch.no_grad(), _autocast(settled.dtype):
+            ep = torch.export.export(_Graph(runner.capture).eval(), (x,))
+            _strip_metadata_asserts(ep)
+            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)  # readers see no package or a whole one
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        path.with_suffix(".log").unlink(missing_ok=True)
+    finally:
+        path.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def _autocast(dtype: torch.dtype | None):
+    import contextlib
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
+# ------------------------------------------------------------------ the engine
+
+
+class CompiledEngine:
+    """Eager PyTorch until the compiled package is there, then the package (checked once against eager)."""
+
+    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, start: Callable[[], Any]):
+        self.cap, self.path, self.batch_size = cap, path, batch_size
+        self.eager = cap.run
+        self._start = start  # starts the background compilation (returns a Popen, or None)
+        self._fn: Callable | None = None
+        self._checked = False
+        self._child = None
+        self._given_up = False
+        self._looked = 0.0
+        self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
+
+    @property
+    def ready(self) -> bool:
+        return self._fn is not None
+
+    def _give_up(self, why: str) -> None:
+        self._fn, self._given_up = None, True
+        warnings.warn(f"the compiled graph cannot be used ({why}); running eager PyTorch instead.", BackendWarning,
+                      stacklevel=4)
+
+    def _look(self) -> None:
+        """Load the package if it has appeared; start its compilation once if it is missing."""
+        if self.path.exists():
+            try:
+                self._fn = torch._inductor.aoti_load_package(str(self.path))
+            except Exception as exc:  # a damaged package: removed, compiled again next time
+                self.path.unlink(missing_ok=True)
+                self._give_up(f"{self.path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
+            return
+        if self._child is None:
+            self._child = self._start() or False
+        elif self._child and self._child.poll() not in (None, 0):
+            log = self.path.with_suffix(".log")
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            self._give_up(f"compilation failed: {last[0][:300] if last else 'exit code ' + str(self._child.returncode)}")
+
+    def __call__(self, x: torch.Tensor) -> list:
+        if self._fn is None and not self._given_up and (time.monotonic() - self._looked > 0.05 or not self._looked):
+            self._looked = time.monotonic()
+            self._look()
+        if self._fn is None or x.shape[0] != self.batch_size:
+            return self.eager(x)
+        outs = self._fn(x)
+        parts = self.cap.parts
+        it = iter(outs)
+        got = [{p: next(it) for p in ps} for ps in parts]
+        if not self._checked:
+            want = self.eager(x)
+            for w, g in zip(want, got):
+                for p, ref in w.items():
+                    ref = ref.float()
+                    err = float((g[p].float() - ref).abs().max())
+                    scale = max(float(ref.abs().max()), 1e-6)
+                    if g[p].shape != ref.shape or not err <= RTOL * scale:
+                        self.path.unlink(missing_ok=True)
+                        self._give_up(f"it disagrees with eager PyTorch by {err:.3g} for values up to {scale:.3g}")
+                        return want
+            self._checked = True
+        self.compiled_batches += 1
+        return got
+
+
+def _main(argv: list[str]) -> int:
+    _compile(argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

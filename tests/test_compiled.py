@@ -1,0 +1,133 @@
+"""backend="torch.compile" on the CPU: a package compiled ahead of time in another process, kept on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from featx import BackendWarning, PretrainedFeatureExtractor
+from featx._runtime import compiled
+
+KW = dict(model="resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36}, device="cpu",
+          progress=False, batch_size=4, precision="fp32")
+
+
+def _images(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _wait(engine, timeout=600):
+    child = engine._child
+    assert child, "no compilation was started"
+    child.wait(timeout=timeout)
+    assert child.returncode == 0, engine.path.with_suffix(".log").read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A cache directory whose package for KW was compiled once (by the first test's extractor)."""
+    return tmp_path_factory.mktemp("compiled-store")
+
+
+def test_compiled_features_equal_eager_and_the_package_is_kept(store, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(store))
+    X = _images()
+    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        first = ext.transform(X)  # eager while the package compiles elsewhere: no wait
+        engine = ext._runner.engine
+        assert isinstance(engine, compiled.CompiledEngine) and not engine.ready
+        _wait(engine)
+        again = ext.transform(X)
+    assert engine.ready and engine.compiled_batches >= 2  # the full batches ran compiled
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(first, ref, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(again, ref, rtol=0, atol=1e-5 * scale)
+    assert ext.backend_ == "torch.compile" and ext.precision_ == "fp32"
+    assert [p.suffix for p in (store / "compiled").iterdir()] == [".pt2"]  # no lock, log or temporary left
+
+
+def test_another_process_loads_the_package_instead_of_compiling(store):
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from featx import PretrainedFeatureExtractor
+        rng = np.random.default_rng(0)
+        X = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(10)]
+        ext = PretrainedFeatureExtractor(**{KW!r}, backend="torch.compile").fit()
+        ext.transform(X)
+        e = ext._runner.engine
+        print(e.ready, e._child, e.compiled_batches)
+    """)
+    env = {**os.environ, "FEATX_CACHE_DIR": str(store)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "None", "2"]  # loaded at once, no compilation started, 2 full batches
+
+
+def test_a_corrupt_package_warns_runs_eager_and_is_compiled_again(store, tmp_path, monkeypatch):
+    (tmp_path / "compiled").mkdir()
+    (package,) = (store / "compiled").glob("*.pt2")
+    damaged = tmp_path / "compiled" / package.name
+    damaged.write_bytes(package.read_bytes()[: package.stat().st_size // 3])
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    started = []
+    monkeypatch.setattr(compiled, "compile_in_background", lambda *a, **k: started.append(a) or None)
+    X = _images()
+    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    with pytest.warns(BackendWarning, match="does not load"):
+        got = ext.transform(X)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    assert not damaged.exists() and started == []  # removed; this run stays eager
+    ext2 = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    ext2.transform(X)
+    assert len(started) == 1  # the next extractor compiles it again
+
+
+def test_a_failed_compilation_warns_once_and_gives_eager_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_child_command", lambda spec: [
+        sys.executable, "-c", "import sys; print('error: no C++ compiler found'); sys.exit(1)"])
+    X = _images(20)
+    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    ext.transform(X[:4])  # starts the (failing) compilation
+    ext._runner.engine._child.wait(timeout=60)
+    with pytest.warns(BackendWarning, match="compilation failed: error: no C\\+\\+ compiler found") as record:
+        got = ext.transform(X)
+        ext.transform(X)
+    assert len([w for w in record if issubclass(w.category, BackendWarning)]) == 1
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    assert not list((tmp_path / "compiled").glob("*.lock"))
+
+
+def test_one_process_compiles_a_graph_at_a_time(tmp_path):
+    path = tmp_path / "compiled" / "k.pt2"
+    path.parent.mkdir()
+    assert compiled._lock(path) is True
+    assert compiled._lock(path) is False  # held by a live compiler
+    assert compiled.compile_in_background({}, path, 4, 1) is None
+    lock = path.with_suffix(".lock")
+    os.utime(lock, (0, 0))  # a crashed compiler's lock, long ago
+    assert compiled._lock(path) is True
+
+
+def test_bf16_keeps_in_process_compilation_and_auto_precision_is_fp32():
+    auto = PretrainedFeatureExtractor(**{**KW, "precision": "auto"}, backend="torch.compile").fit()
+    assert auto.precision_ == "fp32" and auto._settled.settings.compiled_file is not None
+    if torch.cpu._is_avx512_bf16_supported():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bf16 = PretrainedFeatureExtractor(**{**KW, "precision": "bf16"}, backend="torch.compile").fit()
+        assert bf16._settled.settings.compiled_file is None
