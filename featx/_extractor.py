@@ -114,7 +114,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         slower there.
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 8 for
-        eager fp32 and 4 otherwise (per stream with bf16 streams, see
+        one fp32 stream (eager or compiled) and 4 otherwise (per stream with bf16 streams, see
         ``streams_``): the bare model's best batch, as measured on the
         Performance page of the docs. Results do not depend on it (within
         1e-5 in fp32).

@@ -72,7 +72,7 @@ def test_another_process_loads_the_package_instead_of_compiling(store):
     env = {**os.environ, "FEATX_CACHE_DIR": str(store)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["True", "None", "2"]  # loaded at once, no compilation started, 2 full batches
+    assert res.stdout.split() == ["True", "None", "3"]  # loaded at once, no compilation started; 3 batches (padded)
 
 
 def test_a_corrupt_package_warns_runs_eager_and_is_compiled_again(store, tmp_path, monkeypatch):
@@ -131,3 +131,9 @@ def test_bf16_keeps_in_process_compilation_and_auto_precision_is_fp32():
             warnings.simplefilter("ignore")
             bf16 = PretrainedFeatureExtractor(**{**KW, "precision": "bf16"}, backend="torch.compile").fit()
         assert bf16._settled.settings.compiled_file is None
+
+
+def test_the_compiling_process_settles_the_precision_that_was_resolved_here():
+    """precision="auto" is fp32 with this backend here, but eager bf16 where the child would settle it anew."""
+    ext = PretrainedFeatureExtractor(**{**KW, "precision": "auto"}, backend="torch.compile").fit()
+    assert ext._settled.settings.compile_params["precision"] == "fp32"

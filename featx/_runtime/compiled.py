@@ -15,8 +15,9 @@ seconds to a minute, so:
 - **no first-call tax.** When the package is missing, a separate process
   (``python -m featx._runtime.compiled``) rebuilds the same network from the
   extractor's parameters, exports and compiles it, and publishes the package
-  atomically (a temporary name, then a rename), at the lowest CPU priority,
-  while this process runs the same batches in eager PyTorch. Between batches the engine looks for the
+  atomically (a temporary name, then a rename), at the lowest CPU priority
+  (Linux's ``SCHED_IDLE``: only on a core nothing else wants), while this
+  process runs the same batches in eager PyTorch. Between batches the engine looks for the
   package and switches to it when it appears; a small job finishes in eager
   PyTorch and leaves the package for the next one. Concurrent processes
   compile a graph once (a lock file next to it).
@@ -130,8 +131,18 @@ def compile_in_background(params: dict, path: Path, batch_size: int, threads: in
         log.close()
 
 
+#: The compiling process lowers its priority before it imports anything (torch's import alone is seconds of
+#: CPU): SCHED_IDLE where Linux offers it (it runs only on a core nothing else wants), else nice 19.
+_CHILD = ("import os\n"
+          "try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+          "except (AttributeError, OSError):\n"
+          "    try:\n        os.nice(19)\n    except (AttributeError, OSError):\n        pass\n"
+          "import sys, runpy\nsys.argv = ['featx-compile', {spec!r}]\n"
+          "runpy.run_module('featx._runtime.compiled', run_name='__main__')\n")
+
+
 def _child_command(spec: str) -> list[str]:
-    return [sys.executable, "-m", "featx._runtime.compiled", spec]
+    return [sys.executable, "-c", _CHILD.format(spec=spec)]
 
 
 def _strip_metadata_asserts(ep: Any) -> None:
@@ -149,10 +160,6 @@ def _compile(spec_file: str) -> None:
         spec = pickle.load(f)
     os.unlink(spec_file)
     path = Path(spec["path"])
-    try:  # the lowest priority: the extractor that asked computes its images meanwhile, at full speed
-        os.nice(19)
-    except (AttributeError, OSError):
-        pass
     torch.set_num_threads(spec["threads"])
     from .settling import settle  # the child settles the same record as the parent (backend: eager)
 
@@ -225,6 +232,7 @@ class CompiledEngine:
         if self._child is None:
             self._child = self._start() or False
         elif self._child and self._child.poll() not in (None, 0):
+            self.path.with_suffix(".lock").unlink(missing_ok=True)  # a child that died before it could
             log = self.path.with_suffix(".log")
             last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             self._give_up(f"compilation failed: {last[0][:300] if last else 'exit code ' + str(self._child.returncode)}")

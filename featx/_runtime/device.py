@@ -156,17 +156,18 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
 
 
 def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
-    """``batch_size="auto"``: 64 on CUDA; on the CPU 8 for one eager fp32 stream, else 4 (per bf16 stream).
+    """``batch_size="auto"``: 64 on CUDA; on the CPU 8 for one fp32 stream (eager or compiled), else 4.
 
     The rule follows the bare model's best batch from JPEG files, measured
     side by side (``benchmarks/bench_throughput.py``; figures on the
     Performance page of the docs): one eager fp32 stream gains from 8, while
     bf16 streams and ONNX Runtime gain nothing from it and keep 4, half the
-    latency and memory per stream.
+    latency and memory per stream. A compiled fp32 package runs eager
+    PyTorch until it is ready, so it takes eager fp32's batch.
     """
     if device.type == "cuda":
         return 64
-    return 8 if device.type == "cpu" and dtype is None and backend == "torch" else 4
+    return 8 if device.type == "cpu" and dtype is None and backend in ("torch", "torch.compile") else 4
 
 
 def fp32_stream_candidates(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:

@@ -196,7 +196,8 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
         batch_size=batch_size, num_workers=params["num_workers"], on_error=params["on_error"], backend=backend,
         onnx_file=onnx_file, threads=engine_threads(params["num_workers"]), gpu_decode=bool(params["gpu_decode"]),
         tta=params["tta"], store_all=store_all, compiled_file=compiled_file,
-        compile_params=dict(params) if compiled_file is not None else None,
+        # the compiling process settles again from these: with the precision resolved here, not "auto"
+        compile_params=dict(params, precision=precision_name(dtype)) if compiled_file is not None else None,
     )
     return Settled(device=device, dtype=dtype, backend=backend, batch_size=batch_size, preprocess=cfg,
                    template=template, probe=pr, targets=targets, feature_names=np.asarray(names, dtype=object),
