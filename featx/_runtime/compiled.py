@@ -13,7 +13,7 @@ seconds to a minute, so:
   torch version). A later extractor, in this process or another, loads it in
   milliseconds instead of compiling.
 - **no first-call tax.** When the package is missing, a separate process
-  (``python -m featx._runtime.compiled``) rebuilds the same network from the
+  (:mod:`featx._runtime.compile_child`) rebuilds the same network from the
   extractor's parameters, exports and compiles it, and publishes the package
   atomically (a temporary name, then a rename), at the lowest CPU priority
   (Linux's ``SCHED_IDLE``: only on a core nothing else wants), while this
@@ -34,7 +34,6 @@ two share cache entries.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import subprocess
@@ -43,14 +42,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch import nn
 
 from .._exceptions import BackendWarning
 from .._models.layers import LayerCapture
 from .device import cpu_capability
+from .engines import disagreement
 
 __all__ = ["RTOL", "artifact_key", "artifact_path", "CompiledEngine", "compile_in_background"]
 
@@ -75,19 +74,6 @@ def artifact_key(namespace: str, fields: list[str], input_size: tuple[int, int],
 
 def artifact_path(root: Path, key: str) -> Path:
     return Path(root) / DIRECTORY / f"{key}.pt2"
-
-
-class _Graph(nn.Module):
-    """The capture as a module returning a flat tuple of pooled tensors (what gets exported)."""
-
-    def __init__(self, cap: LayerCapture):
-        super().__init__()
-        self.backbone = cap.module
-        self._cap = cap
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        results = self._cap.run(x, stop=False)  # export follows no exceptions; the rest is dead code
-        return tuple(r[p] for r, ps in zip(results, self._cap.parts) for p in ps)
 
 
 # ------------------------------------------------------------------ the compiling process
@@ -138,60 +124,11 @@ _CHILD = ("import os\n"
           "except (AttributeError, OSError):\n"
           "    try:\n        os.nice(19)\n    except (AttributeError, OSError):\n        pass\n"
           "import sys, runpy\nsys.argv = ['featx-compile', {spec!r}]\n"
-          "runpy.run_module('featx._runtime.compiled', run_name='__main__')\n")
+          "runpy.run_module('featx._runtime.compile_child', run_name='__main__')\n")
 
 
 def _child_command(spec: str) -> list[str]:
     return [sys.executable, "-c", _CHILD.format(spec=spec)]
-
-
-def _strip_metadata_asserts(ep: Any) -> None:
-    """Drop export's tensor-metadata assertions: under autocast they name the pre-cast dtype and fail freezing."""
-    graph = ep.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
-            graph.erase_node(node)
-    ep.graph_module.recompile()
-
-
-def _compile(spec_file: str) -> None:
-    """The child: rebuild the extractor's network from its parameters, export, compile, publish."""
-    with open(spec_file, "rb") as f:
-        spec = pickle.load(f)
-    os.unlink(spec_file)
-    path = Path(spec["path"])
-    torch.set_num_threads(spec["threads"])
-    from .settling import settle  # the child settles the same record as the parent (backend: eager)
-
-    try:
-        settled = settle({**spec["params"], "backend": "torch"})
-        runner = settled.runner()
-        x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
-        x = x.contiguous(memory_format=torch.channels_last)
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        with torch.no_grad(), _autocast(settled.dtype):
-            ep = torch.export.export(_Graph(runner.capture).eval(), (x,))
-            _strip_metadata_asserts(ep)
-            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
-            os.close(fd)
-            try:
-                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)  # readers see no package or a whole one
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        path.with_suffix(".log").unlink(missing_ok=True)
-    finally:
-        path.with_suffix(".lock").unlink(missing_ok=True)
-
-
-def _autocast(dtype: torch.dtype | None):
-    import contextlib
-
-    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
 
 
 # ------------------------------------------------------------------ the engine
@@ -200,10 +137,10 @@ def _autocast(dtype: torch.dtype | None):
 class CompiledEngine:
     """Eager PyTorch until the compiled package is there, then the package (checked once against eager)."""
 
-    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, start: Callable[[], Any]):
+    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, params: dict):
         self.cap, self.path, self.batch_size = cap, path, batch_size
         self.eager = cap.run
-        self._start = start  # starts the background compilation (returns a Popen, or None)
+        self._params = params  # what the compiling process rebuilds the network from
         self._fn: Callable | None = None
         self._checked = False
         self._child = None
@@ -229,8 +166,9 @@ class CompiledEngine:
                 self.path.unlink(missing_ok=True)
                 self._give_up(f"{self.path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
             return
-        if self._child is None:
-            self._child = self._start() or False
+        if self._child is None:  # a Popen, or False: another process is compiling it
+            self._child = compile_in_background(self._params, self.path, self.batch_size,
+                                                torch.get_num_threads()) or False
         elif self._child and self._child.poll() not in (None, 0):
             self.path.with_suffix(".lock").unlink(missing_ok=True)  # a child that died before it could
             log = self.path.with_suffix(".log")
@@ -249,24 +187,11 @@ class CompiledEngine:
         got = [{p: next(it) for p in ps} for ps in parts]
         if not self._checked:
             want = self.eager(x)
-            for w, g in zip(want, got):
-                for p, ref in w.items():
-                    ref = ref.float()
-                    err = float((g[p].float() - ref).abs().max())
-                    scale = max(float(ref.abs().max()), 1e-6)
-                    if g[p].shape != ref.shape or not err <= RTOL * scale:
-                        self.path.unlink(missing_ok=True)
-                        self._give_up(f"it disagrees with eager PyTorch by {err:.3g} for values up to {scale:.3g}")
-                        return want
+            why = disagreement(want, got, RTOL)
+            if why is not None:
+                self.path.unlink(missing_ok=True)
+                self._give_up(f"it disagrees with eager PyTorch: {why}")
+                return want
             self._checked = True
         self.compiled_batches += 1
         return got
-
-
-def _main(argv: list[str]) -> int:
-    _compile(argv[0])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

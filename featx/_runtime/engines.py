@@ -140,17 +140,34 @@ def clear_artifacts(root: Path) -> int:
     return len(paths)
 
 
-class _Truncated(nn.Module):
-    """The capture as a module returning a flat tuple of pooled tensors (what gets exported)."""
+class Truncated(nn.Module):
+    """The capture as a module returning a flat tuple of pooled tensors (what gets exported or compiled).
 
-    def __init__(self, cap: LayerCapture):
+    ``stop=False`` runs the whole forward pass (``torch.export`` follows no
+    exceptions; what comes after the deepest target is dead code to a compiler).
+    """
+
+    def __init__(self, cap: LayerCapture, stop: bool = True):
         super().__init__()
         self.backbone = cap.module
-        self._cap = cap
+        self._cap, self._stop = cap, stop
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        results = self._cap.run(x)
+        results = self._cap.run(x, stop=self._stop)
         return tuple(r[p] for r, ps in zip(results, self._cap.parts) for p in ps)
+
+
+def disagreement(want: list, got: list, rtol: float | None = None) -> str | None:
+    """Why an engine's fields ``got`` differ from eager ``want`` beyond ``rtol`` of their scale (None: they agree)."""
+    rtol = RTOL if rtol is None else rtol
+    for w, g in zip(want, got):
+        for p, ref in w.items():
+            ref = ref.float()
+            err = float((g[p].float() - ref).abs().max())
+            scale = max(float(ref.abs().max()), 1e-6)
+            if g[p].shape != ref.shape or not err <= rtol * scale:
+                return f"max difference {err:.3g} for values up to {scale:.3g}"
+    return None
 
 
 def _export(cap: LayerCapture, input_size: tuple[int, int], path: Path) -> None:
@@ -163,7 +180,7 @@ def _export(cap: LayerCapture, input_size: tuple[int, int], path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.rand(2, 3, *input_size)
-    module = _Truncated(cap).eval()
+    module = Truncated(cap).eval()
     n_out = sum(len(ps) for ps in cap.parts)
     names = [f"f{i}" for i in range(n_out)]
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
@@ -233,17 +250,11 @@ def _check_against_eager(cap: LayerCapture, run: Engine, input_size: tuple[int, 
     x = torch.rand(3, 3, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = cap.run(x.contiguous(memory_format=torch.channels_last))
-    got = run(x)
-    for w, g in zip(want, got):
-        for p, ref in w.items():
-            ref = ref.float()
-            err = float((g[p].float() - ref).abs().max())
-            scale = max(float(ref.abs().max()), 1e-6)
-            if g[p].shape != ref.shape or not err <= RTOL * scale:
-                raise RuntimeError(
-                    f"the exported graph disagrees with PyTorch (max difference {err:.3g} for values up to "
-                    f"{scale:.3g}); the model likely has steps tracing cannot capture"
-                )
+    why = disagreement(want, run(x))
+    if why is not None:
+        raise RuntimeError(
+            f"the exported graph disagrees with PyTorch ({why}); the model likely has steps tracing cannot capture"
+        )
 
 
 def _compiled_engine(cap: LayerCapture) -> Engine:
@@ -271,18 +282,13 @@ def _compiled_engine(cap: LayerCapture) -> Engine:
 
 
 def build_engine(backend: str, cap: LayerCapture, *, onnx_file: Path | None, input_size: tuple[int, int],
-                 threads: int, compiled: tuple | None = None) -> tuple[str, Engine]:
+                 threads: int) -> tuple[str, Engine]:
     """``(backend actually used, engine)``; an export failure falls back to eager with one warning.
 
-    ``compiled``: ``(package path, batch size, start)`` on the CPU, where
-    ``"torch.compile"`` runs a package compiled ahead of time and kept on disk
-    (:mod:`featx._runtime.compiled`); elsewhere it is ``torch.compile`` in this process.
+    ``"torch.compile"`` here is ``torch.compile`` in this process (GPUs, and
+    bf16/fp16 on the CPU); in fp32 on the CPU the runner uses a package
+    compiled ahead of time and kept on disk instead (:mod:`featx._runtime.compiled`).
     """
-    if backend == "torch.compile" and compiled is not None:
-        from .compiled import CompiledEngine
-
-        path, batch_size, start = compiled
-        return backend, CompiledEngine(cap, path, batch_size, start)
     if backend == "torch.compile":
         return backend, _compiled_engine(cap)
     if backend == "onnxruntime":

@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 
 from .._cache.sqlite import item_keys
 from .device import autocast
+from .compiled import CompiledEngine
 from .engines import build_engine
 from .._exceptions import DeviceWarning
 from .._models.layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
@@ -151,9 +152,12 @@ class Runner:
         targets, parts = (plan.all_targets, plan.all_parts) if settings.store_all else (plan.targets, plan.parts)
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
-        self.backend, self.engine = build_engine(settings.backend, self.capture, onnx_file=settings.onnx_file,
-                                                 input_size=tuple(cfg["input_size"]), threads=settings.threads,
-                                                 compiled=_compiled_spec(settings, device))
+        compiled = _compiled_engine(self.capture, settings, device)
+        if compiled is not None:
+            self.backend, self.engine = settings.backend, compiled
+        else:
+            self.backend, self.engine = build_engine(settings.backend, self.capture, onnx_file=settings.onnx_file,
+                                                     input_size=tuple(cfg["input_size"]), threads=settings.threads)
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fields of one decoded batch.
@@ -304,14 +308,11 @@ class Runner:
                 yield idx, None if batch is None else self.forward(batch), errors
 
 
-def _compiled_spec(settings: RunSettings, device: torch.device) -> tuple | None:
-    """``(package path, batch size, start compiling)`` for the CPU's compiled engine, else None."""
+def _compiled_engine(cap: LayerCapture, settings: RunSettings, device: torch.device) -> CompiledEngine | None:
+    """The CPU's engine of a package kept on disk (``backend="torch.compile"`` in fp32), else None."""
     if settings.compiled_file is None or device.type != "cpu":
         return None
-    from .compiled import compile_in_background
-
-    path, params, bs = settings.compiled_file, settings.compile_params, settings.batch_size
-    return path, bs, lambda: compile_in_background(params, path, bs, torch.get_num_threads())
+    return CompiledEngine(cap, settings.compiled_file, settings.batch_size, settings.compile_params)
 
 
 def _progress_bar(total: int):

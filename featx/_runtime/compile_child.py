@@ -1,0 +1,76 @@
+"""The compiling process of :mod:`featx._runtime.compiled`: settle, export, compile, publish.
+
+Started by :func:`featx._runtime.compiled.compile_in_background` with the
+path of a spec file (the extractor's parameters, the package's path, batch
+size and threads); it rebuilds the same network as the extractor that asked
+(the same settled record, in eager PyTorch), exports the truncated forward
+pass, compiles it with AOTInductor (freezing on) and renames the package
+into place. Its lock and log are removed when it is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engines import Truncated
+from .settling import settle
+
+__all__: list[str] = []
+
+
+def _strip_metadata_asserts(ep: Any) -> None:
+    """Drop export's tensor-metadata assertions: under autocast they name the pre-cast dtype and fail freezing."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
+            graph.erase_node(node)
+    ep.graph_module.recompile()
+
+
+def _compile(spec_file: str) -> None:
+    """The child: rebuild the extractor's network from its parameters, export, compile, publish."""
+    with open(spec_file, "rb") as f:
+        spec = pickle.load(f)
+    os.unlink(spec_file)
+    path = Path(spec["path"])
+    torch.set_num_threads(spec["threads"])
+    try:
+        settled = settle({**spec["params"], "backend": "torch"})
+        runner = settled.runner()
+        x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=torch.channels_last)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        with torch.no_grad(), _autocast(settled.dtype):
+            ep = torch.export.export(Truncated(runner.capture, stop=False).eval(), (x,))
+            _strip_metadata_asserts(ep)
+            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)  # readers see no package or a whole one
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        path.with_suffix(".log").unlink(missing_ok=True)
+    finally:
+        path.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def _autocast(dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
+
+if __name__ == "__main__":
+    _compile(sys.argv[1])
