@@ -341,7 +341,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
         The extractor learns nothing from the data: ``X`` and ``y`` are
         accepted for Pipeline compatibility and ignored. Everything is
-        decided here (:func:`featx._runtime.settling.settle`); the frozen network it
+        decided here, in one place; the frozen network it
         runs is built once per process and shared by every extractor that
         needs the same one (later fits, e.g. inside ``GridSearchCV``, copy
         nothing). Without a cache the network is ready when ``fit`` returns;
