@@ -9,8 +9,9 @@ from 500x375 JPEG files (``cache=None``):
 - eager fp32 (``precision="fp32"``) and featx's default (``precision="auto"``:
   bf16 streams where the CPU has native bf16), steady state;
 - compiled fp32 with the package store empty: the first call of 96 images
-  (eager while another process compiles) and of ``--n`` images (it switches
-  to the package when it appears), and how long the compilation took;
+  (eager; the compilation starts when it ends), then a new extractor's first
+  call of ``--n`` images while that compilation is under way (it switches to
+  the package when it appears), and how long the compilation took;
 - compiled fp32 with the package on disk: a new extractor's first call
   (the package loaded, not compiled) and its second call;
 
@@ -65,7 +66,7 @@ def bench(model: str, paths: list[str], repeats: int) -> dict:
     cold = _ext(model, backend="torch.compile")
     t0 = time.perf_counter()
     first96 = _rate(cold, paths[:96])
-    cold_n = _ext(model, backend="torch.compile")  # the compile started above is under way: this one waits for nothing
+    cold_n = _ext(model, backend="torch.compile")  # the compile started after the call above is under way
     first_n = _rate(cold_n, paths)
     compile_s = _wait(cold) + (time.perf_counter() - t0)
     switched = cold_n._runner.engine.compiled_batches
@@ -92,7 +93,7 @@ def bench(model: str, paths: list[str], repeats: int) -> dict:
           f"first/steady = {warm_first / med['compiled_fp32']:.2f}")
     print(f"  compiled fp32, store empty, first call of 96     {first96:8.1f} img/s   "
           f"/ eager fp32 = {first96 / eager_first:.2f}")
-    print(f"  compiled fp32, store empty, first call of {len(paths):<5d}  {first_n:8.1f} img/s   "
+    print(f"  compiled fp32, compiling beside it, call of {len(paths):<5d} {first_n:8.1f} img/s   "
           f"/ eager fp32 = {first_n / eager_first:.2f} ({switched} batches ran compiled)")
     return {"precision_default": default.precision_, "streams_default": default.streams_,
             "batch_compiled": warm.batch_size_, "compile_s": compile_s, "rates": rows, "medians": med,

@@ -154,11 +154,11 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         What runs the backbone. ``"torch"``: eager PyTorch. ``"torch.compile"``:
         on the CPU in fp32 (its ``"auto"`` precision there), the truncated
         forward pass compiled ahead of time by TorchInductor and kept in
-        ``<cache dir>/compiled/``: while it is missing, another process
-        compiles it and this one runs eager PyTorch, switching to the
-        package when it appears, so no call waits for a compilation; later
-        extractors and processes load it at once. Its features equal eager
-        PyTorch's (within 1e-5 of their scale) and share cache entries. On
+        ``<cache dir>/compiled/``: a run that finds it missing runs eager
+        PyTorch and, when it ends, starts its compilation in another process
+        at the lowest priority, so no call waits for a compilation; later runs
+        and processes switch to the package as soon as it is there. Its
+        features equal eager PyTorch's (within 1e-5 of their scale) and share cache entries. On
         GPUs, and in bf16/fp16, ``torch.compile`` in this process (the first
         batch pays the compilation). ``"onnxruntime"`` (CPU, fp32; needs
         ``pip install 'featx[onnx]'``): the backbone up to the deepest

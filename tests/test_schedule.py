@@ -61,6 +61,7 @@ def test_transforms_measure_keep_the_faster_and_remember_the_majority(tiny_cnn, 
         assert ext.streams_ == 1 and ext._settled.schedule.pending() == 2  # not decided yet: measured again
         out = ext.transform([im ^ vote for im in images])  # new images each time: computed
         assert ext.last_run_.streams == winner and ext.last_run_.computed == len(images)
+        assert ext.streams_ == winner and ext.last_run_.measured == winner  # streams_: what the runner used
         saved = json.loads((tmp_path / FILE_NAME).read_text())
         assert list(saved.values()) == [[winner] * vote]
     key = next(iter(saved))

@@ -12,14 +12,15 @@ seconds to a minute, so:
   computed, input size, batch size, threads, precision, CPU capability and
   torch version). A later extractor, in this process or another, loads it in
   milliseconds instead of compiling.
-- **no first-call tax.** When the package is missing, a separate process
+- **no first-call tax.** A run that finds the package missing runs eager
+  PyTorch, and when it ends a separate process
   (:mod:`featx._runtime.compile_child`) rebuilds the same network from the
   extractor's parameters, exports and compiles it, and publishes the package
   atomically (a temporary name, then a rename), at the lowest CPU priority
-  (Linux's ``SCHED_IDLE``: only on a core nothing else wants), while this
-  process runs the same batches in eager PyTorch. Between batches the engine looks for the
-  package and switches to it when it appears; a small job finishes in eager
-  PyTorch and leaves the package for the next one. Concurrent processes
+  (Linux's ``SCHED_IDLE``: only on a core nothing else wants). Not during the
+  run: a compilation beside it slowed the eager run measurably even at that
+  priority (see the Performance page). Later runs look for the package
+  between batches and switch to it when it appears. Concurrent processes
   compile a graph once (a lock file next to it).
 - **checked.** The first batch run by a loaded package is compared with eager
   PyTorch on the same batch; a package that disagrees, or cannot be loaded,
@@ -157,8 +158,20 @@ class CompiledEngine:
         warnings.warn(f"the compiled graph cannot be used ({why}); running eager PyTorch instead.", BackendWarning,
                       stacklevel=4)
 
+    def finished_run(self) -> None:
+        """Called when a run ends: start the package's compilation if it is missing and nobody compiles it.
+
+        Not before: a compilation under way takes cores and memory bandwidth
+        from the eager run beside it (even at the lowest priority), so the
+        run that finds the package missing finishes at eager speed, and the
+        package serves the runs after it, in this process or another.
+        """
+        if self._fn is None and not self._given_up and self._child is None and not self.path.exists():
+            self._child = compile_in_background(self._params, self.path, self.batch_size,
+                                                torch.get_num_threads()) or False
+
     def _look(self) -> None:
-        """Load the package if it has appeared; start its compilation once if it is missing."""
+        """Load the package if it has appeared; report a compilation that failed."""
         if self.path.exists():
             try:
                 self._fn = torch._inductor.aoti_load_package(str(self.path))
@@ -166,10 +179,7 @@ class CompiledEngine:
                 self.path.unlink(missing_ok=True)
                 self._give_up(f"{self.path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
             return
-        if self._child is None:  # a Popen, or False: another process is compiling it
-            self._child = compile_in_background(self._params, self.path, self.batch_size,
-                                                torch.get_num_threads()) or False
-        elif self._child and self._child.poll() not in (None, 0):
+        if self._child and self._child.poll() not in (None, 0):  # a Popen; False: another process compiles it
             self.path.with_suffix(".lock").unlink(missing_ok=True)  # a child that died before it could
             log = self.path.with_suffix(".log")
             last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []

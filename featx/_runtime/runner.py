@@ -240,6 +240,9 @@ class Runner:
         finally:
             if bar is not None:
                 bar.close()
+            finished = getattr(self.engine, "finished_run", None)
+            if finished is not None:
+                finished()  # an engine that builds itself between runs (the compiled package)
         return stats
 
     def _write(self, rows: np.ndarray, fields: dict[str, torch.Tensor], out: np.ndarray, sink) -> int:

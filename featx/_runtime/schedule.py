@@ -1,27 +1,14 @@
 """How an fp32 forward pass is scheduled on the CPU: one all-core stream or one single-threaded stream per core.
 
 In bf16 the answer is always per-core streams (see :func:`featx._runtime.device.cpu_streams`).
-In fp32 it depends on the model, the machine *and* the C allocator, measured
-side by side (``benchmarks/bench_streams.py``, random weights, 2 cores, batch 4):
-
-========================  ==================  =====================  =====================
-per-core streams / one    AVX2, no bf16       AVX512 + AVX512_BF16   AVX512 + AVX512_BF16,
-                          (glibc defaults)    (glibc defaults)       buffers kept (featx)
-========================  ==================  =====================  =====================
-efficientnet_lite0        1.16                0.93-1.31              1.06-1.18
-resnet18                  1.09                1.15                   1.14
-resnet50                  1.18                0.75-0.89              0.80
-convnext_tiny             --                  1.11                   --
-========================  ==================  =====================  =====================
-
-(The ranges are runs on different days. Random weights are not neutral in
-fp32: the pretrained efficientnet_lite0 with its buffers kept ran 175 img/s
-from JPEG in one stream and 151 in two, one run, interleaved, where the
-random-weight one preferred two streams.) With glibc's defaults a process
-that had not yet freed a large block paid a page fault per 4 KiB of
-activations at every batch, which hurt one all-core stream more than
-per-core streams; featx now keeps the buffers (:mod:`featx._runtime.malloc`) and the
-key says so, so measurements taken before do not decide for the setting of now.
+In fp32 which one is faster depends on the model, the machine *and* the C
+allocator (``benchmarks/bench_streams.py`` measures them side by side; the
+figures are on the Performance page of the docs), and random weights are not
+neutral in fp32. With glibc's defaults a process that had not yet freed a
+large block paid a page fault per 4 KiB of activations at every batch, which
+hurt one all-core stream more than per-core streams; featx now keeps the
+buffers (:mod:`featx._runtime.malloc`) and the key says so, so measurements
+taken before do not decide for the setting of now.
 
 No rule of thumb predicts these, so featx measures them:
 a ``transform`` of at least :data:`TUNE_BATCHES` batches runs its first
@@ -32,9 +19,12 @@ keeps the faster for the rest. Each measurement is a vote, kept in
 allocator setting, model, weights, input size, batch size and the layers
 computed. Once :data:`VOTES` measurements agree by majority, later
 extractors and processes start with the winner and stop measuring: on a
-shared machine one measurement can be swayed by a neighbour (seen: lite0's
-1.31 measured as a loss once), three rarely are. The features do not depend on the schedule
-(within 1e-5).
+shared machine one measurement can be swayed by a neighbour, three rarely
+are. The features do not depend on the schedule (within 1e-5).
+
+A :class:`Schedule` is one extractor's view of this: settled in ``fit``,
+shared with its runner, which measures and reports; the extractor's
+``streams_`` reads it.
 """
 
 from __future__ import annotations
