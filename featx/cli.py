@@ -323,7 +323,7 @@ def _print_info(info: dict, graphs: list) -> None:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from ._runtime.engines import artifacts, clear_artifacts, prune_artifacts
+    from ._runtime.engines import artifact_bytes, artifacts, clear_artifacts, prune_artifacts
 
     cache, root, where = _open_cache(args)
     if cache is None:
@@ -337,11 +337,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         removed = clear_artifacts(root) if root is not None else 0
         print(f"removed {entries} entries and {_plural(removed, 'exported graph')} from {where}")
     elif args.cache_cmd == "prune":
-        before = cache.info()["size_bytes"]
-        from ._runtime.engines import artifact_bytes
-
-        before += artifact_bytes(graphs)
-        dropped, left = prune_artifacts(root, args.max_size, before - artifact_bytes(graphs)) if root else (0, 0)
+        entries_bytes = cache.info()["size_bytes"]
+        before = entries_bytes + artifact_bytes(graphs)
+        dropped, left = prune_artifacts(root, args.max_size, entries_bytes) if root else (0, 0)
         removed = cache.prune(args.max_size - left)
         after = cache.info()["size_bytes"] + left
         dropped_text = f" and {_plural(dropped, 'exported graph')}" if dropped else ""

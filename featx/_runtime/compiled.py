@@ -50,12 +50,10 @@ import torch
 from .._exceptions import BackendWarning
 from .._models.layers import LayerCapture
 from .device import cpu_capability
-from .engines import disagreement
+from .engines import RTOL, disagreement
 
 __all__ = ["RTOL", "artifact_key", "artifact_path", "CompiledEngine", "compile_in_background"]
 
-#: Largest difference from eager PyTorch accepted, relative to the largest value of a field.
-RTOL = 1e-4
 #: Directory of the packages inside a cache directory.
 DIRECTORY = "compiled"
 #: A lock older than this is a crashed compiler's: another process may take it over.
@@ -197,7 +195,7 @@ class CompiledEngine:
         got = [{p: next(it) for p in ps} for ps in parts]
         if not self._checked:
             want = self.eager(x)
-            why = disagreement(want, got, RTOL)
+            why = disagreement(want, got)
             if why is not None:
                 self.path.unlink(missing_ok=True)
                 self._give_up(f"it disagrees with eager PyTorch: {why}")

@@ -157,15 +157,14 @@ class Truncated(nn.Module):
         return tuple(r[p] for r, ps in zip(results, self._cap.parts) for p in ps)
 
 
-def disagreement(want: list, got: list, rtol: float | None = None) -> str | None:
-    """Why an engine's fields ``got`` differ from eager ``want`` beyond ``rtol`` of their scale (None: they agree)."""
-    rtol = RTOL if rtol is None else rtol
+def disagreement(want: list, got: list) -> str | None:
+    """Why an engine's fields ``got`` differ from eager ``want`` beyond :data:`RTOL` of their scale (None: they agree)."""
     for w, g in zip(want, got):
         for p, ref in w.items():
             ref = ref.float()
             err = float((g[p].float() - ref).abs().max())
             scale = max(float(ref.abs().max()), 1e-6)
-            if g[p].shape != ref.shape or not err <= rtol * scale:
+            if g[p].shape != ref.shape or not err <= RTOL * scale:
                 return f"max difference {err:.3g} for values up to {scale:.3g}"
     return None
 
