@@ -6,8 +6,8 @@ __all__ = ["BACKENDS", "DEFAULT_MODEL", "ON_ERROR", "PRECISIONS", "POOLINGS", "T
 
 #: The offline default backbone (ImageNet weights shipped on PyPI).
 DEFAULT_MODEL = "efficientnet_lite0"
-#: ``precision=`` values. "auto": bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``precision=`` values. "auto": bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere; "int8": CPU only.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: ``pooling=`` values (see :mod:`featx._models.pooling`).
 POOLINGS = ("avg", "max", "avgmax", "catavgmax", "gem", "flatten", "cls", "cls+avg")
 #: Poolings that need a class token (layers with token layout and at least one prefix token).

@@ -115,7 +115,7 @@ def test_set_params_then_fit_rebuilds(tiny_cnn):
 @pytest.mark.parametrize(
     "kw,match",
     [({"batch_size": 0}, "batch_size=0"), ({"num_workers": -1}, "num_workers=-1"), ({"progress": "yes"}, "progress='yes'"),
-     ({"precision": "int8"}, "precision='int8'"), ({"device": "tpu"}, "device='tpu'"), ({"preprocess": {"size": 3}}, "unknown key"),
+     ({"precision": "int4"}, "precision='int4'"), ({"device": "tpu"}, "device='tpu'"), ({"preprocess": {"size": 3}}, "unknown key"),
      ({"preprocess": {"input_size": 64, "resize_size": 32}}, "smaller than input_size")],
 )
 def test_bad_params_fail_in_fit(tiny_cnn, kw, match):

@@ -33,7 +33,7 @@ _TOLERANCE = 1e-4
 
 def folds(dtype: torch.dtype | None) -> bool:
     """Whether an extractor computing in ``dtype`` (None: fp32) runs a folded backbone."""
-    return dtype is not None
+    return dtype is not None and dtype.is_floating_point  # int8: the quantizer folds them itself
 
 
 class _FoldedNormAct(nn.Module):

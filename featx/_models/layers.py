@@ -429,13 +429,15 @@ class LayerCapture:
         st.counts[i] += 1
         if st.counts[i] != self.targets[i].calls:
             return
-        t = _first_tensor(value).float()  # once for all its parts (pool would convert it for each)
-        tg = self.targets[i]
-        st.results[i] = {p: pool(t, "avg" if p == "vec" else p, self.gem_p, tg.layout, tg.prefix)
-                         for p in self.parts[i]}
+        st.results[i] = self._pooled(i, value) if st.stop else value
         st.missing -= 1
         if st.missing == 0 and st.stop:
             raise _StopForward
+
+    def _pooled(self, i: int, value: Any) -> dict[str, torch.Tensor]:
+        t = _first_tensor(value).float()  # once for all its parts (pool would convert it for each)
+        tg = self.targets[i]
+        return {p: pool(t, "avg" if p == "vec" else p, self.gem_p, tg.layout, tg.prefix) for p in self.parts[i]}
 
     def close(self) -> None:
         """Remove this capture's hooks from the module now (they are removed when it is collected anyway)."""
@@ -448,7 +450,11 @@ class LayerCapture:
         exception from its hook). ``stop=False`` runs the whole forward pass,
         for graph capture (``torch.export`` follows no exceptions): the layers
         after the deepest target then compute nothing that is returned, and a
-        compiler drops them as dead code.
+        compiler drops them as dead code. The pooling then runs after the
+        forward pass, not in the hooks, so that a traced graph attributes no
+        pooling operation to the hooked modules (PT2E's quantizer matches
+        module patterns and refuses a convolution or an activation whose
+        output feeds featx's pooling from inside).
         """
         n = len(self.targets)
         st = self._local
@@ -463,4 +469,4 @@ class LayerCapture:
             missing = [t.display for t, r in zip(self.targets, st.results) if r is None]
             raise RuntimeError(f"layer(s) {missing} produced no output in this forward pass.")
         results, st.results = st.results, []
-        return results
+        return results if stop else [self._pooled(i, v) for i, v in enumerate(results)]

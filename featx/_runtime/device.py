@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import warnings
 
@@ -105,6 +106,10 @@ def describe_cpu() -> str:
 def resolve_precision(precision: str, device: torch.device, training: bool = False) -> torch.dtype | None:
     """Return the autocast dtype for ``precision`` on ``device``, or None for plain fp32.
 
+    ``"int8"`` (CPU only; needs torchao) returns ``torch.int8``, which stands
+    for static quantisation (:mod:`featx._runtime.quantized`), not an
+    autocast; a CPU without VNNI or AMX warns that it may not be faster.
+
     ``"auto"`` is bf16 on CUDA devices that support it, fp16 on older CUDA
     devices; on the CPU, bf16 where the CPU computes it natively
     (:func:`cpu_native_bf16`) and fp32 elsewhere. ``training=True`` (fine-tuning)
@@ -121,6 +126,8 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "int8":
+        return _int8(device)
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' is not supported on the CPU. Use 'fp32' or 'bf16'.")
     if precision == "bf16" and device.type == "cpu" and not cpu_native_bf16():
@@ -133,9 +140,32 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def _int8(device: torch.device) -> torch.dtype:
+    """``precision="int8"``: static int8 quantisation on the CPU (torch.int8 stands for it; no autocast)."""
+    if device.type != "cpu":
+        raise ValueError(f"precision='int8' runs on the CPU only, but the device is {str(device)!r}. "
+                         "Use precision='auto' (bf16 or fp16 on GPUs), or device='cpu'.")
+    require_torchao()
+    c = cpu_capability()
+    if not (c["vnni"] or c["amx"]):
+        warnings.warn(
+            f"precision='int8' on this CPU ({c['isa']}, no VNNI or AMX) has no int8 dot-product instructions and "
+            "may be no faster than fp32. Use precision='auto' here.",
+            DeviceWarning,
+            stacklevel=4,
+        )
+    return torch.int8
+
+
+def require_torchao() -> None:
+    """Raise the error naming the extra when torchao (the PT2E quantisation flow) is missing."""
+    if importlib.util.find_spec("torchao") is None:
+        raise ImportError("precision='int8' needs torchao (PT2E quantisation): pip install 'featx[int8]'")
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"``: the resolved precision as users name it."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    """``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``: the resolved precision as users name it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[dtype]
 
 
 def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
@@ -156,7 +186,7 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
 
 
 def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
-    """``batch_size="auto"``: 64 on CUDA; on the CPU 8 for one fp32 stream (eager or compiled), else 4.
+    """``batch_size="auto"``: 64 on CUDA; on the CPU 8 for one fp32 or int8 stream, else 4.
 
     The rule follows the bare model's best batch from JPEG files, measured
     side by side (``benchmarks/bench_throughput.py``; figures on the
@@ -167,6 +197,8 @@ def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: st
     """
     if device.type == "cuda":
         return 64
+    if dtype == torch.int8:
+        return 8
     return 8 if device.type == "cpu" and dtype is None and backend in ("torch", "torch.compile") else 4
 
 
@@ -182,7 +214,7 @@ def _eager_cpu_threads(device: torch.device, backend: str) -> int:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Context manager: autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
-    if dtype is None:
+    if dtype is None or dtype == torch.int8:  # int8: a quantised graph, not an autocast
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

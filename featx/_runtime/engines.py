@@ -57,8 +57,18 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
     PyTorch's; see :mod:`featx._runtime.compiled`). ``backend="auto"`` is ONNX
     Runtime only where the precision is fp32 on the CPU: where the CPU has
     native bf16, ``"auto"`` precision is bf16 and eager PyTorch with bf16 wins
-    (measured on the Performance page of the docs).
+    (measured on the Performance page of the docs). ``precision="int8"`` runs
+    a compiled quantised graph (:mod:`featx._runtime.quantized`): its backend
+    is ``"torch.compile"`` whichever of ``"torch"``, ``"torch.compile"`` or
+    ``"auto"`` asked for it.
     """
+    if precision == "int8":
+        if backend == "onnxruntime" or backend not in BACKENDS:
+            raise ValueError(
+                f"precision='int8' runs as a quantised graph compiled by TorchInductor, not with backend={backend!r}. "
+                "Use backend='torch' (the default), 'auto' or 'torch.compile' with it, or another precision."
+            )
+        return "torch.compile", resolve_precision(precision, device)
     if precision == "auto" and (backend == "onnxruntime" or (backend == "torch.compile" and device.type == "cpu")):
         precision = "fp32"
     dtype = resolve_precision(precision, device)

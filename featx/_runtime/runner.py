@@ -28,6 +28,7 @@ from torch.utils.data import Subset
 from .._cache.sqlite import item_keys
 from .device import autocast
 from .compiled import CompiledEngine
+from .quantized import QuantizedEngine
 from .engines import build_engine
 from .._exceptions import DeviceWarning
 from .._models.layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_layers
@@ -152,7 +153,7 @@ class Runner:
         targets, parts = (plan.all_targets, plan.all_parts) if settings.store_all else (plan.targets, plan.parts)
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
-        compiled = _compiled_engine(self.capture, settings, device)
+        compiled = _compiled_engine(self.capture, settings, device, dtype, cfg, self.mean, self.std)
         if compiled is not None:
             self.backend, self.engine = settings.backend, compiled
         else:
@@ -311,10 +312,13 @@ class Runner:
                 yield idx, None if batch is None else self.forward(batch), errors
 
 
-def _compiled_engine(cap: LayerCapture, settings: RunSettings, device: torch.device) -> CompiledEngine | None:
-    """The CPU's engine of a package kept on disk (``backend="torch.compile"`` in fp32), else None."""
+def _compiled_engine(cap: LayerCapture, settings: RunSettings, device: torch.device, dtype: torch.dtype | None,
+                     cfg: dict, mean: torch.Tensor, std: torch.Tensor) -> CompiledEngine | QuantizedEngine | None:
+    """The CPU's engine of a package kept on disk (``backend="torch.compile"`` in fp32, int8), else None."""
     if settings.compiled_file is None or device.type != "cpu":
         return None
+    if dtype == torch.int8:
+        return QuantizedEngine(cap, settings.compiled_file, settings.batch_size, cfg, mean.cpu(), std.cpu())
     return CompiledEngine(cap, settings.compiled_file, settings.batch_size, settings.compile_params)
 
 

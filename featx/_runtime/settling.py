@@ -132,6 +132,15 @@ def _columns(targets: list[Target], pooling: str) -> list[str]:
     return names
 
 
+def _precision_key(dtype: torch.dtype | None, cfg: dict) -> str:
+    """The precision as the cache key names it; int8's names its calibration crops too."""
+    if dtype == torch.int8:
+        from .._images.calibration import calibration_digest
+
+        return f"int8:{calibration_digest(cfg)}"
+    return str(dtype or "fp32")
+
+
 def _check_device(params: Mapping[str, Any], device: torch.device) -> None:
     if params["gpu_decode"] and device.type != "cuda":
         raise ValueError(
@@ -181,13 +190,13 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
     plan = Plan.build(targets, pr, params["pooling"], float(params["gem_p"]))
     namespace = namespace_for(model_id=template.identity, weights_id=template.weights,
                               weights_digest=template.digest, code=template.code, preprocess=cfg,
-                              precision=str(dtype or "fp32"), tta=params["tta"], folded=folds(dtype))
+                              precision=_precision_key(dtype, cfg), tta=params["tta"], folded=folds(dtype))
     work_dir = _work_dir(cache_dir)
     store_all = cache_dir is not None
     onnx_file = compiled_file = None
     if backend == "onnxruntime":
         onnx_file = onnx_path(work_dir, graph_key(namespace[0], plan.fields(store_all), tuple(cfg["input_size"])))
-    if backend == "torch.compile" and device.type == "cpu" and dtype is None:  # bf16: in-process torch.compile
+    if backend == "torch.compile" and device.type == "cpu" and dtype in (None, torch.int8):  # bf16: in-process
         compiled_file = artifact_path(work_dir, artifact_key(namespace[0], plan.fields(store_all),
                                                              tuple(cfg["input_size"]), batch_size,
                                                              torch.get_num_threads(), precision_name(dtype)))

@@ -1,0 +1,150 @@
+"""precision="int8": static quantisation (torchao PT2E), compiled once per store and kept on disk."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from featx import BackendWarning, DeviceWarning, PretrainedFeatureExtractor  # noqa: E402
+from featx._images.calibration import CROPS, calibration_digest, calibration_images  # noqa: E402
+from featx._runtime import network, quantized  # noqa: E402
+from featx._runtime.device import resolve_precision  # noqa: E402
+
+SMALL = {"input_size": 32, "resize_size": 36}
+KW = dict(model="resnet18", weights=None, preprocess=SMALL, device="cpu", progress=False)
+
+
+def _images(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _cosines(a, b):
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A cache directory whose int8 package for KW is compiled once, by the first test."""
+    return tmp_path_factory.mktemp("int8-store")
+
+
+@pytest.fixture(scope="module")
+def first(store):
+    """``(features, compilations)`` of the first int8 run over the store (it builds the package)."""
+    before = quantized.compilations
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(store)).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        X = ext.transform(_images())
+    return ext, X, quantized.compilations - before
+
+
+def test_int8_features_are_close_to_fp32_and_the_package_is_kept(first, store):
+    ext, X, built = first
+    ref = PretrainedFeatureExtractor(**KW, precision="fp32").fit().transform(_images())
+    assert built == 1 and X.shape == ref.shape and X.dtype == np.float32
+    assert ext.precision_ == "int8" and ext.backend_ == "torch.compile" and ext.batch_size_ == 8
+    assert isinstance(ext._runner.engine, quantized.QuantizedEngine) and ext._runner.engine.compiled_batches == 2
+    assert np.median(_cosines(X, ref)) > 0.95 and not np.array_equal(X, ref)  # int8: close, not equal
+    assert [p.suffix for p in (store / "compiled").iterdir()] == [".pt2"]  # no lock or temporary left
+
+
+def test_a_package_on_disk_is_loaded_not_rebuilt_and_gives_the_same_features(first, store, tmp_path):
+    _, X, _ = first
+    network.clear()  # as in a fresh process: a new network, a new engine, no cache entries
+    fresh = tmp_path / "cache"
+    (fresh / "compiled").mkdir(parents=True)
+    for p in (store / "compiled").glob("*.pt2"):
+        (fresh / "compiled" / p.name).write_bytes(p.read_bytes())
+    before = quantized.compilations
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(ext.transform(_images()), X)
+    assert quantized.compilations == before and ext.last_run_.computed == 10
+
+
+def test_a_corrupt_package_is_rebuilt_with_a_warning(first, tmp_path):
+    _, X, _ = first
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(tmp_path)).fit()
+    package = ext._runner.settings.compiled_file
+    package.parent.mkdir(parents=True)
+    package.write_bytes(b"not a package")
+    before = quantized.compilations
+    with pytest.warns(BackendWarning, match="unusable.*building it again"):
+        got = ext.transform(_images())
+    assert quantized.compilations == before + 1 and package.stat().st_size > 1000
+    np.testing.assert_array_equal(got, X)
+
+
+def test_without_a_compiler_the_quantised_network_runs_in_pytorch(first, tmp_path, monkeypatch):
+    _, X, _ = first
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("C++ compiler not found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(tmp_path)).fit()
+    with pytest.warns(BackendWarning, match="C\\+\\+ compiler not found") as caught:
+        got = ext.transform(_images())
+        again = ext.transform(_images(seed=1))  # no second warning
+    assert len([w for w in caught if issubclass(w.category, BackendWarning)]) == 1
+    assert again.shape == got.shape
+    # the same int8 arithmetic as the package, run op by op: equal up to rounding at a few quantisation steps
+    assert _cosines(got, X).min() > 0.99
+
+
+def test_int8_extractor_pickles_and_keeps_its_features(first):
+    ext, X, _ = first
+    back = pickle.loads(pickle.dumps(ext))
+    assert back.precision_ == "int8"
+    np.testing.assert_array_equal(back.transform(_images()), X)
+
+
+def test_int8_has_its_own_cache_entries_named_by_the_calibration(first):
+    ext, _, _ = first
+    fp32 = PretrainedFeatureExtractor(**KW, precision="fp32", cache=ext.cache).fit()
+    ns, info = ext._settled.namespace
+    assert ns != fp32._settled.namespace[0] and info["precision"] == f"int8:{calibration_digest(ext.preprocess_)}"
+
+
+def test_calibration_crops_are_fixed():
+    cfg = {"resize_size": 36, "input_size": (32, 32), "interpolation": "bilinear"}
+    a = calibration_images(cfg)
+    assert a.shape == (CROPS, 3, 32, 32) and a.dtype == torch.uint8
+    assert a.float().std() > 20  # real photographs, not a constant
+    from featx._images import calibration
+
+    calibration._crops.cache_clear()
+    np.testing.assert_array_equal(calibration_images(cfg).numpy(), a.numpy())  # recomputed: the same pixels
+    other = dict(cfg, input_size=(40, 40), resize_size=44)
+    assert calibration_digest(other) != calibration_digest(cfg)
+
+
+def test_int8_errors_name_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match="precision='int8' runs on the CPU only.*device='cpu'"):
+        resolve_precision("int8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="backend='onnxruntime'"):
+        PretrainedFeatureExtractor(**KW, precision="int8", backend="onnxruntime").fit()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ImportError, match=r"featx\[int8\]"):
+        PretrainedFeatureExtractor(**KW, precision="int8").fit()
+
+
+def test_int8_on_a_cpu_without_int8_instructions_warns(monkeypatch):
+    from featx._runtime import device
+
+    caps = dict(device.cpu_capability(), vnni=False, amx=False, isa="AVX2")
+    monkeypatch.setattr(device, "cpu_capability", lambda: caps)
+    with pytest.warns(DeviceWarning, match="no VNNI or AMX"):
+        assert resolve_precision("int8", torch.device("cpu")) == torch.int8
