@@ -1,6 +1,7 @@
-"""bf16 vs fp32 features on the CPU: how close, and does it change what a classifier learns?
+"""bf16 (and int8) vs fp32 features on the CPU: how close, and does it change what a classifier learns?
 
     python benchmarks/bench_precision.py [--models efficientnet_lite0,torchvision:resnet18] [--n-per-class 40]
+                                         [--precisions bf16,int8] [--out results/bench_precision.json]
 
 For each model, on two labelled image sets made offline from bundled photos
 (the ``featx demo`` set: patches of 8 scikit-image photographs; and a second
@@ -8,10 +9,15 @@ set of patches of 9 *other* photographs: Hubble deep field, histology,
 coins, moon, cells, retina, a motorcycle, and scikit-learn's china and
 flower), per layer (every stage and ``pre_logits``, average pooling):
 
-* the cosine similarity of each image's bf16 features to its fp32 features
-  (min and median over the images);
+* the cosine similarity of each image's bf16 (or int8) features to its fp32
+  features (min and median over the images);
 * 5-fold cross-validated accuracy of logistic regression and a linear SVM
-  (standardised features, same folds) on fp32 and on bf16 features.
+  (standardised features, same folds) on fp32 and on bf16 (int8) features.
+
+``--precisions`` names the precisions compared with fp32 (default ``bf16``;
+``int8`` needs torchao). bf16's rows keep their keys (``cos_min``,
+``cos_median``, ``bf16``); another precision ``p`` adds ``p``,
+``p_cos_min``, ``p_cos_median`` and ``max_accuracy_difference_p``.
 
 40 patches per class (320 and 360 images) so that one image moves accuracy by
 less than a third of a point: with 20, one image was 0.6 points and a
@@ -77,10 +83,12 @@ def main() -> None:
     ap.add_argument("--models", default="efficientnet_lite0,torchvision:resnet18")
     ap.add_argument("--n-per-class", type=int, default=40)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--precisions", default="bf16", help="compared with fp32: bf16, int8 or both")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_precision.json"))
     args = ap.parse_args()
     mach = machine()
-    print(f"bf16 vs fp32 features: {mach['line']}")
+    others = args.precisions.split(",")
+    print(f"{'/'.join(others)} vs fp32 features: {mach['line']}")
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-precision-"))
     sets = {"demo": make_demo_folder(tmp / "demo", n_per_class=args.n_per_class, size=args.size),
             "other photos": second_set(tmp / "other", args.n_per_class, args.size)}
@@ -90,12 +98,13 @@ def main() -> None:
         layers = [r.alias for r in list_layers(model, weights=None) if r.alias and r.alias.startswith("stage")]
         layers.append("pre_logits")
         print(f"\n{model} ({'ImageNet weights' if weights else 'random init'}); layers {', '.join(layers)}")
-        print(f"  {'set':<13}{'layer':<11}{'cos min':>9}{'cos med':>9}   {'logreg fp32/bf16':>17}   {'linear SVM fp32/bf16':>21}")
+        print(f"  {'set':<13}{'layer':<11}{'prec':<6}{'cos min':>9}{'cos med':>9}   {'logreg fp32/p':>17}   "
+              f"{'linear SVM fp32/p':>21}")
         rows = results["models"][model] = {}
         for set_name, folder in sets.items():
             paths, y, _ = load_image_folder(folder)
             feats = {}
-            for prec in ("fp32", "bf16"):
+            for prec in ("fp32", *others):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the emulated-bf16 warning on CPUs without it
                     ext = PretrainedFeatureExtractor(model, weights=weights, layers=layers, precision=prec,
@@ -104,17 +113,22 @@ def main() -> None:
             names = ext.get_feature_names_out()
             for layer in layers:
                 cols = np.array([n.rsplit("_", 1)[0] in (layer, f"{layer}_avg") for n in names])
-                a, b = feats["fp32"][:, cols], feats["bf16"][:, cols]
-                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-                s32, s16 = cv_scores(a, y), cv_scores(b, y)
-                rows.setdefault(set_name, {})[layer] = {"cos_min": float(cos.min()), "cos_median": float(np.median(cos)),
-                                                        "fp32": s32, "bf16": s16}
-                print(f"  {set_name:<13}{layer:<11}{cos.min():>9.5f}{np.median(cos):>9.5f}   "
-                      f"{s32['logreg']:>8.3f}/{s16['logreg']:<8.3f}   {s32['linear_svm']:>10.3f}/{s16['linear_svm']:<10.3f}")
-    worst = max(abs(r["fp32"][c] - r["bf16"][c]) for m in results["models"].values() for s in m.values()
-                for r in s.values() for c in ("logreg", "linear_svm"))
-    results["max_accuracy_difference"] = worst
-    print(f"\nlargest |accuracy(fp32) - accuracy(bf16)| over every model, set, layer and classifier: {worst:.3f}")
+                a = feats["fp32"][:, cols]
+                row = rows.setdefault(set_name, {})[layer] = {"fp32": cv_scores(a, y)}
+                for prec in others:
+                    b = feats[prec][:, cols]
+                    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+                    s32, sp = row["fp32"], cv_scores(b, y)
+                    prefix = "" if prec == "bf16" else f"{prec}_"
+                    row.update({f"{prefix}cos_min": float(cos.min()), f"{prefix}cos_median": float(np.median(cos)),
+                                prec: sp})
+                    print(f"  {set_name:<13}{layer:<11}{prec:<6}{cos.min():>9.5f}{np.median(cos):>9.5f}   "
+                          f"{s32['logreg']:>8.3f}/{sp['logreg']:<8.3f}   {s32['linear_svm']:>10.3f}/{sp['linear_svm']:<10.3f}")
+    for prec in others:
+        worst = max(abs(r["fp32"][c] - r[prec][c]) for m in results["models"].values() for s in m.values()
+                    for r in s.values() for c in ("logreg", "linear_svm"))
+        results["max_accuracy_difference" + ("" if prec == "bf16" else f"_{prec}")] = worst
+        print(f"\nlargest |accuracy(fp32) - accuracy({prec})| over every model, set, layer and classifier: {worst:.3f}")
     write_results(args.out, results)
 
 

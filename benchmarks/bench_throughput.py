@@ -18,8 +18,15 @@ per backbone, images/s of:
         call on the same N images;
   (a32) featx with ``precision="fp32"`` from files (steady state);
   (ort) featx with ``backend="onnxruntime"`` (fp32) from files, if installed;
+  (a8)  featx with ``precision="int8"`` from files, if torchao is installed and
+        the device is the CPU, with its package already in the artifact store
+        (built by the warm-up, which prints how long that took): the first
+        call of a freshly fitted extractor (which loads the package) and the
+        steady state;
+  (dec) the decode-only ceiling: featx's own decoding and resizing of the
+        files, one thread per core, no model;
 
-and the ratios a/b (first call), first/second, a32/b, ort/a32. Then, on
+and the ratios a/b (first call), first/second, a32/b, ort/a32, a8/b. Then, on
 12-megapixel phone-size JPEGs (4000x3000): featx's default against a naive
 single-core loop (PIL open, convert, resize, center crop: no model at all),
 and featx's 12 MP rate as a fraction of its 500x375 rate. Optionally the peak
@@ -84,9 +91,12 @@ def _bare_runner(module, cfg, device, n: int, fmt: str, bs: int, dtype):
     return rate
 
 
+SWEEP = [1, 2, 4, 8, 16, 32]
+
+
 def _bare_best(module, cfg, device, n: int, repeats: int, dtype=None) -> tuple[dict, object]:
     """The best batch size x memory format by median of interleaved runs, and a timer for it."""
-    sizes = [1, 2, 4, 8, 16, 32] if device.type == "cpu" else [16, 32, 64, 128, 256]
+    sizes = SWEEP if device.type == "cpu" else [16, 32, 64, 128, 256]
     configs = [{"memory_format": fmt, "batch_size": bs} for fmt in ("contiguous", "channels_last") for bs in sizes]
     runners = [_bare_runner(module, cfg, device, n, c["memory_format"], c["batch_size"], dtype) for c in configs]
     rates: list[list[float]] = [[] for _ in configs]
@@ -112,6 +122,22 @@ def _naive_pil(paths: list[str], cfg: dict) -> None:
         np.asarray(img.crop((left, top, left + cw, top + ch)))
 
 
+def _decode_only(paths: list[str], cfg: dict) -> None:
+    """featx's decoding and resizing alone, one thread per core (the ceiling of a decode-bound model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featx._images.preprocess import load_item, resize_crop
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(lambda p: resize_crop(load_item(p, cfg["resize_size"]), cfg), paths))
+
+
+def _int8_available(device) -> bool:
+    import importlib.util
+
+    return device.type == "cpu" and importlib.util.find_spec("torchao") is not None
+
+
 def _paired(samples: dict[str, list[float]], num: str, den: str) -> float:
     """Median over the interleaved rounds of the ratio of two rates measured in the same round."""
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
@@ -133,8 +159,13 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
     exts = {"a32": PretrainedFeatureExtractor(model, precision="fp32", **kw).fit()}
     if device.type == "cpu" and _ort_installed():
         exts["ort"] = PretrainedFeatureExtractor(model, backend="onnxruntime", cache=None, **kw).fit()
-    for ext in exts.values():
-        ext.transform(paths[:8])  # warm-up (ONNX export)
+    if _int8_available(device):
+        exts["a8"] = PretrainedFeatureExtractor(model, precision="int8", **kw).fit()
+    for name, ext in exts.items():
+        t = _timed(lambda: ext.transform(paths[:8]))  # warm-up (ONNX export, int8 package)
+        if name == "a8":
+            row["a8_warmup_seconds"] = t
+            print(f"  {model}: int8 warm-up (quantise and compile, or load the package) {t:.1f} s")
     samples: dict[str, list[float]] = {}
     nmax = max(sizes)
     for _ in range(repeats):  # interleaved: the bare baselines too
@@ -146,6 +177,10 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
             samples.setdefault(f"a_second_{n}", []).append(n / _timed(lambda: fresh.transform(paths[:n])))
         for name, ext in exts.items():
             samples.setdefault(name, []).append(nmax / _timed(lambda: ext.transform(paths[:nmax])))
+        if "a8" in exts:  # a fresh extractor over the warm store: it loads the package
+            fresh8 = PretrainedFeatureExtractor(model, precision="int8", **kw).fit()
+            samples.setdefault("a8_first", []).append(sizes[0] / _timed(lambda: fresh8.transform(paths[:sizes[0]])))
+        samples.setdefault("dec", []).append(nmax / _timed(lambda: _decode_only(paths[:nmax], cfg)))
         samples.setdefault("a_12mp", []).append(len(big) / _timed(lambda: default.transform(big)))
         samples.setdefault("naive_pil_12mp_1core", []).append(len(big) / _timed(lambda: _naive_pil(big, cfg)))
     row.update({k: statistics.median(v) for k, v in samples.items()})
@@ -156,6 +191,10 @@ def _model_rows(model: str, paths: list[str], sizes: list[int], device, repeats:
     row["a32/b"] = _paired(samples, "a32", "b_bare_fp32")
     if "ort" in row:
         row["ort/a32"] = _paired(samples, "ort", "a32")
+    if "a8" in row:
+        row["a8/b"] = _paired(samples, "a8", "b_bare_fp32")
+        row["a8_first/b"] = _paired(samples, "a8_first", "b_bare_fp32")
+    row["dec/b"] = _paired(samples, "dec", "b_bare_fp32")
     row["12mp/naive_pil"] = _paired(samples, "a_12mp", "naive_pil_12mp_1core")
     row["12mp/500x375"] = _paired(samples, "a_12mp", f"a_second_{nmax}")
     return row
@@ -177,6 +216,11 @@ def _print_model(model: str, row: dict, sizes: list[int], repeats: int) -> None:
     p("(a32) featx precision='fp32' from JPEG", row["a32"], f"   a32/b = {row['a32/b']:.2f}")
     if "ort" in row:
         p("(ort) featx backend='onnxruntime' (fp32) from JPEG", row["ort"], f"   ort/a32 = {row['ort/a32']:.2f}")
+    if "a8" in row:
+        p(f"(a8) featx precision='int8' from JPEG, first call, N={sizes[0]}", row["a8_first"],
+          f"   a8/b = {row['a8_first/b']:.2f} (warm store)")
+        p("(a8) featx precision='int8' from JPEG, steady state", row["a8"], f"   a8/b = {row['a8/b']:.2f}")
+    p("(dec) decode-only ceiling: featx's decoding, one thread per core", row["dec"], f"   dec/b = {row['dec/b']:.2f}")
     p("(12mp) featx default, 4000x3000 JPEGs", row["a_12mp"],
       f"   {row['12mp/500x375']:.2f} of its 500x375 rate")
     p("(pil) naive PIL loop on one core, 4000x3000 (no model)", row["naive_pil_12mp_1core"],
@@ -235,7 +279,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "featx-bench-jpegs"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_throughput.json"))
     ap.add_argument("--no-rss", action="store_true", help="skip the N vs 4N peak-memory measurement")
+    ap.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="CPU batch sizes the bare baseline tries")
     args = ap.parse_args()
+    SWEEP[:] = [int(v) for v in args.sweep.split(",")]
 
     device = torch.device(args.device)
     sizes = [int(v) for v in args.n.split(",")]

@@ -14,6 +14,7 @@ __all__ = [
     "ImageLoadWarning",
     "ImageLoadError",
     "ModelLoadError",
+    "OutputError",
 ]
 
 
@@ -176,4 +177,25 @@ class ModelLoadError(RuntimeError):
     ... except RuntimeError as err:  # a ModelLoadError is a RuntimeError
     ...     print(type(err).__name__, err)
     ModelLoadError weights file 'no/such/file.pth' does not exist (or is not a file).
+    """
+
+
+class OutputError(OSError):
+    """An output file could not be written (its folder, its permissions, or the space it needs).
+
+    Raised before any image is computed where it can be known then (a
+    missing or read-only folder), and otherwise when the file is written, in
+    which case nothing that looks complete is left behind: outputs are
+    written to a temporary name beside the file and renamed onto it whole.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featx import PretrainedFeatureExtractor
+    >>> ext = PretrainedFeatureExtractor(weights=None, preprocess={"input_size": 32}).fit()
+    >>> try:
+    ...     ext.transform_to_npy(np.zeros((1, 8, 8, 3), np.uint8), "/proc/features.npy")
+    ... except OSError as err:  # an OutputError is an OSError
+    ...     print(type(err).__name__)
+    OutputError
     """

@@ -18,6 +18,7 @@ from ._exceptions import FeatxWarning, ImageLoadWarning
 from ._images.preprocess import as_items, item_path
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
+from ._outputs import reserve, written
 from ._runtime import RunStats, Settled, settle
 
 __all__ = ["PretrainedFeatureExtractor"]
@@ -99,7 +100,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ImageNet defaults (224 px crop of a 256 px resize) for an ``nn.Module``.
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then Apple MPS, then the CPU, when ``fit`` runs.
-    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+    precision : {"auto", "fp32", "bf16", "fp16", "int8"}, default="auto"
         ``"auto"`` is bf16 autocast on CUDA devices that support it (fp16 on
         older ones); on the CPU, bf16 autocast where the CPU computes bf16
         natively (AVX512_BF16 or AMX, as PyTorch reports it) and fp32
@@ -111,10 +112,21 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         fp32). ``"fp32"`` is exact
         everywhere: the module's own arithmetic. ``"bf16"`` on a CPU that
         only emulates it warns (:class:`featx.DeviceWarning`) that it is
-        slower there.
+        slower there. ``"int8"`` (the CPU only; ``pip install
+        'featx[int8]'``): the truncated backbone quantised statically by
+        torchao's PT2E flow (int8 weights and activations, ranges calibrated
+        on fixed crops of scikit-learn's two sample photographs, never on
+        your data, so features depend on the weights alone) and compiled by
+        TorchInductor, once per cache directory: the first transform that
+        needs it quantises and compiles (seconds to a minute), later ones and
+        other processes load the package from ``<cache dir>/compiled/``.
+        Features are close to fp32's, not equal, and have their own cache
+        entries; a CPU without VNNI or AMX warns. What int8 gains and
+        changes is measured on the Performance page of the docs; ``"auto"``
+        never picks it.
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 8 for
-        one fp32 stream (eager or compiled) and 4 otherwise (per stream with bf16 streams, see
+        one fp32 stream (eager or compiled) or int8, and 4 otherwise (per stream with bf16 streams, see
         ``streams_``): the bare model's best batch, as measured on the
         Performance page of the docs. Results do not depend on it (within
         1e-5 in fp32).
@@ -200,9 +212,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     device_ : torch.device
         The resolved device.
     autocast_dtype_ : torch.dtype or None
-        The autocast dtype, or None for fp32.
+        The autocast dtype, or None for fp32; ``torch.int8`` stands for
+        ``precision="int8"`` (a quantised graph, not an autocast).
     precision_ : str
-        The resolved precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        The resolved precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
     streams_ : int
         Forward passes run side by side. On the CPU with bf16, one
         single-threaded stream per torch thread, each decoding and computing
@@ -455,8 +468,14 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Rows are written into a memory-mapped file as batches finish, so the
         process holds only the model and a few batches, whatever the number
-        of images. A crash leaves a partial file; with ``cache`` set, running
-        again recomputes nothing that was finished.
+        of images. The file is written whole or not at all: its disk space
+        is claimed before the first image is computed (a full disk or an
+        unwritable folder is a :class:`featx.OutputError` then, naming the
+        space needed), rows go to a temporary file beside ``path``
+        (``.NAME.XXXX.partial.npy``), renamed onto ``path`` when every row is
+        there; an error removes it, and a killed process leaves only that
+        hidden partial file. With ``cache`` set, running again recomputes
+        nothing that was finished.
 
         Parameters
         ----------
@@ -488,13 +507,15 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         if path.suffix.lower() != ".npy":
             raise ValueError(f"path={str(path)!r} must name a .npy file (e.g. 'features.npy').")
         items = as_items(X)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(items), self.n_features_out_))
-        try:
-            self._fill(items, out)
-        finally:
-            out.flush()
-            del out
+        shape = (len(items), self.n_features_out_)
+        with written(path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            try:
+                reserve(tmp, out.offset + out.nbytes, shown=path)
+                self._fill(items, out)
+                out.flush()
+            finally:
+                del out
         return np.load(path, mmap_mode="r")
 
     def _fill(self, items: Any, out: np.ndarray) -> None:

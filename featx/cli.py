@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._outputs import check_writable, path_line, read_path_lines, written
 from ._options import BACKENDS, DEFAULT_MODEL, POOLINGS, PRECISIONS, TTA_MODES
 
 __all__ = ["main", "parse_size"]
@@ -86,8 +88,9 @@ def _sources(source: str) -> list[str]:
     p = Path(source)
     if p.is_dir():
         found = find_images(p)
-    elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
-        found = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):  # one path per line, as featx writes them
+        found = [line for line in read_path_lines(p.read_text(encoding="utf-8"))
+                 if line.strip() and not line.startswith("#")]
     elif any(ch in source for ch in "*?["):
         found = sorted(glob.glob(source, recursive=True))
     elif p.is_file():
@@ -99,23 +102,38 @@ def _sources(source: str) -> list[str]:
     return found
 
 
+def _utf8(p: str) -> bool:
+    try:
+        p.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _write_features(path: Path, feats, paths: list[str], names) -> None:
+    """Write ``path`` whole or not at all; file names are written as the bytes they are.
+
+    ``.csv``: names that are not UTF-8 keep their own bytes (read them back
+    with ``encoding_errors="surrogateescape"``); ``.parquet``: the path
+    column is binary (the names' bytes) when any name is not UTF-8, text
+    otherwise; ``.npz``: a unicode array, undecodable bytes as ``\udcXX``.
+    """
     import numpy as np
 
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        np.savez(path, features=feats, paths=np.asarray(paths), feature_names=np.asarray(names, dtype=str))
-    elif suffix in (".csv", ".parquet"):
+    with written(path) as tmp:
+        if suffix == ".npz":
+            np.savez(tmp, features=feats, paths=np.asarray(paths, dtype=str), feature_names=np.asarray(names, dtype=str))
+            return
         import pandas as pd
 
         df = pd.DataFrame(feats, columns=list(names))
-        df.insert(0, "path", paths)
         if suffix == ".csv":
-            df.to_csv(path, index=False)
+            df.insert(0, "path", paths)
+            df.to_csv(tmp, index=False, errors="surrogateescape")
         else:
-            df.to_parquet(path, index=False)
-    else:
-        raise _CliError(f"output {str(path)!r}: use a .npy, .npz, .csv or .parquet file name")
+            df.insert(0, "path", paths if all(map(_utf8, paths)) else [os.fsencode(p) for p in paths])
+            df.to_parquet(tmp, index=False)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -129,6 +147,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".npy", ".npz", ".csv", ".parquet"):
         raise _CliError(f"output {str(out)!r}: use a .npy, .npz, .csv or .parquet file name")
+    side = out.with_name(out.stem + ".paths.txt")
+    for target in (out, side) if out.suffix.lower() == ".npy" else (out,):
+        check_writable(target)  # before any image is computed
     paths = _sources(args.source)
     weights = _weights(args.weights)
     layers = args.layers.split(",") if args.layers else None
@@ -153,12 +174,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         keep = [i for i in range(len(paths)) if i not in failed]
         kept, feats = [paths[i] for i in keep], feats[keep]
         if out.suffix.lower() == ".npy":
-            np.save(out, feats)
+            with written(out) as tmp:
+                np.save(tmp, feats)
     if out.suffix.lower() == ".npy":
-        side = out.with_name(out.stem + ".paths.txt")
-        side.write_text("".join(p + "\n" for p in kept))
+        with written(side) as tmp:  # one path per line; a name with a line break as a JSON string
+            tmp.write_text("".join(path_line(p) for p in kept), encoding="utf-8")
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
         _write_features(out, feats, kept, ext.get_feature_names_out())
     seconds = time.perf_counter() - start
     stats = ext.last_run_
@@ -272,7 +293,8 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16/AMX), else fp32")
+                   help="auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16/AMX), else fp32; "
+                        "int8: CPU only, quantised and compiled once per cache (pip install 'featx[int8]')")
 
 
 # -------------------------------------------------------------------- cache

@@ -210,6 +210,20 @@ def content_key(item: Any) -> str | None:
     return None
 
 
+def _stored_path(path: str) -> str | bytes:
+    """A path as the files table holds it: text, or the file name's own bytes where they are not UTF-8.
+
+    POSIX names are bytes; Python carries undecodable ones as lone
+    surrogates, which SQLite's text cannot hold. As a blob such a name never
+    equals any text name, so no two files share a row.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
 def _hash_file(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -364,9 +378,9 @@ class EmbeddingCache(EmbeddingStore):
                 stats.append(st if os.path.isfile(p) else None)
             except OSError:
                 stats.append(None)
-        known: dict[str, tuple] = {}
-        wanted = [os.path.abspath(p) for p in paths]
-        for chunk in _chunks(sorted(set(wanted))):
+        known: dict[str | bytes, tuple] = {}
+        wanted = [_stored_path(os.path.abspath(p)) for p in paths]
+        for chunk in _chunks(sorted(set(wanted), key=lambda v: (isinstance(v, bytes), v))):
             rows = self._read(
                 f"SELECT path, size, mtime_ns, hashed_ns, hash FROM files WHERE path IN ({_qs(chunk)})", chunk
             )
@@ -487,9 +501,14 @@ class EmbeddingCache(EmbeddingStore):
     def clear(self) -> int:
         """Delete every entry, namespace and file hash, and shrink the file; return how many entries went."""
         rows = self._read("SELECT COUNT(*) FROM embeddings", ())
-        self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")])
+        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")]):
+            raise OSError(f"featx cache at {str(self.root)!r}: nothing was removed: {self._unwritable()}")
         self._vacuum()
         return rows[0][0] if rows else 0
+
+    def _unwritable(self) -> str:
+        return ("its database cannot be written (a full disk, or a read-only file or folder). Free space on its "
+                "disk or fix its permissions, then run this again.")
 
     def prune(self, max_bytes: int) -> int:
         """Evict the least recently used entries until the database is at most 90% of ``max_bytes``.
@@ -514,8 +533,10 @@ class EmbeddingCache(EmbeddingStore):
                     break
                 victims.append(rowid)
                 freed += n + overhead
-            self._write(lambda c: [c.execute(f"DELETE FROM embeddings WHERE rowid IN ({_qs(ch)})", ch)
-                                   for ch in _chunks(victims)])
+            if not self._write(lambda c: [c.execute(f"DELETE FROM embeddings WHERE rowid IN ({_qs(ch)})", ch)
+                                          for ch in _chunks(victims)]):
+                raise OSError(f"featx cache at {str(self.root)!r}: {removed} entries were evicted, then no more: "
+                              f"{self._unwritable()}")
             self._write(lambda c: [
                 c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"),
                 c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),

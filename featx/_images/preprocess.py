@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from typing import Any
 
@@ -396,6 +397,48 @@ def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO, a device, a socket) is a per-item error at once.
+
+    The file is opened without blocking, so a FIFO with no writer cannot
+    hang the run (a plain ``open`` waits for a writer forever, and no signal
+    interrupts the thread that waits), and its type is checked on the open
+    descriptor before anything is read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise _BadItem("file not found") from None
+    except IsADirectoryError:
+        raise _BadItem("is a directory, not an image file") from None
+    except PermissionError:
+        raise _BadItem("permission denied") from None
+    except OSError as exc:  # a socket (ENXIO), a name too long, ...
+        raise _BadItem(f"cannot be opened ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _BadItem("is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+            raise _BadItem(f"is {kind}, not a regular file; featx reads image files only")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    except OSError as exc:
+        raise _BadItem(f"cannot be read ({exc.strerror or exc})") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def load_item(item: Any, draft_size: int | None = None, decode_device: torch.device | None = None) -> torch.Tensor:
     """One item -> a C x H x W uint8 RGB tensor.
 
@@ -406,15 +449,7 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
         raise _BadItem("item is None")
     if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
         if _is_path(item):
-            try:
-                with open(os.fspath(item), "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise _BadItem("file not found") from None
-            except IsADirectoryError:
-                raise _BadItem("is a directory, not an image file") from None
-            except PermissionError:
-                raise _BadItem("permission denied") from None
+            data = read_file(os.fspath(item))
         else:
             data = bytes(item)
         if _is_heif(data):
