@@ -18,7 +18,7 @@ from ._exceptions import FeatxWarning, ImageLoadWarning
 from ._images.preprocess import as_items, item_path
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
-from ._outputs import reserve, written
+from ._outputs import npy_memmap, written
 from ._runtime import RunStats, Settled, settle
 
 __all__ = ["PretrainedFeatureExtractor"]
@@ -509,9 +509,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         items = as_items(X)
         shape = (len(items), self.n_features_out_)
         with written(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            out = npy_memmap(tmp, shape, np.float32, shown=path)
             try:
-                reserve(tmp, out.offset + out.nbytes, shown=path)
                 self._fill(items, out)
                 out.flush()
             finally:

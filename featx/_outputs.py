@@ -30,7 +30,7 @@ from typing import Iterator
 
 from ._exceptions import OutputError
 
-__all__ = ["check_writable", "written", "reserve", "path_line", "read_path_lines"]
+__all__ = ["check_writable", "written", "reserve", "npy_memmap", "path_line", "read_path_lines"]
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 
@@ -124,6 +124,26 @@ def reserve(path: Path, nbytes: int, shown: str | os.PathLike | None = None) -> 
                               f"disk has {_free(path.parent)} free.") from None
     finally:
         os.close(fd)
+
+
+def npy_memmap(tmp: Path, shape: tuple[int, ...], dtype, shown: str | os.PathLike) -> "np.memmap":
+    """A new ``.npy`` at ``tmp`` mapped for writing, its blocks claimed (:class:`OutputError` if they do not fit)."""
+    import numpy as np
+
+    need = int(np.prod(shape)) * np.dtype(dtype).itemsize + 128  # + the header (64-byte aligned, short)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    except OSError as exc:  # a file-size limit refuses even the sparse file
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise OutputError(f"not enough space to write {str(shown)!r}: it needs {_size(need)} ({_describe(exc)}). "
+                          "Free space or choose another path.") from None
+    try:
+        reserve(tmp, out.offset + out.nbytes, shown=shown)
+    except BaseException:
+        del out
+        raise
+    return out
 
 
 def _plain(p: str) -> bool:

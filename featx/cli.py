@@ -114,9 +114,9 @@ def _write_features(path: Path, feats, paths: list[str], names) -> None:
     """Write ``path`` whole or not at all; file names are written as the bytes they are.
 
     ``.csv``: names that are not UTF-8 keep their own bytes (read them back
-    with ``encoding_errors="surrogateescape"``); ``.parquet``: the path
+    with ``encoding_errors="surrogateescape"`` and an object ``path`` column); ``.parquet``: the path
     column is binary (the names' bytes) when any name is not UTF-8, text
-    otherwise; ``.npz``: a unicode array, undecodable bytes as ``\udcXX``.
+    otherwise; ``.npz``: a unicode array, undecodable bytes as lone surrogates (``os.fsencode`` restores them).
     """
     import numpy as np
 
@@ -129,7 +129,7 @@ def _write_features(path: Path, feats, paths: list[str], names) -> None:
 
         df = pd.DataFrame(feats, columns=list(names))
         if suffix == ".csv":
-            df.insert(0, "path", paths)
+            df.insert(0, "path", pd.Series(paths, dtype=object))  # object: pandas' arrow strings refuse such names
             df.to_csv(tmp, index=False, errors="surrogateescape")
         else:
             df.insert(0, "path", paths if all(map(_utf8, paths)) else [os.fsencode(p) for p in paths])
