@@ -290,17 +290,21 @@ def test_transform_to_npy_errors(tiny_cnn, tmp_path):
         ext.transform_to_npy(np.zeros((1, 8, 8, 3), np.uint8), tmp_path / "f.csv")
 
 
-def test_transform_to_npy_keeps_finished_rows_on_bad_image(tiny_cnn, image_paths, tmp_path):
+def test_transform_to_npy_on_a_bad_image_leaves_no_file_and_keeps_the_work_in_the_cache(tiny_cnn, image_paths,
+                                                                                      tmp_path, computed):
     from featx import ImageLoadError
 
     paths, _ = image_paths
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False, batch_size=2).fit()
+    ext = PretrainedFeatureExtractor(tiny_cnn, precision="fp32", preprocess=SMALL, progress=False, batch_size=2,
+                                     cache=str(tmp_path / "cache")).fit()
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         ext.transform_to_npy(paths[:4] + [str(bad)], tmp_path / "f.npy")
-    part = np.load(tmp_path / "f.npy")
-    np.testing.assert_array_equal(part[:4], ext.transform(paths[:4]))
+    assert not (tmp_path / "f.npy").exists()  # no file that looks complete with zero rows
+    done = computed[0]
+    np.testing.assert_array_equal(ext.transform_to_npy(paths[:4], tmp_path / "f.npy"), ext.transform(paths[:4]))
+    assert computed[0] == done  # the four good rows came from the cache
 
 
 # -------------------------------------------------------------- GPU decoding
