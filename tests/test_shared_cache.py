@@ -456,7 +456,7 @@ def test_a_truncated_object_is_recomputed_and_replaced(server, tmp_path, monkeyp
     victim = sorted(_objects(server, bucket))[0]
     fs.pipe_file(victim, fs.cat_file(victim)[:40])  # cut short, as by a faulty proxy
     _fresh_machine(monkeypatch, tmp_path)
-    with pytest.warns(CacheWarning, match="1 corrupt or truncated object"):
+    with pytest.warns(CacheWarning, match="1 corrupt, truncated or non-finite object"):
         again = _ext(cache=url)
         out = again.transform(images)
     np.testing.assert_array_equal(out, reference)
@@ -481,3 +481,65 @@ def test_cache_command_manages_an_s3_store(server, monkeypatch, images, capsys):
     assert 0 < left["entries"] < len(images) and left["size_bytes"] <= size // 2
     assert main(["cache", "clear", "--cache-dir", url]) == 0
     assert server.fs().find(bucket) == []
+
+
+def test_a_store_frozen_mid_run_costs_one_timeout_not_one_per_batch(tmp_path, monkeypatch, images, reference):
+    """SIGSTOP the real server once the run has read: the first write times out, the rest are not attempted."""
+    _needs_s3()
+    import signal
+
+    srv = MotoServer()
+    try:
+        _use(monkeypatch, srv.endpoint)
+        monkeypatch.setenv("FEATX_CACHE_TIMEOUT", "2")
+        url = f"s3://{srv.bucket()}/p"
+        from featx._cache.objects import ObjectStore
+
+        real_get, real_put, puts = ObjectStore.get, ObjectStore.put, []
+
+        def get_then_freeze(self, paths):
+            out = real_get(self, paths)
+            srv.proc.send_signal(signal.SIGSTOP)  # the server stops answering, connections stay open
+            return out
+
+        def counted_put(self, objects, **kw):
+            puts.append(len(objects))
+            return real_put(self, objects, **kw)
+
+        monkeypatch.setattr(ObjectStore, "get", get_then_freeze)
+        monkeypatch.setattr(ObjectStore, "put", counted_put)
+        with pytest.warns(CacheWarning, match="writing failed") as record:
+            ext = _ext(cache=url)  # 24 images in batches of 4: six batches to publish
+            out = ext.transform(images)
+        np.testing.assert_array_equal(out, reference)
+        assert len([w for w in record if issubclass(w.category, CacheWarning)]) == 1
+        assert len(puts) == 2  # the namespace record, then one write that timed out; five batches not attempted
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        srv.stop()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_valid_object_holding_non_finite_features_is_never_served(server, tmp_path, monkeypatch, images, reference,
+                                                                    bad):
+    from featx._cache.objects import pack
+
+    _use(monkeypatch, server.endpoint)
+    bucket = server.bucket()
+    url = f"s3://{bucket}/nan"
+    ext = _ext(cache=url)
+    ext.transform(images)
+    fs = server.fs()
+    victim = sorted(_objects(server, bucket))[0]
+    ns = ext._settled.namespace[0]
+    item = victim.split("/")[-2].replace("-", ":", 1)
+    field = ext._runner.plan.out_fields[0]
+    poisoned = np.full(ext._runner.plan.widths[field], bad, np.float32)
+    fs.pipe_file(victim, pack(ns, item, {field: poisoned}))  # checksummed and well-formed, but not a feature
+    _fresh_machine(monkeypatch, tmp_path)
+    with pytest.warns(CacheWarning, match="1 corrupt, truncated or non-finite object"):
+        again = _ext(cache=url)
+        out = again.transform(images)
+    np.testing.assert_array_equal(out, reference)
+    assert again.last_run_.computed == 1 and again.failed_indices_.tolist() == []
+    assert _check_store(server, bucket, ext, images, reference) == len(images)  # replaced by the real features

@@ -279,7 +279,8 @@ class SharedCache(EmbeddingStore):
         self.store_ = ObjectStore(self.url)
         self.local = local
         self.writable = True
-        self._down_until = 0.0
+        self._down_until = 0.0  # the circuit: open (the store is not asked) until then
+        self._warned_until = 0.0  # a failure before this was already reported
         self._namespaces: set[str] = set()
         self._corrupt: set[str] = set()  # objects this handle found corrupt: recomputed vectors replace them
         self._publisher = None  # one background thread publishing objects while the backbone runs
@@ -321,9 +322,11 @@ class SharedCache(EmbeddingStore):
                 warnings.warn(f"featx cache at {self.url!r} refuses writes ({exc}); results are correct but new "
                               "embeddings are not shared (it is still read).", CacheWarning, stacklevel=5)
             return
-        if time.monotonic() < self._down_until:
+        now = time.monotonic()
+        self._down_until = max(self._down_until, now + _COOLDOWN)
+        if now < self._warned_until:
             return  # already reported
-        self._down_until = time.monotonic() + _COOLDOWN
+        self._warned_until = self._down_until
         warnings.warn(f"featx cache at {self.url!r}: {what} failed ({type(exc).__name__}: {exc}); results are "
                       f"correct (computed here); the store is not asked again for {_COOLDOWN:.0f} s.",
                       CacheWarning, stacklevel=5)
@@ -336,8 +339,26 @@ class SharedCache(EmbeddingStore):
             return
         if self._publisher is None:
             self._publisher = ThreadPoolExecutor(1, thread_name_prefix="featx-publish")
-        job = self._publisher.submit(self.store_.put, objects, replace=replace)
+        job = self._publisher.submit(self._put, objects, replace)
         self._pending.append((job, objects, replace))
+
+    def _put(self, objects: dict[str, bytes], replace: bool) -> bool:
+        """The publisher thread's job: skipped while the circuit is open; a failure opens it at once.
+
+        Without this, every batch queued while the store hangs would wait
+        out its own timeout (one per batch); now the first failure stops the
+        rest, and :meth:`flush` reports it once.
+        """
+        if not self._usable(writing=True):
+            return False  # dropped: the store failed earlier in this run (or refuses writes)
+        try:
+            self.store_.put(objects, replace=replace)
+        except PermissionError:
+            raise
+        except Exception:
+            self._down_until = max(self._down_until, time.monotonic() + _COOLDOWN)
+            raise
+        return True
 
     def flush(self) -> None:
         """Wait until every queued object is published (or its failure is reported)."""
@@ -346,7 +367,7 @@ class SharedCache(EmbeddingStore):
             exc = job.exception()
             if exc is not None:
                 self._failed("replacing corrupt objects" if replace else "writing", exc, writing=True)
-            elif replace:
+            elif replace and job.result():  # replaced (not dropped while the circuit was open)
                 self._corrupt.difference_update(objects)
 
     # ----------------------------------------------------------- content
@@ -396,14 +417,14 @@ class SharedCache(EmbeddingStore):
             if blob is None:
                 continue
             vectors = unpack(blob, ns, k, widths)
-            if vectors is None:
+            if vectors is None or not all(np.isfinite(v).all() for v in vectors.values()):  # NaN/inf: no feature
                 bad.append(p)
                 continue
             found[k] = vectors
             fetched += [(k, f, v) for f, v in vectors.items()]
         if bad:
             self._corrupt.update(bad)
-            warnings.warn(f"featx cache: {len(bad)} corrupt or truncated object{'s' if len(bad) > 1 else ''} in "
+            warnings.warn(f"featx cache: {len(bad)} corrupt, truncated or non-finite object{'s' if len(bad) > 1 else ''} in "
                           f"{self.url!r} (first: {bad[0]!r}); recomputing and replacing them.",
                           CacheWarning, stacklevel=3)
         if fetched and self.local is not None:

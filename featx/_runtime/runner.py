@@ -335,6 +335,9 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
                out: np.ndarray, *, progress: bool = False, streams: int = 1) -> RunStats:
     """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once).
 
+    A stored row holding NaN or infinity is a miss (whoever wrote it, a
+    shared store included), and a computed one is not stored.
+
     ``runner`` is called only when something is missing, so a fully cached
     run builds no network; ``streams`` is what the stats report then.
     """
@@ -346,7 +349,9 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
     todo, dups, n_hits = _plan_misses(keys, hits, fields, out)
 
     def sink(rows: np.ndarray, computed: dict[str, np.ndarray]) -> None:
-        payload = [(keys[i], f, v[r]) for r, i in enumerate(rows) if keys[i] is not None for f, v in computed.items()]
+        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in computed.values()])
+        payload = [(keys[i], f, v[r]) for r, i in enumerate(rows) if keys[i] is not None and finite[r]
+                   for f, v in computed.items()]  # a NaN or infinite row is never cached
         if payload:
             cache.store(ns, payload, requested=fields)
 
@@ -373,10 +378,10 @@ def _plan_misses(keys: list, hits: dict, fields: list[str], out: np.ndarray):
     for i, k in enumerate(keys):
         if k is not None:
             got = hits.get(k)
-            if got is not None and len(got) == len(fields):
+            if got is not None and len(got) == len(fields) and all(np.isfinite(got[f]).all() for f in fields):
                 out[i] = np.concatenate([got[f] for f in fields]) if len(fields) > 1 else got[fields[0]]
                 n_hits += 1
-                continue
+                continue  # a stored row that is not finite is never served: it is recomputed
             if k in first:
                 dups.append((i, first[k]))
                 continue
