@@ -73,7 +73,7 @@ def build(folder: str | Path) -> dict[str, str]:
 
     # --- failures
     (folder / "empty.jpg").write_bytes(b"")
-    cases["empty.jpg"] = "error: not a recognised image format"
+    cases["empty.jpg"] = "error: empty file (0 bytes)"
     (folder / "page.jpg").write_text("<!doctype html><html><body>404 Not Found</body></html>")
     cases["page.jpg"] = "error: not a recognised image format"
     jpg = io.BytesIO()

@@ -290,3 +290,23 @@ def test_concurrent_first_builds_build_once(monkeypatch):
     for t in threads:
         t.join()
     assert calls == ["resnet18"] and len(got) == 4 and all(g is got[0] for g in got)
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "googlenet"])
+def test_a_local_checkpoint_gets_the_construction_arguments_of_pretrained_weights(name, tmp_path):
+    """torchvision sets transform_input=True (and keeps the auxiliary heads) whenever weights are given."""
+    import torchvision
+
+    from featx._models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    pretrained_shape = torchvision.models.get_model(name, weights=None, transform_input=True, aux_logits=True,
+                                                    init_weights=False)
+    path = tmp_path / f"{name}.pth"
+    torch.save(pretrained_shape.state_dict(), path)
+    module = build_backbone(f"torchvision:{name}", str(path)).module
+    assert module.transform_input is True  # as with weights="DEFAULT": the same weights, the same network
+    x = torch.rand(1, 3, 96, 96) if name == "googlenet" else torch.rand(1, 3, 299, 299)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(x), pretrained_shape.eval()(x))
+    assert build_backbone(f"torchvision:{name}", None).module.transform_input is False  # random init: as torchvision

@@ -93,8 +93,39 @@ def _is_path(item: Any) -> bool:
     return isinstance(item, (str, os.PathLike))
 
 
+class NamedBytes(bytes):
+    """The bytes of an image file that came with a name (a dataset's ``{"bytes": ..., "path": ...}``).
+
+    It is bytes everywhere (decoding, the cache's content key); the name is
+    only for messages.
+    """
+
+    path: str | None = None
+
+    def __reduce__(self):  # to DataLoader workers, with the name
+        return (_named_bytes, (bytes(self), self.path))
+
+
+def _named_bytes(data: bytes, path: str | None) -> NamedBytes:
+    out = NamedBytes(data)
+    out.path = path
+    return out
+
+
+def _from_record(item: dict) -> Any:
+    """A Hugging Face ``Image(decode=False)`` record (``{"bytes": ..., "path": ...}``): its bytes, else its path."""
+    data, path = item.get("bytes"), item.get("path")
+    if data is not None:
+        return _named_bytes(bytes(data), None if path is None else os.fspath(path))
+    if path is not None:
+        return os.fspath(path)
+    return item  # neither: refused per item by load_item, naming the keys
+
+
 def item_path(item: Any) -> str | None:
-    """The file path of an item, or None."""
+    """The file path of an item (or the name its bytes came with), or None."""
+    if isinstance(item, NamedBytes):
+        return item.path
     return os.fspath(item) if _is_path(item) else None
 
 
@@ -105,7 +136,9 @@ def as_items(X: Any) -> Items:
             f"X must be a sequence of images, got a single {type(X).__name__}. Wrap it in a list: [X]."
         )
     mod = type(X).__module__
-    if mod.startswith("pandas"):
+    if mod.startswith("pyarrow") and hasattr(X, "to_pylist"):  # an Array or ChunkedArray of binary, string or
+        X = X.to_pylist()                                        # {"bytes", "path"} struct values
+    elif mod.startswith("pandas"):
         if hasattr(X, "columns"):  # DataFrame
             if X.shape[1] != 1:
                 raise ValueError(
@@ -153,6 +186,8 @@ def as_items(X: Any) -> Items:
             ) from exc
     if len(items) == 0:
         raise ValueError("X is empty: featx needs at least one image.")
+    if items.kind == "list" and any(isinstance(it, dict) for it in items.data):
+        items.data = [_from_record(it) if isinstance(it, dict) else it for it in items.data]
     return items
 
 
@@ -452,6 +487,8 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
             data = read_file(os.fspath(item))
         else:
             data = bytes(item)
+        if not data:
+            raise _BadItem("empty file (0 bytes)" if _is_path(item) else "empty bytes (0 bytes)")
         if _is_heif(data):
             _heif_opener()
         fast = _device_jpeg(data, decode_device) if decode_device is not None else _fast_jpeg(data, draft_size)
@@ -473,10 +510,13 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
         if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
             t = t.float()
         arr = _array_to_hwc(t.numpy())
+    elif isinstance(item, dict):
+        raise _BadItem(f"a record with keys {sorted(map(str, item))[:6]} has neither 'bytes' nor 'path' (a Hugging "
+                       "Face Image(decode=False) record has both)")
     else:
         raise _BadItem(
             f"unsupported item type {type(item).__name__}; use a path, image bytes, a PIL image, "
-            "a numpy array or a torch tensor"
+            "a numpy array, a torch tensor or a {'bytes': ..., 'path': ...} record"
         )
     arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:  # torch cannot wrap read-only memory safely

@@ -310,6 +310,15 @@ def _build_open_clip(name: str, weights: Any) -> Backbone:
     return build_open_clip(name, weights)
 
 
+#: Construction arguments torchvision's builders set whenever pretrained weights are given
+#: (``_ovewrite_named_param`` in ``torchvision/models/inception.py`` and ``googlenet.py``): a local
+#: checkpoint of those weights gets them too, so the same weights give the same network.
+_PRETRAINED_ARGS = {
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+
+
 def _build_torchvision(name: str, weights: Any) -> Backbone:
     import torchvision
 
@@ -338,7 +347,8 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
     if weights_enum is not None:
         torchvision_weights_ready(name, weights_enum)
     try:
-        module = torchvision.models.get_model(name, weights=weights_enum)
+        module = torchvision.models.get_model(name, weights=weights_enum, **(_PRETRAINED_ARGS.get(name, {}) if ckpt
+                                                                           is not None else {}))
     except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError
         raise ModelLoadError(download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
     if ckpt is not None:
