@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 import urllib.error
 
@@ -310,3 +311,17 @@ def test_a_local_checkpoint_gets_the_construction_arguments_of_pretrained_weight
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(x), pretrained_shape.eval()(x))
     assert build_backbone(f"torchvision:{name}", None).module.transform_input is False  # random init: as torchvision
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, tiny_cnn, bad):
+    from featx import ModelLoadError
+
+    sd = tiny_cnn.state_dict()
+    name = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 4)
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[3] = bad
+    path = tmp_path / "diverged.pth"
+    torch.save(sd, path)
+    with pytest.raises(ModelLoadError, match=rf"tensor '{re.escape(name)}' holds 1 NaN or infinite value"):
+        PretrainedFeatureExtractor(tiny_cnn, weights=str(path), preprocess=SMALL).fit()

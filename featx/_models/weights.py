@@ -136,6 +136,13 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: str, by_po
                 f"{source} does not fit the architecture: tensor {name!r} has shape "
                 f"{tuple(sd[name].shape)}, expected {tuple(ref.shape)}."
             )
+    for name, tensor in sd.items():  # a diverged training run's checkpoint: every feature would be NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; every "
+                "feature computed with it would be NaN. Use a checkpoint saved before training diverged."
+            )
     module.load_state_dict(sd, strict=True)
 
 
