@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -226,3 +227,59 @@ def test_prune_and_clear_on_a_full_disk_fail_and_say_so(tmp_path, action):
     again = PretrainedFeatureExtractor(**KW, cache=str(cache)).fit()
     again.transform(images)
     assert again.last_run_.cache_hits == 4  # nothing was removed, as it said
+
+
+# ------------------------------------------------------------------ 11. a read-only cache is read
+
+_READ_ONLY_CHILD = textwrap.dedent("""
+    import os, sqlite3, sys, warnings
+    from featx import PretrainedFeatureExtractor
+    from featx.cli import main
+    import featx._cache.sqlite, featx._cache.objects, featx._runtime.engines, featx._runtime.compiled
+    cache, images = sys.argv[1], sys.argv[2:]
+    PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36},
+                               device="cpu", progress=False, precision="fp32").fit().transform(images)  # imports
+    if os.geteuid() == 0:  # root ignores permissions: become nobody (the interpreter lives in root's home,
+        os.setgid(65534)   # so everything it needs is imported above)
+        os.setuid(65534)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36},
+                                         device="cpu", progress=False, precision="fp32", cache=cache).fit()
+        ext.transform(images + images[:1])
+    print("hits", ext.last_run_.cache_hits, "computed", ext.last_run_.computed)
+    print("warnings", [str(w.message)[:80] for w in caught if "read-only" in str(w.message)])
+    sys.exit(main(["cache", "info", "--cache-dir", cache]))
+""")
+
+
+@linux_only
+def test_a_read_only_cache_is_read_not_ignored(tmp_path_factory):
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="featx-ro-")  # a folder anyone may enter (pytest's own is private to its user)
+    os.chmod(root, 0o755)
+    try:
+        images = _photos(Path(root) / "d", 3)
+        cache = os.path.join(root, "cache")
+        PretrainedFeatureExtractor(**KW, cache=cache).fit().transform(images[:2])
+        from featx._cache.sqlite import EmbeddingCache
+
+        for c in list(EmbeddingCache._registry.values()):
+            c.close()  # checkpoint the WAL into the file, as a finished job leaves it
+        for name in os.listdir(cache):
+            os.chmod(os.path.join(cache, name), 0o444)
+        os.chmod(cache, 0o555)
+        res = subprocess.run([sys.executable, "-c", _READ_ONLY_CHILD, cache, *images], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "hits 3 computed 1" in res.stdout  # the two cached images served (one twice), the new one computed
+        assert "is read-only" in res.stdout and "no featx cache" not in res.stdout
+        assert "images=2" in res.stdout and "(SQLite database, read-only)" in res.stdout  # `featx cache info`
+    finally:
+        for dirpath, dirnames, _ in os.walk(root):
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)

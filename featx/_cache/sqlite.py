@@ -285,9 +285,41 @@ class EmbeddingCache(EmbeddingStore):
             self._conn = self._open_db()
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
+                if self.path.is_file() and not os.access(self.path, os.W_OK) or not os.access(self.root, os.W_OK):
+                    self._conn = self._open_read_only(exc)
+                    return
                 raise
             self._quarantine(exc)
             self._conn = self._open_db()
+
+    def _open_read_only(self, why: BaseException) -> sqlite3.Connection:
+        """A cache whose file or folder is read-only: read (hits served), never written, with one warning.
+
+        WAL readers need the ``-shm`` file, which a read-only folder cannot
+        get; SQLite's ``immutable`` mode reads without it (the file must then
+        not change while it is open, which a read-only cache does not).
+        """
+        last: BaseException = why
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, timeout=_BUSY_TIMEOUT,
+                                       check_same_thread=False, isolation_level=None)
+            except sqlite3.Error as exc:
+                last = exc
+                continue
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if row is None or row[0] != _SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(f"cache schema {row and row[0]!r}, expected {_SCHEMA_VERSION!r}")
+            except sqlite3.Error as exc:
+                conn.close()
+                last = exc
+                continue
+            self.writable = False
+            warnings.warn(f"featx cache at {str(self.root)!r} is read-only ({why}): its embeddings are read, new "
+                          "ones are computed but not saved.", CacheWarning, stacklevel=5)
+            return conn
+        raise last
 
     def _open_db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
@@ -494,7 +526,8 @@ class EmbeddingCache(EmbeddingStore):
                 {"namespace": ns, "entries": n_rows, "images": n_items, "vector_bytes": nbytes,
                  "created": created, "last_used": last, "provenance": json.loads(info)}
             )
-        return store_info(location=self.location, kind=self.kind, size_bytes=db,
+        kind = self.kind if self.writable else f"{self.kind}, read-only"
+        return store_info(location=self.location, kind=kind, size_bytes=db,
                           entries=sum(n["entries"] for n in namespaces), namespaces=namespaces,
                           files_indexed=files[0][0] if files else 0, parts={"database": db})
 
