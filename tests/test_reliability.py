@@ -283,3 +283,24 @@ def test_a_read_only_cache_is_read_not_ignored(tmp_path_factory):
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ 12. memory bounded whatever the hits
+
+
+def test_cached_rows_are_looked_up_and_written_a_chunk_at_a_time(tmp_path, monkeypatch):
+    from featx._cache.sqlite import EmbeddingCache
+    from featx._runtime import runner
+
+    images = _photos(tmp_path / "d", 5)
+    items = images * 2 + [images[0]]  # duplicates across chunks too
+    ext = PretrainedFeatureExtractor(**KW, cache=str(tmp_path / "c")).fit()
+    want = ext.transform(images)
+    sizes, real = [], EmbeddingCache.lookup
+    monkeypatch.setattr(EmbeddingCache, "lookup", lambda self, ns, keys, widths: sizes.append(len(keys)) or
+                        real(self, ns, keys, widths))
+    monkeypatch.setattr(runner, "LOOKUP_CHUNK", 3)
+    got = ext.transform_to_npy(items, tmp_path / "x.npy")
+    assert max(sizes) <= 3 and len(sizes) == 4  # never all the hits at once
+    np.testing.assert_array_equal(got, want[[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]])
+    assert ext.last_run_.cache_hits == 11 and ext.last_run_.computed == 0

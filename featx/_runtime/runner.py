@@ -331,6 +331,10 @@ def _progress_bar(total: int):
 # ------------------------------------------------------------------ caching
 
 
+#: Items whose cached rows are looked up (and copied into the output) at a time.
+LOOKUP_CHUNK = 1024
+
+
 def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: tuple[str, dict], items: Items,
                out: np.ndarray, *, progress: bool = False, streams: int = 1) -> RunStats:
     """Fill ``out`` from the cache, running the backbone only on the misses (each distinct image once).
@@ -345,8 +349,16 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
     cache.register_namespace(ns, info)
     keys = item_keys(items, cache)
     fields = plan.out_fields
-    hits = cache.lookup(ns, [k for k in keys if k is not None], {f: plan.widths[f] for f in fields})
-    todo, dups, n_hits = _plan_misses(keys, hits, fields, out)
+    widths = {f: plan.widths[f] for f in fields}
+    todo: list[int] = []
+    dups: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    n_hits = 0
+    for lo in range(0, len(keys), LOOKUP_CHUNK):  # hits go straight to ``out``: memory stays a chunk's worth
+        chunk = keys[lo:lo + LOOKUP_CHUNK]
+        hits = cache.lookup(ns, [k for k in chunk if k is not None and k not in first], widths)
+        n_hits += _plan_misses(chunk, lo, hits, fields, out, todo, dups, first)
+        del hits
 
     def sink(rows: np.ndarray, computed: dict[str, np.ndarray]) -> None:
         finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in computed.values()])
@@ -369,13 +381,12 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
     return stats
 
 
-def _plan_misses(keys: list, hits: dict, fields: list[str], out: np.ndarray):
-    """Copy the full hits into ``out``; return the items to compute, the duplicates ``(i, first i)`` and the hits."""
-    todo: list[int] = []
-    dups: list[tuple[int, int]] = []
-    first: dict[str, int] = {}
+def _plan_misses(keys: list, offset: int, hits: dict, fields: list[str], out: np.ndarray, todo: list[int],
+                 dups: list[tuple[int, int]], first: dict[str, int]) -> int:
+    """Copy the full hits of ``keys`` (items ``offset``...) into ``out``; append the items to compute to ``todo``
+    and the duplicates ``(i, first i)`` to ``dups``; return the number of hits."""
     n_hits = 0
-    for i, k in enumerate(keys):
+    for i, k in enumerate(keys, offset):
         if k is not None:
             got = hits.get(k)
             if got is not None and len(got) == len(fields) and all(np.isfinite(got[f]).all() for f in fields):
@@ -387,4 +398,4 @@ def _plan_misses(keys: list, hits: dict, fields: list[str], out: np.ndarray):
                 continue
             first[k] = i
         todo.append(i)
-    return todo, dups, n_hits
+    return n_hits
