@@ -122,9 +122,9 @@ def main() -> None:
         print(f"1 actor is within 1.3x of the warm local transform from about {n_even:.0f} images per job")
     write_results(args.out, {
         "model": args.model, "cores": cores, "sizes": list(sizes), "batch_size": args.batch_size,
-        "seconds": {f"{k} | n={n}": v for (k, n), v in samples.items()},
-        "median_seconds": {f"{k} | n={n}": s for (k, n), s in med.items()},
-        "end_to_end_ratio": {f"{k} | n={n}": s / med[(loc, n)] for (k, n), s in med.items()},
+        "seconds": {f"{k}, n={n}": v for (k, n), v in samples.items()},
+        "median_seconds": {f"{k}, n={n}": s for (k, n), s in med.items()},
+        "end_to_end_ratio": {f"{k}, n={n}": s / med[(loc, n)] for (k, n), s in med.items()},
         "fixed_plus_per_image": model, "fresh_process_startup_seconds": startup})
 
 

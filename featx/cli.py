@@ -58,7 +58,9 @@ def _cli_message(msg: str, args: argparse.Namespace) -> str:
 
     model = getattr(args, "model", None) or "MODEL"
     msg = msg.replace("featx.list_layers(model)", f"'featx layers {model}'")
-    return _PARAM.sub(flag, msg)
+    # code quoted in backticks (a command to run) is left as it is: only the prose speaks in flags
+    parts = msg.split("`")
+    return "`".join(p if i % 2 else _PARAM.sub(flag, p) for i, p in enumerate(parts))
 
 
 # ------------------------------------------------------------------- layers

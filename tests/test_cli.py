@@ -218,6 +218,18 @@ def test_errors_speak_the_command_lines_language(image_folder, tmp_path, capsys)
     assert "stage1, stage2" in err and "layer4.0.conv1" not in err  # aliases, not forty module names
 
 
+def test_commands_quoted_in_an_error_are_left_runnable():
+    import argparse
+
+    from featx.cli import _cli_message
+
+    msg = ("not in the local cache (weights='IMAGENET1K_V2'); fetch them once: `python -c \"import torchvision; "
+           "torchvision.models.get_model('resnet50', weights='IMAGENET1K_V2')\"`")
+    got = _cli_message(msg, argparse.Namespace(model="resnet50"))
+    assert "(--weights IMAGENET1K_V2)" in got  # the prose speaks in flags
+    assert "get_model('resnet50', weights='IMAGENET1K_V2')" in got  # the command stays Python that runs
+
+
 def _folder_with_a_broken_image(image_folder, tmp_path):
     import shutil
 

@@ -64,8 +64,17 @@ class BenchPrefix(SphinxDirective):
         return []
 
 
+def unparsed_roles(app: Sphinx, doctree: nodes.document, docname: str) -> None:
+    """Warn about a bench role the parser never saw (a ``|`` inside it splits a Markdown table cell)."""
+    for node in doctree.findall(nodes.Text):
+        if "{bench}`" in node.astext():
+            logger.warning("bench: a {bench} reference was not parsed (is there a '|' inside it, in a table?): %r",
+                           node.astext()[:120], location=node.parent, type="bench", subtype="unparsed")
+
+
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bench_results_dir", "../benchmarks/results", "env")
+    app.connect("doctree-resolved", unparsed_roles)
     app.add_role("bench", BenchRole())
     app.add_directive("bench-prefix", BenchPrefix)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
