@@ -304,3 +304,76 @@ def test_cached_rows_are_looked_up_and_written_a_chunk_at_a_time(tmp_path, monke
     assert max(sizes) <= 3 and len(sizes) == 4  # never all the hits at once
     np.testing.assert_array_equal(got, want[[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]])
     assert ext.last_run_.cache_hits == 11 and ext.last_run_.computed == 0
+
+
+# ------------------------------------------------------------------ 13. each image computed once across processes
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    from featx import PretrainedFeatureExtractor
+    cache, go, out, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36},
+                                     device="cpu", progress=False, precision="fp32", cache=cache, batch_size=4).fit()
+    while not os.path.exists(go):  # both workers start their transform together
+        time.sleep(0.01)
+    X = ext.transform(images)
+    np.save(out, X)
+    print(json.dumps({"computed": ext.last_run_.computed, "hits": ext.last_run_.cache_hits}))
+""")
+
+
+def test_two_processes_sharing_a_cache_compute_each_image_once(tmp_path):
+    images = _photos(tmp_path / "d", 40)
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(cache), str(go), str(tmp_path / f"{k}.npy"),
+                               *images], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    import time
+
+    time.sleep(3)  # let both import and fit; the file is their common start
+    go.write_text("")
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        results.append(__import__("json").loads(out.strip().splitlines()[-1]))
+    assert sum(r["computed"] for r in results) == 40  # no image computed by both
+    assert all(r["computed"] + r["hits"] == 40 for r in results)
+    np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), PretrainedFeatureExtractor(**KW).fit().transform(images))
+
+
+def test_an_image_claimed_by_a_live_process_is_awaited_and_a_dead_ones_claim_is_void(tmp_path, computed):
+    import socket
+    import time
+
+    from featx._cache.sqlite import EmbeddingCache
+
+    images = _photos(tmp_path / "d", 3)
+    cache_dir = tmp_path / "cache"
+    ext = PretrainedFeatureExtractor(**KW, cache=str(cache_dir)).fit()
+    want = PretrainedFeatureExtractor(**KW).fit().transform(images)
+    store = EmbeddingCache.open(cache_dir)
+    ns = ext._settled.namespace[0]
+    store.register_namespace(*ext._settled.namespace)
+    keys = store.path_keys(images)
+    live, dead = f"{socket.gethostname()}:{os.getppid()}", f"{socket.gethostname()}:{2**22 + 12345}"
+    store._write(lambda c: c.executemany("INSERT INTO claims VALUES (?,?,?,?)", [
+        (ns, keys[0], live, time.time() + 600), (ns, keys[1], dead, time.time() + 600)]))
+    computed[0] = 0  # from here on
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("X", ext.transform(images)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while computed[0] < 2 and time.monotonic() < deadline:  # images 1 (dead owner's) and 2 are computed...
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert worker.is_alive() and computed[0] == 2  # ...and image 0 is awaited, not computed
+    # the live owner finishes: its row is stored and its claim released
+    row = want[0]
+    store.store(ns, [(keys[0], ext._runner.plan.out_fields[0], row)])
+    store._write(lambda c: c.execute("DELETE FROM claims WHERE owner=?", (live,)))
+    worker.join(60)
+    assert not worker.is_alive() and computed[0] == 2
+    np.testing.assert_array_equal(result["X"], want)
+    assert ext.last_run_.cache_hits == 1 and ext.last_run_.computed == 2

@@ -66,6 +66,23 @@ class EmbeddingStore(ABC):
     def flush(self) -> None:
         """Return when every row handed to :meth:`store` is written, or its failure reported."""
 
+    def claim(self, ns: str, keys: Sequence[str]) -> set[str]:
+        """Mark ``keys`` as being computed by this process; return the ones it may compute.
+
+        The rest are being computed by another live process sharing the store
+        (a worker of the same grid search, another job): wait for them
+        (:meth:`claimed_elsewhere`) instead of computing them twice. A store
+        that cannot coordinate returns every key.
+        """
+        return set(keys)
+
+    def claimed_elsewhere(self, ns: str, keys: Sequence[str]) -> set[str]:
+        """The keys another live process has claimed (and not released)."""
+        return set()
+
+    def release(self, ns: str, keys: Iterable[str]) -> None:
+        """Drop this process's claims on ``keys`` (computed, failed, or given up)."""
+
     @abstractmethod
     def info(self) -> dict:
         """What the store holds: see :func:`store_info` for the keys, the same in every store."""

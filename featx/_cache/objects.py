@@ -384,6 +384,17 @@ class SharedCache(EmbeddingStore):
                 keys.append(None)
         return keys
 
+    def claim(self, ns: str, keys: Sequence[str]) -> set[str]:
+        """Claims are the local layer's: processes of one machine share it (across machines, none)."""
+        return self.local.claim(ns, keys) if self.local is not None else set(keys)
+
+    def claimed_elsewhere(self, ns: str, keys: Sequence[str]) -> set[str]:
+        return self.local.claimed_elsewhere(ns, keys) if self.local is not None else set()
+
+    def release(self, ns: str, keys: Iterable[str]) -> None:
+        if self.local is not None:
+            self.local.release(ns, keys)
+
     def register_namespace(self, ns: str, info: dict) -> None:
         if self.local is not None:
             self.local.register_namespace(ns, info)

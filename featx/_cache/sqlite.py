@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -67,7 +68,31 @@ CREATE INDEX IF NOT EXISTS embeddings_atime ON embeddings(atime);
 CREATE TABLE IF NOT EXISTS files(
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     hashed_ns INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS claims(
+    ns TEXT NOT NULL, item TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY(ns, item));
 """
+
+#: A claim on an image being computed lapses after this long (a stuck or remote owner cannot block forever).
+CLAIM_TTL = 15 * 60.0
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether a claim's owner still runs (known only on this host; elsewhere its expiry decides)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OSError):
+        return True
+    return True
 
 
 def default_cache_dir() -> Path:
@@ -439,6 +464,57 @@ class EmbeddingCache(EmbeddingStore):
             self._write(lambda c, rows: c.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", rows), fresh)
         return keys
 
+    # ------------------------------------------------------------ claims
+
+    def _claims(self, ns: str, keys: Sequence[str]) -> dict[str, tuple[str, float]]:
+        rows: dict[str, tuple[str, float]] = {}
+        for chunk in _chunks(list(keys)):
+            for item, owner, expires in self._read_quiet(
+                    f"SELECT item, owner, expires FROM claims WHERE ns=? AND item IN ({_qs(chunk)})", [ns, *chunk]):
+                rows[item] = (owner, expires)
+        return rows
+
+    def _read_quiet(self, sql: str, params: Sequence) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error:  # an old read-only database without the table: no coordination
+                return []
+
+    def claimed_elsewhere(self, ns: str, keys: Sequence[str]) -> set[str]:
+        me, now = _owner(), time.time()
+        return {k for k, (owner, expires) in self._claims(ns, keys).items()
+                if owner != me and expires > now and _alive(owner)}
+
+    def claim(self, ns: str, keys: Sequence[str]) -> set[str]:
+        keys = list(dict.fromkeys(keys))
+        if not keys or not self.writable:
+            return set(keys)
+        me, now = _owner(), time.time()
+        got: set[str] = set()
+
+        def take(c: sqlite3.Connection) -> None:
+            for chunk in _chunks(keys):
+                held = c.execute(f"SELECT item, owner, expires FROM claims WHERE ns=? AND item IN ({_qs(chunk)})",
+                                 [ns, *chunk]).fetchall()
+                stale = [item for item, owner, expires in held
+                         if owner != me and (expires <= now or not _alive(owner))]
+                if stale:
+                    c.execute(f"DELETE FROM claims WHERE ns=? AND item IN ({_qs(stale)})", [ns, *stale])
+                c.executemany("INSERT OR IGNORE INTO claims VALUES (?,?,?,?)",
+                              [(ns, k, me, now + CLAIM_TTL) for k in chunk])
+                got.update(r[0] for r in c.execute(
+                    f"SELECT item FROM claims WHERE ns=? AND owner=? AND item IN ({_qs(chunk)})", [ns, me, *chunk]))
+
+        return got if self._write(take) else set(keys)
+
+    def release(self, ns: str, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys and self.writable:
+            me = _owner()
+            self._write(lambda c: [c.execute(f"DELETE FROM claims WHERE ns=? AND owner=? AND item IN ({_qs(ch)})",
+                                             [ns, me, *ch]) for ch in _chunks(keys)])
+
     # --------------------------------------------------------- namespaces
 
     def register_namespace(self, ns: str, info: dict) -> None:
@@ -534,7 +610,7 @@ class EmbeddingCache(EmbeddingStore):
     def clear(self) -> int:
         """Delete every entry, namespace and file hash, and shrink the file; return how many entries went."""
         rows = self._read("SELECT COUNT(*) FROM embeddings", ())
-        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files")]):
+        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files", "claims")]):
             raise OSError(f"featx cache at {str(self.root)!r}: nothing was removed: {self._unwritable()}")
         self._vacuum()
         return rows[0][0] if rows else 0

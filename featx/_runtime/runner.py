@@ -333,6 +333,10 @@ def _progress_bar(total: int):
 
 #: Items whose cached rows are looked up (and copied into the output) at a time.
 LOOKUP_CHUNK = 1024
+#: Misses a process claims (and computes) at a time, so that processes sharing a cache split the work.
+CLAIM_AHEAD = 512
+#: Seconds between looks at images another process is computing.
+CLAIM_POLL = 0.2
 
 
 def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: tuple[str, dict], items: Items,
@@ -370,15 +374,89 @@ def cached_run(runner: Callable[[], Runner], plan: Plan, cache: Any, namespace: 
     stats = RunStats(streams=streams)
     try:
         if todo:
-            stats = runner().run(items, np.asarray(todo), out, progress=progress, sink=sink)
+            stats = _claimed_run(runner, cache, ns, keys, widths, items, todo, out, progress, sink, stats)
     finally:
         cache.flush()  # a shared store publishes beside the compute: done when the run is
     for i, j in dups:
         out[i] = out[j]
     reasons = dict(stats.failed)
     stats.failed = sorted(stats.failed + [(i, reasons[j]) for i, j in dups if j in reasons])
-    stats.images, stats.cache_hits, stats.duplicates = len(items), n_hits, len(dups)
+    stats.images, stats.duplicates = len(items), len(dups)
+    stats.cache_hits += n_hits
     return stats
+
+
+def _claimed_run(runner, cache, ns: str, keys: list, widths: dict, items: Items, todo: list[int], out: np.ndarray,
+                 progress: bool, sink, total: RunStats) -> RunStats:
+    """Compute the misses ``todo``, never an image another process sharing the cache is computing.
+
+    Images are claimed :data:`CLAIM_AHEAD` at a time (:meth:`EmbeddingStore.claim`);
+    the ones another live process holds are left to it while this process
+    computes its own, then read from the cache when that process has stored
+    them. What it released without storing (a failed image, a crash) is
+    computed here; so is everything still missing after
+    :data:`~featx._cache.sqlite.CLAIM_TTL` (a claim cannot block forever).
+    """
+    from .._cache.sqlite import CLAIM_TTL
+
+    queue, waiting = list(todo), []
+    deadline = time.monotonic() + CLAIM_TTL
+    while queue or waiting:
+        if queue:
+            batch, queue = queue[:CLAIM_AHEAD], queue[CLAIM_AHEAD:]
+            mine = cache.claim(ns, [keys[i] for i in batch if keys[i] is not None])
+            now = [i for i in batch if keys[i] is None or keys[i] in mine]
+            waiting += [i for i in batch if keys[i] is not None and keys[i] not in mine]
+            _merge(total, _run_claimed(runner, cache, ns, keys, items, now, out, progress, sink))
+            continue
+        got = cache.lookup(ns, [keys[i] for i in waiting], widths)  # what the others have stored meanwhile
+        still = []
+        for i in waiting:
+            row = _full_row(got.get(keys[i]), list(widths))
+            if row is None:
+                still.append(i)
+            else:
+                out[i] = row
+                total.cache_hits += 1
+        waiting = still
+        if not waiting:
+            break
+        busy = cache.claimed_elsewhere(ns, [keys[i] for i in waiting])
+        if time.monotonic() > deadline:  # a claim that outlived its owner's work: compute the rest here
+            _merge(total, _run_claimed(runner, cache, ns, keys, items, waiting, out, progress, sink))
+            break
+        free = [i for i in waiting if keys[i] not in busy]
+        if free:
+            queue, waiting = free, [i for i in waiting if keys[i] in busy]
+            continue
+        time.sleep(CLAIM_POLL)
+    return total
+
+
+def _run_claimed(runner, cache, ns, keys, items, rows: list[int], out, progress, sink) -> RunStats | None:
+    if not rows:
+        return None
+    try:
+        return runner().run(items, np.asarray(rows), out, progress=progress, sink=sink)
+    finally:
+        cache.flush()  # stored before the claims go: a waiting process finds the rows when it looks
+        cache.release(ns, [keys[i] for i in rows if keys[i] is not None])
+
+
+def _merge(total: RunStats, part: RunStats | None) -> None:
+    if part is None:
+        return
+    total.computed += part.computed
+    total.failed += part.failed
+    total.streams = part.streams
+    total.measured = part.measured if part.measured is not None else total.measured
+
+
+def _full_row(got: dict | None, fields: list[str]) -> np.ndarray | None:
+    """A cached item's output row, or None when a field is missing or not finite (then it is computed)."""
+    if got is None or len(got) < len(fields) or not all(f in got and np.isfinite(got[f]).all() for f in fields):
+        return None
+    return np.concatenate([got[f] for f in fields]) if len(fields) > 1 else got[fields[0]]
 
 
 def _plan_misses(keys: list, offset: int, hits: dict, fields: list[str], out: np.ndarray, todo: list[int],
@@ -388,9 +466,9 @@ def _plan_misses(keys: list, offset: int, hits: dict, fields: list[str], out: np
     n_hits = 0
     for i, k in enumerate(keys, offset):
         if k is not None:
-            got = hits.get(k)
-            if got is not None and len(got) == len(fields) and all(np.isfinite(got[f]).all() for f in fields):
-                out[i] = np.concatenate([got[f] for f in fields]) if len(fields) > 1 else got[fields[0]]
+            row = _full_row(hits.get(k), fields)
+            if row is not None:
+                out[i] = row
                 n_hits += 1
                 continue  # a stored row that is not finite is never served: it is recomputed
             if k in first:
