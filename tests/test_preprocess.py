@@ -239,7 +239,7 @@ def test_bad_path_names_index_and_path(ext, arrays, tmp_path):
     [
         (lambda d: d, "directory"),
         (lambda d: (d / "page.jpg").write_text("<html>not an image</html>") and d / "page.jpg", "not a recognised image"),
-        (lambda d: (d / "empty.jpg").write_bytes(b"") or d / "empty.jpg", "not a recognised image"),
+        (lambda d: (d / "empty.jpg").write_bytes(b"") or d / "empty.jpg", "empty file"),
     ],
 )
 def test_unreadable_files(ext, tmp_path, make, reason):

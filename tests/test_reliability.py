@@ -377,3 +377,20 @@ def test_an_image_claimed_by_a_live_process_is_awaited_and_a_dead_ones_claim_is_
     assert not worker.is_alive() and computed[0] == 2
     np.testing.assert_array_equal(result["X"], want)
     assert ext.last_run_.cache_hits == 1 and ext.last_run_.computed == 2
+
+
+# ------------------------------------------------------------------ 16. a decode budget in pixels
+
+
+def test_images_over_the_pixel_budget_are_drafted_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_MAX_PIXELS", "4000000")
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (2400, 2400, 3), dtype=np.uint8)  # 5.8 MP
+    png, jpg = tmp_path / "big.png", tmp_path / "big.jpg"
+    Image.fromarray(big).save(png)
+    Image.fromarray(big).save(jpg, quality=80)
+    ext = PretrainedFeatureExtractor(**KW).fit()
+    with pytest.raises(ImageLoadError, match=r"2400 x 2400 pixels \(PNG cannot be decoded at a reduced size\) is "
+                                             r"over FEATX_MAX_PIXELS=4000000"):
+        ext.transform([str(png)])
+    assert np.isfinite(ext.transform([str(jpg)])).all()  # a JPEG is decoded at a reduced DCT scale instead

@@ -283,7 +283,7 @@ def _fast_jpeg(data: bytes, draft_size: int | None) -> torch.Tensor | None:
     None, and Pillow handles it with featx's usual rules and error messages.
     """
     size = _plain_jpeg(data)
-    if size is None or (draft_size is not None and min(size) // 2 >= draft_size):
+    if size is None or (draft_size is not None and min(size) // 2 >= draft_size) or size[0] * size[1] > max_pixels():
         return None
     op = _jpeg_op()
     if op is None:
@@ -365,6 +365,19 @@ def _heif_opener() -> None:
         _HEIF_READY.append(True)
 
 
+#: Largest image decoded at full size (``FEATX_MAX_PIXELS``): about 200 MB as 8-bit RGB, well under Pillow's
+#: decompression-bomb limit; JPEGs above it are decoded at a reduced DCT scale where that brings them under.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def max_pixels() -> int:
+    """The decode budget in pixels: ``$FEATX_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`."""
+    try:
+        return int(os.environ.get("FEATX_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
 def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
     """Decode image-file bytes with Pillow under featx's rules (files are read by the caller).
 
@@ -386,6 +399,13 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
                 # Decode at a reduced DCT scale when that still leaves at least
                 # twice the resize target: near-identical after antialiasing.
                 img.draft("RGB", (draft_size, draft_size))
+            budget = max_pixels()
+            if img.size[0] * img.size[1] > budget:  # after the draft: what would really be decoded
+                raise _BadItem(
+                    f"image too large to decode: {img.size[0]} x {img.size[1]} pixels ({img.format} cannot be "
+                    f"decoded at a reduced size) is over FEATX_MAX_PIXELS={budget}; downscale it, or raise "
+                    "FEATX_MAX_PIXELS if the memory is there"
+                )
             img.load()  # decode now: truncated data fails here, inside this error handling
             img = ImageOps.exif_transpose(img)
             return _to_rgb_pil(img)
