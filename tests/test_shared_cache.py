@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -543,3 +544,22 @@ def test_a_valid_object_holding_non_finite_features_is_never_served(server, tmp_
     np.testing.assert_array_equal(out, reference)
     assert again.last_run_.computed == 1 and again.failed_indices_.tolist() == []
     assert _check_store(server, bucket, ext, images, reference) == len(images)  # replaced by the real features
+
+
+def test_a_loaded_extractor_does_not_use_its_shared_store_until_confirmed(tmp_path, monkeypatch, images, reference):
+    import pickle
+
+    store = tmp_path / "store"
+    url = store.as_uri()
+    blob = pickle.dumps(_ext(cache=url))  # saved by someone else, pointing at their store
+    assert not store.exists() or not any(store.rglob("*"))
+    with pytest.warns(CacheWarning, match=rf"saved with cache='{re.escape(url)}'.*FEATX_TRUSTED_CACHES"):
+        loaded = pickle.loads(blob)
+    np.testing.assert_array_equal(loaded.transform(images), reference)
+    assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))  # nothing read or written there
+    monkeypatch.setenv("FEATX_TRUSTED_CACHES", url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        trusted = pickle.loads(blob)
+    np.testing.assert_array_equal(trusted.transform(images), reference)
+    assert any(p.is_file() for p in store.rglob("*"))  # confirmed: it is the store again

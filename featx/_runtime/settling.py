@@ -132,6 +132,24 @@ def _columns(targets: list[Target], pooling: str) -> list[str]:
     return names
 
 
+def _trusted(url: str) -> bool:
+    """Whether a loaded extractor may use the shared store ``url``, else warn (once per load) and say how."""
+    import os
+    import warnings
+
+    from .._exceptions import CacheWarning
+
+    trusted = [u.strip().rstrip("/") for u in os.environ.get("FEATX_TRUSTED_CACHES", "").split(",") if u.strip()]
+    if any(url.rstrip("/") == u or url.startswith(u + "/") for u in trusted):
+        return True
+    warnings.warn(
+        f"this extractor was saved with cache={url!r}, a shared store; loaded, it does not read or write it (the "
+        "features are computed here). To use it, refit (ext.fit()) or list it in FEATX_TRUSTED_CACHES before "
+        "loading; to drop it, ext.set_params(cache=None).fit().",
+        CacheWarning, stacklevel=6)
+    return False
+
+
 def _precision_key(dtype: torch.dtype | None, cfg: dict) -> str:
     """The precision as the cache key names it; int8's names its calibration crops too."""
     if dtype == torch.int8:
@@ -180,6 +198,8 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
     else:
         device, dtype, backend = fitted["device_"], fitted["autocast_dtype_"], fitted["backend_"]
     cache_dir = resolve_cache(params["cache"])
+    if fitted is not None and cache_dir is not None and is_url(cache_dir) and not _trusted(cache_dir):
+        cache_dir = None  # a loaded model does not point the user's data at a store they did not choose
     template, cfg, pr = settle_backbone(params["model"], params["weights"], params["preprocess"], device)
     if fitted is not None:
         check_weights(template, fitted["weights_digest_"], template.identity, template.weights)
