@@ -457,7 +457,7 @@ def test_a_truncated_object_is_recomputed_and_replaced(server, tmp_path, monkeyp
     victim = sorted(_objects(server, bucket))[0]
     fs.pipe_file(victim, fs.cat_file(victim)[:40])  # cut short, as by a faulty proxy
     _fresh_machine(monkeypatch, tmp_path)
-    with pytest.warns(CacheWarning, match="1 corrupt, truncated or non-finite object"):
+    with pytest.warns(CacheWarning, match="1 corrupt, truncated, non-finite or unsigned object"):
         again = _ext(cache=url)
         out = again.transform(images)
     np.testing.assert_array_equal(out, reference)
@@ -538,7 +538,7 @@ def test_a_valid_object_holding_non_finite_features_is_never_served(server, tmp_
     poisoned = np.full(ext._runner.plan.widths[field], bad, np.float32)
     fs.pipe_file(victim, pack(ns, item, {field: poisoned}))  # checksummed and well-formed, but not a feature
     _fresh_machine(monkeypatch, tmp_path)
-    with pytest.warns(CacheWarning, match="1 corrupt, truncated or non-finite object"):
+    with pytest.warns(CacheWarning, match="1 corrupt, truncated, non-finite or unsigned object"):
         again = _ext(cache=url)
         out = again.transform(images)
     np.testing.assert_array_equal(out, reference)
@@ -563,3 +563,42 @@ def test_a_loaded_extractor_does_not_use_its_shared_store_until_confirmed(tmp_pa
         trusted = pickle.loads(blob)
     np.testing.assert_array_equal(trusted.transform(images), reference)
     assert any(p.is_file() for p in store.rglob("*"))  # confirmed: it is the store again
+
+
+def test_with_a_key_only_signed_objects_are_read(tmp_path, monkeypatch, images, reference):
+    """FEATX_CACHE_KEY: someone who can write to the bucket, but lacks the key, cannot choose the features."""
+    from featx._cache.objects import pack, unpack
+
+    url = (tmp_path / "bucket").as_uri()
+    monkeypatch.setenv("FEATX_CACHE_KEY", "team secret")
+    writer = _ext(cache=url)
+    writer.transform(images)
+    ns = writer._settled.namespace[0]
+    field = writer._runner.plan.out_fields[0]
+    width = writer._runner.plan.widths[field]
+    objects = sorted(p for p in (tmp_path / "bucket").rglob("*") if p.is_file() and p.name != "namespace.json")
+    assert objects and all(p.read_bytes()[:4] == b"FXS1" for p in objects)  # signed
+    _fresh_machine(monkeypatch, tmp_path)
+    reader = _ext(cache=url)
+    np.testing.assert_array_equal(reader.transform(images), reference)
+    assert reader.last_run_.computed == 0  # the key's holder reads them
+    # a forger without the key: a well-formed, checksummed object holding another image's features
+    victim = objects[0]
+    item = victim.parent.name.replace("-", ":", 1)
+    with monkeypatch.context() as m:
+        m.delenv("FEATX_CACHE_KEY")
+        forged = pack(ns, item, {field: reference[5][:width]})
+        assert unpack(forged, ns, item, {field: width}) is not None  # valid to a reader without the key
+    victim.write_bytes(forged)
+    _fresh_machine(monkeypatch, tmp_path)
+    with pytest.warns(CacheWarning, match="1 corrupt, truncated, non-finite or unsigned object"):
+        checked = _ext(cache=url)
+        out = checked.transform(images)
+    np.testing.assert_array_equal(out, reference)  # refused, recomputed, not served
+    assert checked.last_run_.computed == 1 and victim.read_bytes()[:4] == b"FXS1"  # and replaced, signed
+    monkeypatch.setenv("FEATX_CACHE_KEY", "another key")
+    _fresh_machine(monkeypatch, tmp_path)
+    with pytest.warns(CacheWarning, match=f"{len(images)} corrupt, truncated, non-finite or unsigned objects"):
+        other = _ext(cache=url)
+        np.testing.assert_array_equal(other.transform(images), reference)
+    assert other.last_run_.computed == len(images)

@@ -36,6 +36,8 @@ configuration files or ``FSSPEC_<PROTOCOL>_<OPTION>`` environment variables
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -56,6 +58,7 @@ __all__ = ["LAYOUT", "SharedCache", "check_url", "is_url", "open_cache", "pack",
 
 LAYOUT = "featx-v1"
 _MAGIC = b"FXE1"
+_MAGIC_SIGNED = b"FXS1"
 _COOLDOWN = 60.0  # seconds a store that just failed is not asked again
 _CONCURRENCY = 32  # requests in flight at once on an async store
 _DRIVERS = {"s3": "featx[s3]' (s3fs", "s3a": "featx[s3]' (s3fs", "gs": "gcsfs' (gcsfs", "gcs": "gcsfs' (gcsfs",
@@ -111,19 +114,55 @@ def open_cache(location: str | None) -> "EmbeddingCache | SharedCache | None":
 # ------------------------------------------------------------------ objects
 
 
+def _signing_key() -> bytes | None:
+    """The key objects are signed with: ``$FEATX_CACHE_KEY`` (any text; hashed to 32 bytes), or None."""
+    secret = os.environ.get("FEATX_CACHE_KEY")
+    return hashlib.sha256(secret.encode()).digest() if secret else None
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hashlib.blake2b(body, key=key, digest_size=16).digest()
+
+
 def pack(ns: str, item: str, vectors: dict[str, np.ndarray]) -> bytes:
-    """One stored object: magic, header length, JSON header, the float32 vectors, blake2b of all before it."""
+    """One stored object: magic, header length, JSON header, the float32 vectors, then a check of all before it.
+
+    The check is blake2b (8 bytes), or with ``FEATX_CACHE_KEY`` set a keyed
+    blake2b MAC (16 bytes, magic ``FXS1``) over the namespace, item, fields
+    and vectors: only a holder of the key can make an object readers accept.
+    """
     fields = sorted(vectors)
     arrays = [np.ascontiguousarray(vectors[f], dtype=np.float32).ravel() for f in fields]
     header = json.dumps({"ns": ns, "item": item, "fields": fields, "widths": [a.size for a in arrays]}).encode()
-    body = _MAGIC + struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays)
+    key = _signing_key()
+    payload = struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays)
+    if key is not None:
+        body = _MAGIC_SIGNED + payload
+        return body + _mac(key, body)
+    body = _MAGIC + payload
     return body + _digest(body)
 
 
 def unpack(blob: bytes, ns: str, item: str, widths: dict[str, int]) -> dict[str, np.ndarray] | None:
-    """The vectors in ``blob`` if it is intact and is the object asked for; None otherwise."""
-    if len(blob) < 16 or blob[:4] != _MAGIC or _digest(blob[:-8]) != blob[-8:]:
+    """The vectors in ``blob`` if it is intact, is the object asked for and (with a key) is signed by it; else None.
+
+    With ``FEATX_CACHE_KEY`` set, an unsigned object, or one signed with
+    another key, is refused: whoever can write to the bucket cannot choose
+    the features. Without it, signed objects are read as intact ones (their
+    signature cannot be checked).
+    """
+    key = _signing_key()
+    if len(blob) < 24:
         return None
+    if blob[:4] == _MAGIC_SIGNED:
+        if key is not None and not hmac.compare_digest(_mac(key, blob[:-16]), blob[-16:]):
+            return None
+        tail = 16
+    elif blob[:4] == _MAGIC and key is None and _digest(blob[:-8]) == blob[-8:]:
+        tail = 8
+    else:
+        return None
+    blob = blob[:-tail] + b"\0" * 8  # the layout below expects an 8-byte check at the end
     (n,) = struct.unpack("<I", blob[4:8])
     try:
         header = json.loads(blob[8:8 + n])
@@ -435,7 +474,8 @@ class SharedCache(EmbeddingStore):
             fetched += [(k, f, v) for f, v in vectors.items()]
         if bad:
             self._corrupt.update(bad)
-            warnings.warn(f"featx cache: {len(bad)} corrupt, truncated or non-finite object{'s' if len(bad) > 1 else ''} in "
+            plural = "s" if len(bad) > 1 else ""
+            warnings.warn(f"featx cache: {len(bad)} corrupt, truncated, non-finite or unsigned object{plural} in "
                           f"{self.url!r} (first: {bad[0]!r}); recomputing and replacing them.",
                           CacheWarning, stacklevel=3)
         if fetched and self.local is not None:
