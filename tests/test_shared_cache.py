@@ -602,3 +602,16 @@ def test_with_a_key_only_signed_objects_are_read(tmp_path, monkeypatch, images, 
         other = _ext(cache=url)
         np.testing.assert_array_equal(other.transform(images), reference)
     assert other.last_run_.computed == len(images)
+
+
+def test_a_skops_file_does_not_point_predictions_at_its_shared_store(tmp_path, images, reference):
+    skops_io = pytest.importorskip("skops.io")
+    import featx
+
+    store = tmp_path / "someone_elses_store"
+    path = tmp_path / "model.skops"
+    skops_io.dump(_ext(cache=store.as_uri()), path)
+    with pytest.warns(CacheWarning, match="saved with cache="):
+        loaded = skops_io.load(path, trusted=featx.trusted_types())
+    np.testing.assert_array_equal(loaded.transform(images), reference)
+    assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))  # nothing read or written there
