@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._options import DEFAULT_MODEL
+from ._outputs import written as atomic
 
 __all__ = ["CLASSIFIERS", "EvalRow", "evaluate_folder", "format_table", "write_report"]
 
@@ -425,7 +426,8 @@ def write_report(result: EvalResult, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     data = asdict(result)
-    (out / "results.json").write_text(json.dumps(data, indent=2))
+    with atomic(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
     written.append(out / "results.json")
 
     written.append(_plot_accuracy(result, out / "accuracy_by_layer.png", plt))
@@ -464,7 +466,8 @@ def _plot_accuracy(result: EvalResult, path: Path, plt: Any) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic(path) as tmp:  # whole or not at all
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -479,6 +482,7 @@ def _plot_confusion(result: EvalResult, path: Path, plt: Any) -> Path:
     b = result.best
     ax.set_title(f"best: {b['classifier']} on {b['layer']} ({b['mean']:.3f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic(path) as tmp:  # whole or not at all
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -394,3 +394,32 @@ def test_images_over_the_pixel_budget_are_drafted_or_refused(tmp_path, monkeypat
                                              r"over FEATX_MAX_PIXELS=4000000"):
         ext.transform([str(png)])
     assert np.isfinite(ext.transform([str(jpg)])).all()  # a JPEG is decoded at a reduced DCT scale instead
+
+
+# ------------------------------------------------------------------ 3. a killed run leaves nothing that looks whole
+
+_KILLED = textwrap.dedent("""
+    import sys
+    from featx import PretrainedFeatureExtractor
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36},
+                                     device="cpu", progress=False, precision="fp32", batch_size=2).fit()
+    ext.transform_to_npy(sys.argv[2:] * 200, sys.argv[1])
+""")
+
+
+def test_a_run_killed_while_writing_leaves_no_file_that_looks_complete(tmp_path):
+    import signal
+    import time
+
+    images = _photos(tmp_path / "d", 4)
+    out = tmp_path / "o" / "x.npy"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED, str(out), *images], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.parent.glob(".x.npy.*.partial.npy")) if out.parent.exists() else True:
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()[-2000:] if p.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.5)  # rows are being written
+    p.send_signal(signal.SIGKILL)
+    p.wait(60)
+    assert not out.exists()  # no full-size file with zero rows where images were not done
+    assert [f.name.startswith(".x.npy.") and f.name.endswith(".partial.npy") for f in out.parent.iterdir()] == [True]
