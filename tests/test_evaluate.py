@@ -60,3 +60,30 @@ def test_the_best_row_is_the_first_within_one_image_of_the_top():
     rows = [row("logreg", 153 / n), row("rbf_svm", 155 / n)]
     assert _first_of_the_best(rows, n)[1] == "rbf_svm"  # two images better: a real difference
     assert _first_of_the_best([], n) is None
+
+
+def test_nested_cv_is_scikit_learns_nested_cross_validation_of_the_selection(image_folder):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+
+    from featx import PretrainedFeatureExtractor, load_image_folder
+    from featx.evaluate import NESTED_INNER_FOLDS, _classifiers, format_nested
+
+    res = evaluate_folder(image_folder, model="resnet18", weights=None, layers=["pre_logits"],
+                          classifiers=("logreg",), cv=3, cache=None, precision="fp32", log=lambda line: None)
+    n = res.nested
+    assert len(n["scores"]) == 3 and len(n["selections"]) == 3 and n["inner_folds"] == min(3, NESTED_INNER_FOLDS)
+    # one candidate row: the selection is the grid search alone, so it must equal sklearn's own nested CV
+    paths, y, _ = load_image_folder(image_folder)
+    X = PretrainedFeatureExtractor("resnet18", weights=None, layers=["pre_logits"], precision="fp32",
+                                   progress=False).fit().transform(paths)
+    est, grid = _classifiers()["logreg"]
+    inner = StratifiedKFold(n["inner_folds"], shuffle=True, random_state=1)
+    outer = StratifiedKFold(3, shuffle=True, random_state=0)
+    want = cross_val_score(GridSearchCV(clone(est), grid, cv=inner), X, y, cv=outer)
+    np.testing.assert_allclose(n["scores"], want, atol=1e-12)
+    assert n["mean"] == pytest.approx(want.mean()) and all(s["layer"] == "pre_logits" for s in n["selections"])
+    assert "expected on new images" in format_nested(res) and "logreg on pre_logits x3" in format_nested(res)
+    off = evaluate_folder(image_folder, model="resnet18", weights=None, layers=["pre_logits"], classifiers=("logreg",),
+                          cv=3, cache=None, precision="fp32", log=lambda line: None, nested=False)
+    assert off.nested == {} and format_nested(off) == ""
