@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 _GUIDE = ("inputs", "backbones", "estimator", "cache", "precision", "tta_finetune", "scaling", "cli")
 PAGES = [README, ROOT / "docs" / "getting_started.md", *(ROOT / "docs" / "user_guide" / f"{n}.md" for n in _GUIDE),
-         ROOT / "docs" / "development.md"]
+         ROOT / "docs" / "development.md", ROOT / "docs" / "index.md"]
 _FENCE = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\s*\n)?^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.M | re.S)
 _NUMBER = re.compile(r"\d+\.\d+")
 
@@ -205,7 +205,8 @@ def test_paragraphs_are_said_once():
     """No prose paragraph appears twice in the README and the docs pages together."""
     assert paragraphs("a b\nc\n\n```\nx\n```\n\n| t |\n\n# h\n\nd") == ["a b c", "d"]
     seen: dict[str, Path] = {}
-    for page in PAGES + [ROOT / "docs" / "performance.md", ROOT / "docs" / "index.md"]:
+    for page in PAGES + [ROOT / "docs" / "performance.md", ROOT / "docs" / "installation.md",
+                         ROOT / "docs" / "faq.md"]:
         for para in paragraphs(page.read_text()):
             if len(para) < 60:  # "and", "then open ..." and other short links between blocks
                 continue
