@@ -37,9 +37,9 @@ def throughput_int8(out: Path) -> Path:
         ax.invert_yaxis()
         for i, (v, (_, _, ratio)) in enumerate(zip(values, bars)):
             ax.text(v, i, f" {v:.0f}" + (f" ({row[ratio]:.2f}x)" if ratio else ""), va="center", fontsize=8)
-        ax.set_xlim(0, max(values) * 1.35)
+        ax.set_xlim(0, max(values) * 1.45)
         ax.set_title(model, fontsize=10)
-        ax.set_xlabel("images/s from 500x375 JPEGs (x: ratio to the bare forward)", fontsize=8)
+        ax.set_xlabel("images/s, 500x375 JPEGs (ratio to bare)", fontsize=8)
     fig.suptitle(data["machine"]["line"].split("; C allocator")[0], fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
