@@ -211,11 +211,7 @@ def evaluate_folder(
     if finetune:
         result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
     if best is not None and nested:
-        main = [fs for fs in feature_sets if fs[0] == variants[0][0]]
-        result.nested = _nested(main, classifiers, y, splitter, result.cv_folds)
-        n = result.nested
-        log(f"nested CV ({result.cv_folds} outer x {n['inner_folds']} inner folds): {n['mean']:.3f} ± "
-            f"{n['std']:.3f} in {n['fit_seconds']:.1f} s")
+        _record_nested([fs for fs in feature_sets if fs[0] == variants[0][0]], classifiers, y, splitter, result, log)
     if best is not None:
         _record_best(best, y, splitter, result)
         if save is not None:
@@ -356,6 +352,13 @@ def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarr
                 if label == main:  # the backbone asked for
                     main_rows.append((row, search.best_estimator_, X))
     return _first_of_the_best(main_rows, len(y))
+
+
+def _record_nested(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarray, splitter: Any,
+                   result: EvalResult, log: Callable[[str], None]) -> None:
+    result.nested = n = _nested(feature_sets, classifiers, y, splitter, result.cv_folds)
+    log(f"nested CV ({result.cv_folds} outer x {n['inner_folds']} inner folds): {n['mean']:.3f} ± "
+        f"{n['std']:.3f} in {n['fit_seconds']:.1f} s")
 
 
 def _nested(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarray, splitter: Any,
