@@ -14,25 +14,15 @@ import contextlib
 import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .compiled import publish_package, strip_metadata_asserts
 from .engines import Truncated
 from .settling import settle
 
 __all__: list[str] = []
-
-
-def _strip_metadata_asserts(ep: Any) -> None:
-    """Drop export's tensor-metadata assertions: under autocast they name the pre-cast dtype and fail freezing."""
-    graph = ep.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
-            graph.erase_node(node)
-    ep.graph_module.recompile()
 
 
 def _compile(spec_file: str) -> None:
@@ -47,21 +37,10 @@ def _compile(spec_file: str) -> None:
         runner = settled.runner()
         x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
         x = x.contiguous(memory_format=torch.channels_last)
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
         with torch.no_grad(), _autocast(settled.dtype):
             ep = torch.export.export(Truncated(runner.capture, stop=False).eval(), (x,))
-            _strip_metadata_asserts(ep)
-            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
-            os.close(fd)
-            try:
-                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)  # readers see no package or a whole one
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            strip_metadata_asserts(ep.graph_module)
+            publish_package(ep, path)
         path.with_suffix(".log").unlink(missing_ok=True)
     finally:
         path.with_suffix(".lock").unlink(missing_ok=True)

@@ -75,6 +75,39 @@ def artifact_path(root: Path, key: str) -> Path:
     return Path(root) / DIRECTORY / f"{key}.pt2"
 
 
+# ------------------------------------------------------------------ compiling and publishing
+
+
+def strip_metadata_asserts(gm: torch.fx.GraphModule) -> None:
+    """Drop export's tensor-metadata assertions: under autocast they name the pre-cast dtype and fail freezing
+    (and the quantizer reads them as uses of the tensors)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def publish_package(ep, path: Path) -> None:
+    """Compile an exported program with AOTInductor (freezing on) and publish the package at ``path`` atomically.
+
+    It is written under a temporary name beside ``path`` and renamed onto it,
+    so readers see no package or a whole one.
+    """
+    import torch._inductor.config as inductor_config
+
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        with inductor_config.patch(freezing=True):
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 # ------------------------------------------------------------------ the compiling process
 
 

@@ -26,7 +26,6 @@ instead: the same int8 arithmetic, slower.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from .._exceptions import BackendWarning
 from .._images.calibration import calibration_images
 from .._models.layers import LayerCapture
-from .compiled import _lock
+from .compiled import _lock, publish_package, strip_metadata_asserts
 from .device import require_torchao
 from .engines import Truncated
 
@@ -60,10 +59,8 @@ def _exported(cap: LayerCapture, x: torch.Tensor) -> torch.fx.GraphModule:
     """The capture as an FX graph the quantizer can annotate."""
     ep = torch.export.export(Truncated(cap, stop=False).eval(), (x,))
     gm = ep.module()
+    strip_metadata_asserts(gm)
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
-            graph.erase_node(node)
     graph.eliminate_dead_code()  # the layers after the deepest target
     for node in graph.nodes:
         # A module called several times (torchvision's Bottleneck has one ReLU for three calls) would be
@@ -99,21 +96,9 @@ def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> None:
     """Compile the quantised network with AOTInductor (freezing on) and publish the package atomically."""
-    import torch._inductor.config as inductor_config
-
     global compilations
     with torch.no_grad():
-        ep = torch.export.export(reference, (x,))
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
-        os.close(fd)
-        try:
-            with inductor_config.patch(freezing=True):
-                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)  # readers see no package or a whole one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        publish_package(torch.export.export(reference, (x,)), path)
     compilations += 1
 
 
