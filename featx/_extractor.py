@@ -162,25 +162,31 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         ``SimpleImputer`` or a mask can follow.
     progress : bool or None, default=None
         Show a tqdm progress bar; None shows it when stderr is a terminal.
-    backend : {"torch", "torch.compile", "onnxruntime", "auto"}, default="torch"
-        What runs the backbone. ``"torch"``: eager PyTorch. ``"torch.compile"``:
+    backend : {"auto", "torch", "torch.compile", "onnxruntime"}, default="auto"
+        What runs the backbone. ``"auto"``: on the CPU in fp32 (``"auto"``
+        precision where the CPU lacks native bf16), the compiled package
+        below, compiled once the eager runs of its graph in this cache
+        directory have cost about as much as a compilation (30 s of eager
+        work, ``FEATX_COMPILE_AFTER_S`` to change it; so small jobs never
+        compile, and a large one switches part-way); with bf16 on the CPU,
+        eager bf16 streams (faster there than the compiled fp32 graph); on
+        GPUs, eager PyTorch. ``"torch"``: eager PyTorch. ``"torch.compile"``:
         on the CPU in fp32 (its ``"auto"`` precision there), the truncated
         forward pass compiled ahead of time by TorchInductor and kept in
         ``<cache dir>/compiled/``: a run that finds it missing runs eager
         PyTorch and, when it ends, starts its compilation in another process
         at the lowest priority, so no call waits for a compilation; later runs
         and processes switch to the package as soon as it is there. Its
-        features equal eager PyTorch's (within 1e-5 of their scale) and share cache entries. On
-        GPUs, and in bf16/fp16, ``torch.compile`` in this process (the first
-        batch pays the compilation). ``"onnxruntime"`` (CPU, fp32; needs
-        ``pip install 'featx[onnx]'``): the backbone up to the deepest
-        requested layer plus the pooling, exported once to ONNX and stored in
-        ``<cache dir>/onnx/`` (the default cache directory when ``cache`` is
-        None), then run by ONNX Runtime (its speed against eager PyTorch: see the
-        Performance page of the docs). ``"auto"``: ONNX Runtime on the CPU when it is
-        installed, eager PyTorch otherwise. Backends agree within 1e-4
-        (relative), so they share cache entries. A model that cannot be
-        exported or compiled runs in eager PyTorch, with a
+        features equal eager PyTorch's (within 1e-5 of their scale) and share
+        cache entries. On GPUs, and in bf16/fp16, ``torch.compile`` in this
+        process (the first batch pays the compilation). ``"onnxruntime"``
+        (CPU, fp32; needs ``pip install 'featx[onnx]'``): the backbone up to
+        the deepest requested layer plus the pooling, exported once to ONNX
+        and stored in ``<cache dir>/onnx/`` (the default cache directory when
+        ``cache`` is None), then run by ONNX Runtime. What each backend gains
+        on which CPU is measured on the Performance page of the docs. Backends
+        agree within 1e-4 (relative), so they share cache entries. A model
+        that cannot be exported or compiled runs in eager PyTorch, with one
         :class:`featx.BackendWarning` saying why; ``backend_`` then reads
         ``"torch"``.
     gpu_decode : bool, default=False
@@ -293,7 +299,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         cache: Any = None,
         on_error: str = "raise",
         progress: bool | None = None,
-        backend: str = "torch",
+        backend: str = "auto",
         gpu_decode: bool = False,
         tta: str | None = None,
     ):

@@ -455,8 +455,9 @@ def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory, or in a shared store (s3://bucket/prefix, ...)")
-    p.add_argument("--backend", default="torch", choices=list(BACKENDS),
-                   help="inference backend (default: torch; onnxruntime needs featx[onnx])")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="inference backend (default: auto, a graph compiled once a job is large enough to pay for "
+                        "it where the CPU computes in fp32, eager torch elsewhere; onnxruntime needs featx[onnx])")
     p.add_argument("--tta", choices=list(TTA_MODES), help="average features over test-time augmentation views")
     p.add_argument("--on-error", default="nan", choices=["raise", "nan", "skip"],
                    help="an unreadable image: nan (default: a NaN row, listed on stderr), skip (no row; listed), "

@@ -170,3 +170,14 @@ def image_paths(image_folder):
 
     paths, y, _ = load_image_folder(image_folder)
     return paths, y
+
+
+@pytest.fixture(autouse=True)
+def _no_background_compilation(monkeypatch):
+    """``backend="auto"`` compiles a graph once 30 s of eager work went into it; in the suite, whose runs are tiny
+    but many, that would start compilations at random points. Tests of the rule set FEATX_COMPILE_AFTER_S
+    themselves (``backend="torch.compile"`` compiles after the first run whatever it says)."""
+    import os
+
+    if "FEATX_COMPILE_AFTER_S" not in os.environ:
+        monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "inf")

@@ -41,7 +41,7 @@ def store(tmp_path_factory):
 def test_compiled_features_equal_eager_and_the_package_is_kept(store, monkeypatch):
     monkeypatch.setenv("FEATX_CACHE_DIR", str(store))
     X = _images()
-    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
     ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendWarning)
@@ -84,7 +84,7 @@ def test_a_corrupt_package_warns_runs_eager_and_is_compiled_again(store, tmp_pat
     started = []
     monkeypatch.setattr(compiled, "compile_in_background", lambda *a, **k: started.append(a) or None)
     X = _images()
-    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
     ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
     with pytest.warns(BackendWarning, match="does not load"):
         got = ext.transform(X)
@@ -97,10 +97,10 @@ def test_a_corrupt_package_warns_runs_eager_and_is_compiled_again(store, tmp_pat
 
 def test_a_failed_compilation_warns_once_and_gives_eager_features(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(compiled, "_child_command", lambda spec: [
+    monkeypatch.setattr(compiled, "_child_command", lambda spec, idle=True: [
         sys.executable, "-c", "import sys; print('error: no C++ compiler found'); sys.exit(1)"])
     X = _images(20)
-    ref = PretrainedFeatureExtractor(**KW).fit().transform(X)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
     ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
     ext.transform(X[:4])  # starts the (failing) compilation
     ext._runner.engine._child.wait(timeout=60)
@@ -137,3 +137,95 @@ def test_the_compiling_process_settles_the_precision_that_was_resolved_here():
     """precision="auto" is fp32 with this backend here, but eager bf16 where the child would settle it anew."""
     ext = PretrainedFeatureExtractor(**{**KW, "precision": "auto"}, backend="torch.compile").fit()
     assert ext._settled.settings.compile_params["precision"] == "fp32"
+
+
+# ------------------------------------------------------------------ backend="auto": rent, then buy
+
+
+def _fake_compiler(monkeypatch):
+    """Record the compilations an engine starts (``idle`` each) instead of starting them."""
+    started = []
+
+    def fake(params, path, batch_size, threads, idle=True):
+        started.append(idle)
+        return None  # as if another process were compiling it
+
+    monkeypatch.setattr(compiled, "compile_in_background", fake)
+    return started
+
+
+def test_auto_is_the_compiled_package_in_fp32_on_the_cpu_and_eager_in_bf16():
+    ext = PretrainedFeatureExtractor(**KW).fit()  # backend="auto" is the default
+    assert ext.backend_ == "torch.compile" and ext._settled.settings.compiled_file is not None
+    assert ext._settled.settings.compile_after == float("inf")  # the suite's setting (conftest)
+    assert PretrainedFeatureExtractor(**KW, backend="torch").fit()._settled.settings.compiled_file is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 warns on CPUs without it
+        bf16 = PretrainedFeatureExtractor(**{**KW, "precision": "bf16"}).fit()
+    assert bf16.backend_ == "torch" and bf16._settled.settings.compiled_file is None
+
+
+def test_auto_compiles_only_once_eager_runs_have_cost_a_compilation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    started = _fake_compiler(monkeypatch)
+    X = _images(12)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
+
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "1000")  # far more than these runs cost
+    ext = PretrainedFeatureExtractor(**KW).fit()
+    np.testing.assert_allclose(ext.transform(X), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    ext.transform(X)
+    assert started == []  # small jobs never compile
+    package = ext._runner.engine.path
+    spent = compiled.eager_seconds(package)
+    assert 0 < spent < 1000  # the eager time is recorded in the store, for later runs and processes
+
+    package.with_suffix(".eager").write_text("1000.0")  # earlier runs (any process) paid for it
+    ext.transform(X)
+    assert started == [False]  # due during this run: started at once, at normal priority (the run will switch)
+
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "0")  # 0: when the first run ends, at the lowest priority
+    late = PretrainedFeatureExtractor(**KW).fit()
+    late.transform(X)
+    assert started == [False, True]
+
+
+def test_auto_never_compiles_with_inf_and_a_bad_setting_names_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    started = _fake_compiler(monkeypatch)
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "inf")
+    ext = PretrainedFeatureExtractor(**KW).fit()
+    ext._runner.engine.path.parent.mkdir(parents=True, exist_ok=True)
+    ext._runner.engine.path.with_suffix(".eager").write_text("1e9")
+    ext.transform(_images(8))
+    assert started == []
+    for bad, why in (("soon", "not a number"), ("-1", "0 or more")):
+        monkeypatch.setenv("FEATX_COMPILE_AFTER_S", bad)
+        with pytest.raises(ValueError, match=f"FEATX_COMPILE_AFTER_S='{bad}'.*{why}"):
+            PretrainedFeatureExtractor(**KW).fit()
+
+
+def test_a_package_that_disagrees_with_eager_is_removed_with_one_warning(store, tmp_path, monkeypatch):
+    """The first compiled batch is checked against eager PyTorch (on its first image only): a package whose
+    outputs are off is caught, removed, and the run gives eager's features."""
+    (package,) = (store / "compiled").glob("*.pt2")
+    (tmp_path / "compiled").mkdir()
+    shutil.copy(package, tmp_path / "compiled" / package.name)
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    real = torch._inductor.aoti_load_package
+
+    def off(path):
+        fn = real(path)
+        return lambda x: [v * 1.01 for v in fn(x)]
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", off)
+    X = _images(8)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
+    ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    with pytest.warns(BackendWarning, match="disagrees with eager PyTorch") as record:
+        got = ext.transform(X)
+        again = ext.transform(X)
+    assert len([w for w in record if issubclass(w.category, BackendWarning)]) == 1
+    assert not (tmp_path / "compiled" / package.name).exists()
+    for g in (got, again):
+        np.testing.assert_allclose(g, ref, rtol=0, atol=1e-6 * np.abs(ref).max())

@@ -236,6 +236,7 @@ _READ_ONLY_CHILD = textwrap.dedent("""
     from featx import PretrainedFeatureExtractor
     from featx.cli import main
     import featx._cache.sqlite, featx._cache.objects, featx._runtime.engines, featx._runtime.compiled
+    import featx.evaluate  # the CLI's parser imports it: before this process may no longer read the checkout
     cache, images = sys.argv[1], sys.argv[2:]
     PretrainedFeatureExtractor("resnet18", weights=None, preprocess={"input_size": 32, "resize_size": 36},
                                device="cpu", progress=False, precision="fp32").fit().transform(images)  # imports

@@ -509,12 +509,14 @@ def test_a_store_frozen_mid_run_costs_one_timeout_not_one_per_batch(tmp_path, mo
 
         monkeypatch.setattr(ObjectStore, "get", get_then_freeze)
         monkeypatch.setattr(ObjectStore, "put", counted_put)
-        with pytest.warns(CacheWarning, match="writing failed") as record:
+        with pytest.warns(CacheWarning, match="writing .*failed") as record:
             ext = _ext(cache=url)  # 24 images in batches of 4: six batches to publish
             out = ext.transform(images)
         np.testing.assert_array_equal(out, reference)
         assert len([w for w in record if issubclass(w.category, CacheWarning)]) == 1
-        assert len(puts) == 2  # the namespace record, then one write that timed out; five batches not attempted
+        # the first write after the freeze times out and nothing more is attempted: that is the first batch's
+        # (after the namespace record) or, where the record is written after the lookup, the record itself
+        assert len(puts) in (1, 2), puts
     finally:
         srv.proc.send_signal(signal.SIGCONT)
         srv.stop()

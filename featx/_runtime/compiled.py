@@ -35,6 +35,7 @@ two share cache entries.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import subprocess
@@ -131,8 +132,13 @@ def _lock(path: Path) -> bool:
     return False
 
 
-def compile_in_background(params: dict, path: Path, batch_size: int, threads: int) -> subprocess.Popen | None:
-    """Start a process that compiles the package at ``path`` (None: another process is compiling it)."""
+def compile_in_background(params: dict, path: Path, batch_size: int, threads: int,
+                          idle: bool = True) -> subprocess.Popen | None:
+    """Start a process that compiles the package at ``path`` (None: another process is compiling it).
+
+    ``idle``: at the lowest CPU priority (a run has ended: nothing waits for
+    the package); else at normal priority (a run under way will switch to it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or not _lock(path):
         return None
@@ -141,7 +147,8 @@ def compile_in_background(params: dict, path: Path, batch_size: int, threads: in
         pickle.dump({"params": params, "path": str(path), "batch_size": batch_size, "threads": threads}, f)
     log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115 - the child writes it; kept for the error message
     try:
-        return subprocess.Popen(_child_command(spec), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(_child_command(spec, idle), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     except OSError:
         path.with_suffix(".lock").unlink(missing_ok=True)
         return None
@@ -151,55 +158,132 @@ def compile_in_background(params: dict, path: Path, batch_size: int, threads: in
 
 #: The compiling process lowers its priority before it imports anything (torch's import alone is seconds of
 #: CPU): SCHED_IDLE where Linux offers it (it runs only on a core nothing else wants), else nice 19.
-_CHILD = ("import os\n"
-          "try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-          "except (AttributeError, OSError):\n"
-          "    try:\n        os.nice(19)\n    except (AttributeError, OSError):\n        pass\n"
+_IDLE = ("try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+         "except (AttributeError, OSError):\n"
+         "    try:\n        os.nice(19)\n    except (AttributeError, OSError):\n        pass\n")
+_CHILD = ("import os\n{idle}"
           "import sys, runpy\nsys.argv = ['featx-compile', {spec!r}]\n"
           "runpy.run_module('featx._runtime.compile_child', run_name='__main__')\n")
 
 
-def _child_command(spec: str) -> list[str]:
-    return [sys.executable, "-c", _CHILD.format(spec=spec)]
+def _child_command(spec: str, idle: bool = True) -> list[str]:
+    return [sys.executable, "-c", _CHILD.format(spec=spec, idle=_IDLE if idle else "")]
+
+
+# ------------------------------------------------------------------ when to compile: rent or buy
+
+
+def compile_after_s() -> float:
+    """Seconds of eager work on one graph, in one store, after which ``backend="auto"`` compiles it.
+
+    The ski-rental rule: a compilation costs about this much CPU time
+    (:data:`COMPILE_AFTER_S`, the order of the compile times measured on the
+    Performance page), so featx compiles a graph once the eager runs of it
+    have cost as much. Jobs that stay small never pay for a compilation; a
+    large one starts it part-way and switches to the package when it is
+    ready; the work spent waiting is at most about what the compilation cost.
+    ``FEATX_COMPILE_AFTER_S`` overrides it (``0``: compile after the first
+    run, as ``backend="torch.compile"`` does; ``inf``: never).
+    """
+    raw = os.environ.get("FEATX_COMPILE_AFTER_S", "").strip()
+    if not raw:
+        return COMPILE_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"FEATX_COMPILE_AFTER_S={raw!r} is not a number of seconds; "
+                         "use e.g. 30, 0 (compile after the first run) or inf (never).") from None
+    if value < 0 or value != value:
+        raise ValueError(f"FEATX_COMPILE_AFTER_S={raw!r} must be 0 or more seconds (inf: never).")
+    return value
+
+
+#: Eager seconds spent on a graph before ``backend="auto"`` compiles it (see :func:`compile_after_s`).
+COMPILE_AFTER_S = 30.0
+
+
+def eager_seconds(path: Path) -> float:
+    """Eager seconds recorded for the package at ``path`` by earlier runs (any process)."""
+    try:
+        return float(path.with_suffix(".eager").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def record_eager_seconds(path: Path, seconds: float) -> None:
+    """Add ``seconds`` to the eager time recorded for ``path`` (atomic replace; a lost update only delays)."""
+    if seconds <= 0:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        total = eager_seconds(path) + seconds
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".eager.tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{total:.3f}")
+        os.replace(tmp, path.with_suffix(".eager"))
+    except OSError:
+        pass  # a read-only store: the rule just never fires there
 
 
 # ------------------------------------------------------------------ the engine
 
 
 class CompiledEngine:
-    """Eager PyTorch until the compiled package is there, then the package (checked once against eager)."""
+    """Eager PyTorch until the compiled package is there, then the package (checked once against eager).
 
-    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, params: dict):
+    ``compile_after``: eager seconds on this graph (recorded in the store,
+    across runs and processes) after which the package is compiled; 0
+    (``backend="torch.compile"``): when the first run ends.
+    """
+
+    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, params: dict, compile_after: float = 0.0):
         self.cap, self.path, self.batch_size = cap, path, batch_size
         self.eager = cap.run
         self._params = params  # what the compiling process rebuilds the network from
+        self.compile_after = compile_after
         self._fn: Callable | None = None
         self._checked = False
         self._child = None
         self._given_up = False
         self._looked = 0.0
+        self._spent: float | None = None  # eager seconds recorded before this run (read at its first batch)
+        self._eager_s = 0.0  # eager seconds of this run, not yet recorded
         self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
 
     @property
     def ready(self) -> bool:
         return self._fn is not None
 
+    @property
+    def started(self) -> bool:
+        """Whether this engine started the package's compilation."""
+        return bool(self._child)
+
     def _give_up(self, why: str) -> None:
         self._fn, self._given_up = None, True
         warnings.warn(f"the compiled graph cannot be used ({why}); running eager PyTorch instead.", BackendWarning,
                       stacklevel=4)
 
-    def finished_run(self) -> None:
-        """Called when a run ends: start the package's compilation if it is missing and nobody compiles it.
+    def _wanted(self) -> bool:
+        return self._fn is None and not self._given_up and self._child is None and not self.path.exists()
 
-        Not before: a compilation under way takes cores and memory bandwidth
-        from the eager run beside it (even at the lowest priority), so the
-        run that finds the package missing finishes at eager speed, and the
-        package serves the runs after it, in this process or another.
+    def _start(self, idle: bool) -> None:
+        self._child = compile_in_background(self._params, self.path, self.batch_size, torch.get_num_threads(),
+                                            idle=idle) or False
+
+    def finished_run(self) -> None:
+        """Called when a run ends: record its eager time; start the compilation if it is due and nobody runs it.
+
+        At the lowest priority: a compilation takes cores and memory bandwidth
+        from a run beside it, and no run waits for this one.
         """
-        if self._fn is None and not self._given_up and self._child is None and not self.path.exists():
-            self._child = compile_in_background(self._params, self.path, self.batch_size,
-                                                torch.get_num_threads()) or False
+        deferred = self.compile_after > 0
+        if deferred and self._eager_s:
+            record_eager_seconds(self.path, self._eager_s)
+        spent = (self._spent or 0.0) + self._eager_s
+        self._spent, self._eager_s = None, 0.0
+        if self._wanted() and (not deferred or spent >= self.compile_after):
+            self._start(idle=True)
 
     def _look(self) -> None:
         """Load the package if it has appeared; report a compilation that failed."""
@@ -216,23 +300,39 @@ class CompiledEngine:
             last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             self._give_up(f"compilation failed: {last[0][:300] if last else 'exit code ' + str(self._child.returncode)}")
 
+    def _run_eager(self, x: torch.Tensor) -> list:
+        """Eager PyTorch, timed: a run that has cost as much as a compilation starts it (at normal priority,
+        since this run will switch to the package when it is ready)."""
+        if self._given_up or self.compile_after <= 0 or not math.isfinite(self.compile_after):
+            return self.eager(x)
+        if self._spent is None:
+            self._spent = eager_seconds(self.path)
+        t = time.perf_counter()
+        out = self.eager(x)
+        self._eager_s += time.perf_counter() - t
+        if self._spent + self._eager_s >= self.compile_after and self._wanted():
+            self._start(idle=False)
+        return out
+
     def __call__(self, x: torch.Tensor) -> list:
         if self._fn is None and not self._given_up and (time.monotonic() - self._looked > 0.05 or not self._looked):
             self._looked = time.monotonic()
             self._look()
         if self._fn is None or x.shape[0] != self.batch_size:
-            return self.eager(x)
+            return self._run_eager(x) if self._fn is None else self.eager(x)
         outs = self._fn(x)
         parts = self.cap.parts
         it = iter(outs)
         got = [{p: next(it) for p in ps} for ps in parts]
         if not self._checked:
-            want = self.eager(x)
-            why = disagreement(want, got)
+            # checked on the batch's first image only: a wrong package is wrong everywhere, and the check
+            # costs an eighth of an eager batch instead of a whole one on a new extractor's first call
+            want = self.eager(x[:1])
+            why = disagreement(want, [{p: v[:1] for p, v in d.items()} for d in got])
             if why is not None:
                 self.path.unlink(missing_ok=True)
                 self._give_up(f"it disagrees with eager PyTorch: {why}")
-                return want
+                return self.eager(x)
             self._checked = True
         self.compiled_batches += 1
         return got

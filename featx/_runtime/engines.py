@@ -54,10 +54,12 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
     ``precision="auto"`` with ``backend="onnxruntime"`` is fp32 (ONNX Runtime
     computes in fp32 here), and so is ``backend="torch.compile"`` on the CPU
     (its package kept on disk is compiled in fp32, whose features equal eager
-    PyTorch's; see :mod:`featx._runtime.compiled`). ``backend="auto"`` is ONNX
-    Runtime only where the precision is fp32 on the CPU: where the CPU has
+    PyTorch's; see :mod:`featx._runtime.compiled`). ``backend="auto"`` is
+    that compiled package where the precision is fp32 on the CPU (compiled
+    once eager runs of the graph have cost about a compilation:
+    :func:`featx._runtime.compiled.compile_after_s`); where the CPU has
     native bf16, ``"auto"`` precision is bf16 and eager PyTorch with bf16 wins
-    (measured on the Performance page of the docs). ``precision="int8"`` runs
+    (measured on the Performance page of the docs); on GPUs, eager PyTorch. ``precision="int8"`` runs
     a compiled quantised graph (:mod:`featx._runtime.quantized`): its backend
     is ``"torch.compile"`` whichever of ``"torch"``, ``"torch.compile"`` or
     ``"auto"`` asked for it.
@@ -80,7 +82,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid. It must be one of {list(BACKENDS)}.")
     if backend == "auto":
-        return "onnxruntime" if device.type == "cpu" and dtype is None and _ort_installed() else "torch"
+        # fp32 on the CPU: the compiled package (compiled once eager runs have cost a compilation); bf16 on the
+        # CPU: eager bf16 streams, faster than the compiled fp32 graph where bf16 is native (Performance page)
+        return "torch.compile" if device.type == "cpu" and dtype is None else "torch"
     if backend == "onnxruntime":
         if device.type != "cpu":
             raise ValueError(

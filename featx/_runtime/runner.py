@@ -116,6 +116,7 @@ class RunSettings:
     store_all: bool = False  # compute every stored field (a cached run), not only the requested ones
     compiled_file: Path | None = None  # where the compiled package lives (backend "torch.compile" on the CPU)
     compile_params: dict | None = None  # the extractor's parameters: what the compiling process rebuilds
+    compile_after: float = 0.0  # eager seconds before the package is compiled (featx._runtime.compiled.compile_after_s)
 
 
 @dataclass
@@ -319,7 +320,8 @@ def _compiled_engine(cap: LayerCapture, settings: RunSettings, device: torch.dev
         return None
     if dtype == torch.int8:
         return QuantizedEngine(cap, settings.compiled_file, settings.batch_size, cfg, mean.cpu(), std.cpu())
-    return CompiledEngine(cap, settings.compiled_file, settings.batch_size, settings.compile_params)
+    return CompiledEngine(cap, settings.compiled_file, settings.batch_size, settings.compile_params,
+                          settings.compile_after)
 
 
 def _progress_bar(total: int):

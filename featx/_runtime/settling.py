@@ -29,7 +29,7 @@ import torch
 from .._models.backbones import get_template, probe_template, resolve_preprocess
 from .._cache.sqlite import default_cache_dir, namespace_for
 from .device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
-from .compiled import artifact_key, artifact_path
+from .compiled import artifact_key, artifact_path, compile_after_s
 from .engines import graph_key, onnx_path, resolve_compute
 from .._exceptions import ModelLoadError
 from .._models.fold import folds
@@ -227,6 +227,8 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
         tta=params["tta"], store_all=store_all, compiled_file=compiled_file,
         # the compiling process settles again from these: with the precision resolved here, not "auto"
         compile_params=dict(params, precision=precision_name(dtype)) if compiled_file is not None else None,
+        # backend="auto" compiles a graph once eager runs of it have cost about a compilation (rent, then buy)
+        compile_after=compile_after_s() if params["backend"] == "auto" and dtype is None else 0.0,
     )
     return Settled(device=device, dtype=dtype, backend=backend, batch_size=batch_size, preprocess=cfg,
                    template=template, probe=pr, targets=targets, feature_names=np.asarray(names, dtype=object),
