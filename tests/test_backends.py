@@ -156,11 +156,10 @@ def test_backend_validation():
         resolve_backend("onnxruntime", CPU, torch.bfloat16)
     with pytest.raises(ValueError, match="CPU only"):
         resolve_backend("onnxruntime", torch.device("cuda"), None)
-    assert resolve_backend("auto", CPU, None) == "onnxruntime"
+    assert resolve_backend("auto", CPU, None) == "torch.compile"
     assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"
     assert resolve_backend("auto", torch.device("cuda"), None) == "torch"
     with mock.patch("featx._runtime.engines._ort_installed", return_value=False):
-        assert resolve_backend("auto", CPU, None) == "torch"
         with pytest.raises(ImportError, match=r"pip install 'featx\[onnx\]'"):
             resolve_backend("onnxruntime", CPU, None)
     with pytest.raises(ValueError, match="backend="):
@@ -168,12 +167,12 @@ def test_backend_validation():
 
 
 @needs_ort
-def test_auto_backend_is_onnxruntime_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
+def test_auto_backend_is_the_compiled_package_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
     import featx._runtime.device as dev
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)  # an AVX2-class CPU
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto", cache=tmp_path).fit()
-    assert ext.backend_ == "onnxruntime" and ext.precision_ == "fp32"
+    assert ext.backend_ == "torch.compile" and ext.precision_ == "fp32"
     # where bf16 is native, auto precision is bf16 and eager PyTorch runs it (ONNX Runtime would be fp32, ~2x slower)
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
     fast = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto").fit()

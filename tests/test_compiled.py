@@ -146,7 +146,8 @@ def _fake_compiler(monkeypatch):
     """Record the compilations an engine starts (``idle`` each) instead of starting them."""
     started = []
 
-    def fake(params, path, batch_size, threads, idle=True):
+    def fake(params, path, batch_size, threads, idle=True, verdict=False):
+        assert verdict == (params["backend"] == "auto")  # auto asks the compiling process to time the package
         started.append(idle)
         return None  # as if another process were compiling it
 
@@ -229,3 +230,67 @@ def test_a_package_that_disagrees_with_eager_is_removed_with_one_warning(store, 
     assert not (tmp_path / "compiled" / package.name).exists()
     for g in (got, again):
         np.testing.assert_allclose(g, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_a_model_the_compiling_process_cannot_rebuild_warns_once_and_stays_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "0")
+
+    class Local(torch.nn.Module):  # defined in a function: pickle cannot name it for another process
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.conv(x)).flatten(1)
+
+    model = Local()
+    ref = PretrainedFeatureExtractor(model, layers=["conv"], backend="torch", **{k: KW[k] for k in
+                                     ("preprocess", "device", "progress", "batch_size", "precision")}).fit()
+    ext = PretrainedFeatureExtractor(model, layers=["conv"], **{k: KW[k] for k in
+                                     ("preprocess", "device", "progress", "batch_size", "precision")}).fit()
+    X = _images(8)
+    with pytest.warns(BackendWarning, match="cannot rebuild this model") as record:
+        got = ext.transform(X)
+        ext.transform(X)
+    assert len([w for w in record if issubclass(w.category, BackendWarning)]) == 1
+    assert not list((tmp_path / "compiled").iterdir())  # no lock or spec left behind
+    np.testing.assert_allclose(got, ref.transform(X), rtol=0, atol=1e-6)
+
+
+def test_the_compiling_process_keeps_a_package_only_if_it_beats_eager(store, tmp_path):
+    """The verdict: timed against eager PyTorch on the same batch; a package no faster is removed."""
+    import time
+
+    from featx._runtime import compile_child
+
+    (package,) = (store / "compiled").glob("*.pt2")
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    slow, fast = tmp_path / "slow.pt2", tmp_path / "fast.pt2"
+    shutil.copy(package, slow)
+    shutil.copy(package, fast)
+    compile_child._judge(slow, lambda x: time.sleep(0.3), x)  # eager far slower: the package stays
+    assert slow.exists() and compiled.read_verdict(slow)["gain"] >= compiled.MIN_GAIN
+    compile_child._judge(fast, lambda x: None, x)  # eager costs nothing: the package cannot gain
+    assert not fast.exists() and compiled.read_verdict(fast)["gain"] < compiled.MIN_GAIN
+
+
+def test_auto_stays_eager_quietly_where_the_package_was_timed_no_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "0")
+    started = _fake_compiler(monkeypatch)
+    ext = PretrainedFeatureExtractor(**KW).fit()
+    path = ext._runner.engine.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiled.write_verdict(path, {"gain": 0.98, "eager_s": 1.0, "compiled_s": 1.02})
+    X = _images(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        got = ext.transform(X)
+    assert started == [] and ext._runner.engine.slower and ext.backend_ == "torch.compile"
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    # an explicit backend="torch.compile" is not judged: it compiles as asked
+    PretrainedFeatureExtractor(**KW, backend="torch.compile").fit().transform(X)
+    assert started == [True]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from .compiled import publish_package, strip_metadata_asserts
+from .compiled import JUDGE_REPEATS, MIN_GAIN, publish_package, strip_metadata_asserts, write_verdict
 from .engines import Truncated
 from .settling import settle
 
@@ -37,13 +39,37 @@ def _compile(spec_file: str) -> None:
         runner = settled.runner()
         x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
         x = x.contiguous(memory_format=torch.channels_last)
+        eager = Truncated(runner.capture, stop=False).eval()
         with torch.no_grad(), _autocast(settled.dtype):
-            ep = torch.export.export(Truncated(runner.capture, stop=False).eval(), (x,))
+            ep = torch.export.export(eager, (x,))
             strip_metadata_asserts(ep.graph_module)
             publish_package(ep, path)
+        if spec.get("verdict"):
+            _judge(path, eager, x)
         path.with_suffix(".log").unlink(missing_ok=True)
     finally:
         path.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def _judge(path: Path, eager, x: torch.Tensor) -> None:
+    """Time the package against eager PyTorch on the same batch (interleaved, medians) and write the verdict
+    beside it; a package that is not :data:`~featx._runtime.compiled.MIN_GAIN` times faster is removed
+    (``backend="auto"`` then keeps eager PyTorch for this graph)."""
+    fn = torch._inductor.aoti_load_package(str(path))
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    with torch.inference_mode():
+        for rep in range(JUDGE_REPEATS + 2):
+            for name, f in (("eager", eager), ("compiled", fn)):
+                t = time.perf_counter()
+                f(x)
+                if rep >= 2:  # the first two: first-use setup
+                    times[name].append(time.perf_counter() - t)
+    eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    gain = eager_s / compiled_s
+    write_verdict(path, {"eager_s": eager_s, "compiled_s": compiled_s, "gain": gain, "min_gain": MIN_GAIN,
+                         "batch_size": int(x.shape[0]), "threads": torch.get_num_threads()})
+    if gain < MIN_GAIN:
+        path.unlink(missing_ok=True)
 
 
 def _autocast(dtype: torch.dtype | None):

@@ -35,12 +35,14 @@ two share cache entries.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -132,19 +134,31 @@ def _lock(path: Path) -> bool:
     return False
 
 
+class NotRebuildable(Exception):
+    """The extractor's parameters cannot be handed to the compiling process (a model object pickle cannot name)."""
+
+
 def compile_in_background(params: dict, path: Path, batch_size: int, threads: int,
-                          idle: bool = True) -> subprocess.Popen | None:
+                          idle: bool = True, verdict: bool = False) -> subprocess.Popen | None:
     """Start a process that compiles the package at ``path`` (None: another process is compiling it).
 
     ``idle``: at the lowest CPU priority (a run has ended: nothing waits for
     the package); else at normal priority (a run under way will switch to it).
+    ``verdict``: time the package against eager PyTorch and remove it unless
+    it gains :data:`MIN_GAIN` (``backend="auto"``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or not _lock(path):
         return None
     fd, spec = tempfile.mkstemp(prefix=path.stem + ".", suffix=".spec", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump({"params": params, "path": str(path), "batch_size": batch_size, "threads": threads}, f)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump({"params": params, "path": str(path), "batch_size": batch_size, "threads": threads,
+                         "verdict": verdict}, f)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:  # a model object pickle cannot name
+        os.unlink(spec)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        raise NotRebuildable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115 - the child writes it; kept for the error message
     try:
         return subprocess.Popen(_child_command(spec, idle), stdout=log, stderr=subprocess.STDOUT,
@@ -202,6 +216,32 @@ def compile_after_s() -> float:
 COMPILE_AFTER_S = 30.0
 
 
+#: ``backend="auto"`` keeps a package only if it runs a batch at least this many times faster than eager PyTorch,
+#: timed by the compiling process (:data:`JUDGE_REPEATS` interleaved runs of each, medians); else eager stays.
+MIN_GAIN = 1.1
+JUDGE_REPEATS = 5
+
+
+def verdict_path(path: Path) -> Path:
+    return path.with_suffix(".verdict.json")
+
+
+def write_verdict(path: Path, verdict: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".verdict.tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(verdict, f)
+    os.replace(tmp, verdict_path(path))
+
+
+def read_verdict(path: Path) -> dict | None:
+    """The compiling process's timing of the package against eager PyTorch (None: not judged)."""
+    try:
+        verdict = json.loads(verdict_path(path).read_text())
+        return verdict if isinstance(verdict, dict) and isinstance(verdict.get("gain"), (int, float)) else None
+    except (OSError, ValueError):
+        return None
+
+
 def eager_seconds(path: Path) -> float:
     """Eager seconds recorded for the package at ``path`` by earlier runs (any process)."""
     try:
@@ -228,19 +268,27 @@ def record_eager_seconds(path: Path, seconds: float) -> None:
 # ------------------------------------------------------------------ the engine
 
 
+_START_LOCK = threading.Lock()
+
+
 class CompiledEngine:
     """Eager PyTorch until the compiled package is there, then the package (checked once against eager).
 
     ``compile_after``: eager seconds on this graph (recorded in the store,
     across runs and processes) after which the package is compiled; 0
-    (``backend="torch.compile"``): when the first run ends.
+    (``backend="torch.compile"``): when the first run ends. ``judge``
+    (``backend="auto"``): the compiling process times the package against
+    eager PyTorch and removes it unless it gains :data:`MIN_GAIN`; eager
+    PyTorch then stays for this graph, without a warning.
     """
 
-    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, params: dict, compile_after: float = 0.0):
+    def __init__(self, cap: LayerCapture, path: Path, batch_size: int, params: dict, compile_after: float = 0.0,
+                 judge: bool = False):
         self.cap, self.path, self.batch_size = cap, path, batch_size
         self.eager = cap.run
         self._params = params  # what the compiling process rebuilds the network from
         self.compile_after = compile_after
+        self.judge = judge  # backend="auto": the package is timed against eager and kept only if it gains
         self._fn: Callable | None = None
         self._checked = False
         self._child = None
@@ -248,6 +296,8 @@ class CompiledEngine:
         self._looked = 0.0
         self._spent: float | None = None  # eager seconds recorded before this run (read at its first batch)
         self._eager_s = 0.0  # eager seconds of this run, not yet recorded
+        self.hold = False  # True while the runner's eager streams run: the package is not taken up mid-segment
+        self.slower = False  # the compiling process timed the package no faster than eager (backend="auto")
         self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
 
     @property
@@ -264,12 +314,26 @@ class CompiledEngine:
         warnings.warn(f"the compiled graph cannot be used ({why}); running eager PyTorch instead.", BackendWarning,
                       stacklevel=4)
 
+    @property
+    def _judged(self) -> bool:
+        """backend="auto" and the package was timed: whether it gained enough is decided."""
+        return self.judge and read_verdict(self.path) is not None
+
     def _wanted(self) -> bool:
-        return self._fn is None and not self._given_up and self._child is None and not self.path.exists()
+        return (self._fn is None and not self._given_up and self._child is None and not self.path.exists()
+                and not self._judged)
 
     def _start(self, idle: bool) -> None:
-        self._child = compile_in_background(self._params, self.path, self.batch_size, torch.get_num_threads(),
-                                            idle=idle) or False
+        with _START_LOCK:  # eager streams call the engine from several threads
+            if self._wanted():
+                self._start_locked(idle)
+
+    def _start_locked(self, idle: bool) -> None:
+        try:
+            self._child = compile_in_background(self._params, self.path, self.batch_size, torch.get_num_threads(),
+                                                idle=idle, verdict=self.judge) or False
+        except NotRebuildable as exc:
+            self._give_up(f"the compiling process cannot rebuild this model: {exc}")
 
     def finished_run(self) -> None:
         """Called when a run ends: record its eager time; start the compilation if it is due and nobody runs it.
@@ -285,8 +349,20 @@ class CompiledEngine:
         if self._wanted() and (not deferred or spent >= self.compile_after):
             self._start(idle=True)
 
+    def poll(self) -> bool:
+        """Take up the package if it has appeared (the runner calls this between its eager stream segments)."""
+        if self._fn is None and not self._given_up:
+            self._looked = time.monotonic()
+            self._look()
+        return self._fn is not None
+
     def _look(self) -> None:
         """Load the package if it has appeared; report a compilation that failed."""
+        if self.judge:
+            verdict = read_verdict(self.path)
+            if verdict is not None and verdict["gain"] < MIN_GAIN:  # measured: eager stays, quietly
+                self.slower = self._given_up = True
+                return
         if self.path.exists():
             try:
                 self._fn = torch._inductor.aoti_load_package(str(self.path))
@@ -315,6 +391,8 @@ class CompiledEngine:
         return out
 
     def __call__(self, x: torch.Tensor) -> list:
+        if self.hold:
+            return self._run_eager(x) if self._fn is None else self.eager(x)
         if self._fn is None and not self._given_up and (time.monotonic() - self._looked > 0.05 or not self._looked):
             self._looked = time.monotonic()
             self._look()

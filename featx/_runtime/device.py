@@ -203,8 +203,15 @@ def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: st
 
 
 def fp32_stream_candidates(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
-    """Streams worth measuring against one all-core stream for eager fp32 on the CPU (1: nothing to measure)."""
-    return _eager_cpu_threads(device, backend) if dtype is None else 1
+    """Streams worth measuring against one all-core stream for eager fp32 on the CPU (1: nothing to measure).
+
+    ``"torch.compile"`` in fp32 runs eager PyTorch until its package is there
+    (and for good where the package was timed no faster): that eager phase
+    gets the same measured schedule; the package itself runs as one stream.
+    """
+    if dtype is not None:
+        return 1
+    return _eager_cpu_threads(device, "torch" if backend == "torch.compile" else backend)
 
 
 def _eager_cpu_threads(device: torch.device, backend: str) -> int:

@@ -38,6 +38,10 @@ from .._models.pooling import layer_parts, part_width, pool_parts, pooling_error
 from .._images.preprocess import ImageDataset, Items, collate, load_error, normalize_batch
 from .schedule import PHASE_BATCHES, TUNE_BATCHES, Schedule
 
+#: Batches per segment of eager streams while a compiled package may appear: between segments the runner
+#: looks for it and, once it is there, runs the rest of the run as one stream with it.
+SEGMENT_BATCHES = 16
+
 __all__ = ["Plan", "RunSettings", "Runner", "RunStats", "cached_run"]
 
 
@@ -117,6 +121,7 @@ class RunSettings:
     compiled_file: Path | None = None  # where the compiled package lives (backend "torch.compile" on the CPU)
     compile_params: dict | None = None  # the extractor's parameters: what the compiling process rebuilds
     compile_after: float = 0.0  # eager seconds before the package is compiled (featx._runtime.compiled.compile_after_s)
+    judge_compiled: bool = False  # backend="auto": keep the package only if it was timed faster than eager
 
 
 @dataclass
@@ -268,13 +273,36 @@ class Runner:
         """
         n_jobs = -(-len(dataset) // self.settings.batch_size)
         start = 0
+        poll = getattr(self.engine, "poll", None)  # a compiled package that may appear (it runs as one stream)
+        if poll is not None and poll():
+            stats.streams = 1
+            yield from self._jobs(dataset, 0, n_jobs, 1)
+            return
         candidates = self.schedule.pending()  # other extractors or processes may have decided it
         streams = self.schedule.streams
-        if candidates > 1 and n_jobs >= TUNE_BATCHES:
-            streams = yield from self._measured(dataset, candidates)
-            stats.measured, start = streams, TUNE_BATCHES
-        stats.streams = streams
-        yield from self._jobs(dataset, start, n_jobs, streams)
+        try:
+            if poll is not None:
+                self.engine.hold = True  # eager streams: the package is taken up between segments, not inside
+            if candidates > 1 and n_jobs >= TUNE_BATCHES:
+                streams = yield from self._measured(dataset, candidates)
+                stats.measured, start = streams, TUNE_BATCHES
+            stats.streams = streams
+            if poll is None or streams == 1:
+                if poll is not None:
+                    self.engine.hold = False  # one stream: the engine switches itself, between batches
+                yield from self._jobs(dataset, start, n_jobs, streams)
+                return
+            while start < n_jobs:
+                if poll():  # the package is ready: the rest of the run is one stream with it
+                    self.engine.hold = False
+                    yield from self._jobs(dataset, start, n_jobs, 1)
+                    return
+                hi = min(n_jobs, start + SEGMENT_BATCHES)
+                yield from self._jobs(dataset, start, hi, streams)
+                start = hi
+        finally:
+            if poll is not None:
+                self.engine.hold = False
 
     def _measured(self, dataset: ImageDataset, candidates: int):
         """Run the first batches alternately with ``candidates`` streams and one; return the faster count.
@@ -321,7 +349,7 @@ def _compiled_engine(cap: LayerCapture, settings: RunSettings, device: torch.dev
     if dtype == torch.int8:
         return QuantizedEngine(cap, settings.compiled_file, settings.batch_size, cfg, mean.cpu(), std.cpu())
     return CompiledEngine(cap, settings.compiled_file, settings.batch_size, settings.compile_params,
-                          settings.compile_after)
+                          settings.compile_after, settings.judge_compiled)
 
 
 def _progress_bar(total: int):

@@ -229,6 +229,7 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
         compile_params=dict(params, precision=precision_name(dtype)) if compiled_file is not None else None,
         # backend="auto" compiles a graph once eager runs of it have cost about a compilation (rent, then buy)
         compile_after=compile_after_s() if params["backend"] == "auto" and dtype is None else 0.0,
+        judge_compiled=params["backend"] == "auto" and dtype is None,
     )
     return Settled(device=device, dtype=dtype, backend=backend, batch_size=batch_size, preprocess=cfg,
                    template=template, probe=pr, targets=targets, feature_names=np.asarray(names, dtype=object),
