@@ -242,7 +242,14 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         The resolved preprocessing (``input_size``, ``resize_size``, ``mean``,
         ``std``, ``interpolation``).
     layers_ : list of str
-        The resolved layer names, in output order.
+        The requested layers as featx names them (aliases such as
+        ``"stage4"`` or ``"pre_logits"`` kept: they name the feature columns),
+        in output order.
+    layer_modules_ : dict
+        For each name in ``layers_``, the module it hooks, as
+        ``list_layers`` and ``named_modules()`` spell it (for example
+        ``{"stage4": "layer3"}``); ``"input of fc"`` where the layer is a
+        module's input (``pre_logits``: the classifier's input).
     layer_shapes_ : dict
         Per-image output shape of each layer in ``layers_``.
     n_features_out_ : int
@@ -394,6 +401,8 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         self.weights_id_ = s.template.weights
         self.weights_digest_ = s.template.digest
         self.layers_ = [t.display for t in s.targets]
+        self.layer_modules_ = {t.display: (t.module if t.kind == "output" else f"input of {t.module}")
+                               for t in s.targets}
         self.layer_shapes_ = {t.display: t.shape for t in s.targets}
         self.n_features_out_ = len(s.feature_names)
         self.batch_size_ = s.batch_size

@@ -443,14 +443,16 @@ def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
                        description="Embed the images of SOURCE (a folder, searched recursively; a text file of "
                                    "paths; or a glob) and write the features to OUT (.npy, .npz, .csv, .parquet). "
                                    "An image that cannot be read does not stop the run: see --on-error.")
-    p.add_argument("source")
+    p.add_argument("source", help="a folder of images (searched recursively), a text file of paths (one per "
+                                   "line), or a quoted glob such as 'photos/*.jpg'")
     p.add_argument("-o", "--output", required=True,
                    help="output file: .npy (paths in OUT.paths.txt beside it), .npz (features + paths), .csv or "
                         ".parquet (a path column first)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, none, or a checkpoint path")
     p.add_argument("--layers", help="comma-separated layer names or aliases (default: pre_logits)")
-    p.add_argument("--pooling", default="avg", choices=list(POOLINGS))
+    p.add_argument("--pooling", default="avg", choices=list(POOLINGS),
+                   help="how each layer's feature map becomes a vector (default: avg)")
     _add_compute_options(p)
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
@@ -462,7 +464,7 @@ def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", default="nan", choices=["raise", "nan", "skip"],
                    help="an unreadable image: nan (default: a NaN row, listed on stderr), skip (no row; listed), "
                         "or raise (stop with an error)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.set_defaults(func=_cmd_extract)
 
 
@@ -473,7 +475,7 @@ def _add_evaluate_command(sub: Any, debug: argparse.ArgumentParser) -> None:
                                    "Embeds each image once (cached), runs GridSearchCV for each classifier x layer, "
                                    "prints a table and writes a report folder (JSON, accuracy-per-layer plot, "
                                    "confusion matrix of the best model).")
-    p.add_argument("folder")
+    p.add_argument("folder", help="a folder with one sub-folder of images per class")
     p.add_argument("--compare", action="store_true", help="also evaluate a random-init backbone and raw pixels")
     _add_eval_options(p, "featx-report")
     p.set_defaults(func=_cmd_evaluate)

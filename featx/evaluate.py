@@ -195,6 +195,11 @@ def evaluate_folder(
         raise ValueError(f"{str(folder)!r} has one class ({class_names[0]!r}); evaluation needs at least two.")
     layers = list(layers) if layers is not None else default_layers(model)
     result = EvalResult(str(folder), len(paths), class_names, model, layers, _folds(y, cv, class_names))
+    if result.cv_folds < cv:  # said before anything runs, not only in the last line
+        counts = np.bincount(y, minlength=len(class_names))
+        small = class_names[int(counts.argmin())]
+        log(f"{cv}-fold cross-validation asked for, but class {small!r} has only {int(counts.min())} images: "
+            f"running {result.cv_folds} folds")
     spec = dict(model=model, layers=layers, pooling=pooling, cache=cache, device=device, precision=precision,
                 progress=progress, on_error="nan" if on_error == "skip" else "raise")
     variants = _variants(weights, compare, tta)

@@ -325,3 +325,25 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_p
     torch.save(sd, path)
     with pytest.raises(ModelLoadError, match=rf"tensor '{re.escape(name)}' holds 1 NaN or infinite value"):
         PretrainedFeatureExtractor(tiny_cnn, weights=str(path), preprocess=SMALL).fit()
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "googlenet"])
+def test_random_init_torchvision_models_build_without_torchvisions_future_warning(name):
+    """``featx layers inception_v3`` printed torchvision's FutureWarning about its default initialisation: featx
+    states today's default (init_weights=True), so the weights are the ones torchvision gives, silently."""
+    import warnings
+
+    import torchvision
+
+    from featx._models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = build_backbone(name, None).module
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        want = torchvision.models.get_model(name, weights=None)
+    for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

@@ -220,6 +220,16 @@ def test_layer_and_pooling_grid_runs_backbone_once(cache_dir, files):
         np.testing.assert_allclose(got, _reference(model, files, layers=layers, pooling=pooling, **kw), rtol=1e-6, atol=1e-6)
 
 
+def test_a_grid_over_the_pooling_menu_costs_one_pass_per_image(cache_dir, files, computed):
+    model, kw = "resnet18", dict(weights=None, preprocess={"input_size": 48})
+    menu = ["avg", "max", "avgmax", "catavgmax", "gem"]
+    got = {p: _ext(model, cache_dir, layers=["layer3", "pre_logits"], pooling=p, **kw).transform(files) for p in menu}
+    assert computed[0] == len(files)  # the first (avg) run stored what the others read
+    for p in menu:
+        want = _reference(model, files, layers=["layer3", "pre_logits"], pooling=p, **kw)
+        np.testing.assert_allclose(got[p], want, rtol=1e-5, atol=1e-6, err_msg=p)
+
+
 def test_grid_search_processes_each_image_once(tiny_cnn, cache_dir, image_paths, computed):
     paths, y = image_paths
     pipe = make_pipeline(PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, cache=str(cache_dir), progress=False),

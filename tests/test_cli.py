@@ -362,3 +362,25 @@ def test_extract_takes_token_poolings(image_folder, tmp_path):
     data = np.load(out)
     assert data["features"].shape == (24, 2 * 192)
     assert list(data["feature_names"][[0, 192]]) == ["block12_cls_0", "block12_avg_0"]
+
+
+def test_every_argument_of_every_command_has_help_text():
+    import argparse
+
+    from featx.cli import build_parser
+
+    missing, seen = [], set()
+
+    def walk(parser, where):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if id(sub) not in seen:
+                        seen.add(id(sub))
+                        walk(sub, f"{where} {name}")
+            elif action.help is None and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{where}: {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "featx")
+    assert len(seen) >= 6  # layers, extract, evaluate, demo, cache and its sub-commands
+    assert missing == []

@@ -183,12 +183,19 @@ def test_auto_compiles_only_once_eager_runs_have_cost_a_compilation(tmp_path, mo
 
     package.with_suffix(".eager").write_text("1000.0")  # earlier runs (any process) paid for it
     ext.transform(X)
-    assert started == [False]  # due during this run: started at once, at normal priority (the run will switch)
+    # due, but this run holds little more eager work: it starts when the run ends, at the lowest priority
+    assert started == [True]
+
+    monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "1e-6")  # due at the first batch, with the rest of the run to come
+    mid = PretrainedFeatureExtractor(**KW).fit()
+    mid.transform(X)
+    assert started == [True, False]  # started part-way, at normal priority (the run will switch to the package)
+    assert compiled.MID_RUN_FACTOR * 1e-6 < compiled.eager_seconds(package)
 
     monkeypatch.setenv("FEATX_COMPILE_AFTER_S", "0")  # 0: when the first run ends, at the lowest priority
     late = PretrainedFeatureExtractor(**KW).fit()
     late.transform(X)
-    assert started == [False, True]
+    assert started == [True, False, True]
 
 
 def test_auto_never_compiles_with_inf_and_a_bad_setting_names_itself(tmp_path, monkeypatch):

@@ -87,3 +87,23 @@ def test_nested_cv_is_scikit_learns_nested_cross_validation_of_the_selection(ima
     off = evaluate_folder(image_folder, model="resnet18", weights=None, layers=["pre_logits"], classifiers=("logreg",),
                           cv=3, cache=None, precision="fp32", log=lambda line: None, nested=False)
     assert off.nested == {} and format_nested(off) == ""
+
+
+def test_more_folds_than_the_smallest_class_is_said_before_anything_runs(image_folder, monkeypatch):
+    lines = []
+    real = featx.PretrainedFeatureExtractor.fit_transform
+
+    def embedding(self, X, y=None, **kw):
+        lines.append("<embedding>")
+        return real(self, X, y, **kw)
+
+    monkeypatch.setattr(featx.PretrainedFeatureExtractor, "fit_transform", embedding)
+    res = evaluate_folder(image_folder, model="resnet18", weights=None, layers=["layer4"], classifiers=("logreg",),
+                          cv=12, cache=None, nested=False, log=lines.append)
+    assert res.cv_folds == 8  # 8 images per class
+    assert lines[0] == "12-fold cross-validation asked for, but class 'cat' has only 8 images: running 8 folds"
+    assert lines[1] == "<embedding>"
+    quiet = []
+    evaluate_folder(image_folder, model="resnet18", weights=None, layers=["layer4"], classifiers=("logreg",),
+                    cv=4, cache=None, nested=False, log=quiet.append)
+    assert not any("asked for" in line for line in quiet)

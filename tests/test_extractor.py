@@ -432,3 +432,15 @@ def test_an_extractor_pickled_by_featx_0_2_loads(image_paths):
     old.__setstate__(pickle.loads(blob))
     assert type(old.last_run_).__name__ == "RunStats" and "_plan" not in vars(old)
     np.testing.assert_array_equal(old.transform(image_paths[0][:2]), want)
+
+
+def test_layer_modules_name_the_module_behind_each_alias():
+    from featx import PretrainedFeatureExtractor
+
+    ext = PretrainedFeatureExtractor("resnet18", weights=None, layers=["stage4", "layer4", "pre_logits"],
+                                     preprocess={"input_size": 32, "resize_size": 36}, device="cpu",
+                                     progress=False).fit()
+    assert ext.layers_ == ["stage4", "layer4", "pre_logits"]  # the names of the feature columns
+    assert ext.layer_modules_ == {"stage4": "layer3", "layer4": "layer4", "pre_logits": "input of fc"}
+    names = dict(ext.backbone_.named_modules())
+    assert all(m.removeprefix("input of ") in names for m in ext.layer_modules_.values())

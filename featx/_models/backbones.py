@@ -317,6 +317,9 @@ _PRETRAINED_ARGS = {
     "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
     "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
 }
+#: Random-init torchvision models whose initialisation torchvision asks to be spelled out (a FutureWarning
+#: otherwise): today's default (its truncated-normal init), stated, so random-init features do not change.
+_RANDOM_INIT_ARGS = {"inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
 
 
 def _build_torchvision(name: str, weights: Any) -> Backbone:
@@ -347,8 +350,9 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
     if weights_enum is not None:
         torchvision_weights_ready(name, weights_enum)
     try:
-        module = torchvision.models.get_model(name, weights=weights_enum, **(_PRETRAINED_ARGS.get(name, {}) if ckpt
-                                                                           is not None else {}))
+        extra = (_PRETRAINED_ARGS.get(name, {}) if ckpt is not None
+                 else _RANDOM_INIT_ARGS.get(name, {}) if weights_enum is None else {})
+        module = torchvision.models.get_model(name, weights=weights_enum, **extra)
     except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError
         raise ModelLoadError(download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
     if ckpt is not None:

@@ -193,9 +193,10 @@ def compile_after_s() -> float:
     The ski-rental rule: a compilation costs about this much CPU time
     (:data:`COMPILE_AFTER_S`, the order of the compile times measured on the
     Performance page), so featx compiles a graph once the eager runs of it
-    have cost as much. Jobs that stay small never pay for a compilation; a
-    large one starts it part-way and switches to the package when it is
-    ready; the work spent waiting is at most about what the compilation cost.
+    have cost as much: when the run that crossed it ends (at the lowest
+    priority), or part-way through a run with much more eager work to come
+    (:data:`MID_RUN_FACTOR`), which then switches to the package when it is
+    ready. Jobs that stay small never pay for a compilation.
     ``FEATX_COMPILE_AFTER_S`` overrides it (``0``: compile after the first
     run, as ``backend="torch.compile"`` does; ``inf``: never).
     """
@@ -214,6 +215,11 @@ def compile_after_s() -> float:
 
 #: Eager seconds spent on a graph before ``backend="auto"`` compiles it (see :func:`compile_after_s`).
 COMPILE_AFTER_S = 30.0
+#: A run that crosses the threshold starts the compilation at once (at normal priority, to switch to the package
+#: part-way) only if at least this many times ``compile_after`` of its eager work is still to come; else the
+#: compilation starts when the run ends, at the lowest priority. A compilation beside a run slows it (two cores
+#: shared); ``benchmarks/bench_auto.py`` measures what a mid-run switch costs and gains (Performance page).
+MID_RUN_FACTOR = 8
 
 
 #: ``backend="auto"`` keeps a package only if it runs a batch at least this many times faster than eager PyTorch,
@@ -288,6 +294,9 @@ class CompiledEngine:
         self.eager = cap.run
         self._params = params  # what the compiling process rebuilds the network from
         self.compile_after = compile_after
+        # the process's thread count, read here (in fit): eager streams call the engine from single-threaded
+        # threads, and the package is compiled for the count its key names
+        self.threads = torch.get_num_threads()
         self.judge = judge  # backend="auto": the package is timed against eager and kept only if it gains
         self._fn: Callable | None = None
         self._checked = False
@@ -296,6 +305,7 @@ class CompiledEngine:
         self._looked = 0.0
         self._spent: float | None = None  # eager seconds recorded before this run (read at its first batch)
         self._eager_s = 0.0  # eager seconds of this run, not yet recorded
+        self._left = self._done = 0  # images of this run still to compute, and computed eagerly so far
         self.hold = False  # True while the runner's eager streams run: the package is not taken up mid-segment
         self.slower = False  # the compiling process timed the package no faster than eager (backend="auto")
         self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
@@ -330,7 +340,7 @@ class CompiledEngine:
 
     def _start_locked(self, idle: bool) -> None:
         try:
-            self._child = compile_in_background(self._params, self.path, self.batch_size, torch.get_num_threads(),
+            self._child = compile_in_background(self._params, self.path, self.batch_size, self.threads,
                                                 idle=idle, verdict=self.judge) or False
         except NotRebuildable as exc:
             self._give_up(f"the compiling process cannot rebuild this model: {exc}")
@@ -386,9 +396,17 @@ class CompiledEngine:
         t = time.perf_counter()
         out = self.eager(x)
         self._eager_s += time.perf_counter() - t
-        if self._spent + self._eager_s >= self.compile_after and self._wanted():
-            self._start(idle=False)
+        self._done += x.shape[0]
+        self._left -= x.shape[0]
+        if self._spent + self._eager_s >= self.compile_after and self._left > 0 and self._wanted():
+            left_s = self._left * self._eager_s / self._done  # this run's eager work still to come
+            if left_s >= MID_RUN_FACTOR * self.compile_after:
+                self._start(idle=False)
         return out
+
+    def begin_run(self, images: int) -> None:
+        """Called when a run starts, with the number of images it will compute."""
+        self._left, self._done = images, 0
 
     def __call__(self, x: torch.Tensor) -> list:
         if self.hold:

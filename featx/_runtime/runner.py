@@ -84,9 +84,11 @@ class Plan:
 
         req = pool_parts(pooling)
         parts = [parts_of(t, req) for t in targets]
-        extra_parts = [p for p in ["avg", "max", *req] if p != "flatten"]
+        # stored besides the request: the pooling menu's elementary parts (gem at this extractor's gem_p), so
+        # a grid over poolings costs one backbone pass per image
+        extra_parts = [p for p in ["avg", "max", "gem", *req] if p != "flatten"]
         all_targets = list(targets)
-        all_parts = [parts_of(t, [*req, "avg", "max"], stored=True) for t in targets]
+        all_parts = [parts_of(t, [*req, "avg", "max", "gem"], stored=True) for t in targets]
         seen = {(t.module, t.kind) for t in targets}
         names = [f"stage{i + 1}" for i in range(len(pr.stages))]
         names += [f"block{i + 1}" for i in range(len(pr.blocks))]
@@ -230,6 +232,9 @@ class Runner:
         listed in the returned stats' ``failed``.
         """
         stats = RunStats(images=len(indices), streams=self.schedule.streams)
+        begin = getattr(self.engine, "begin_run", None)
+        if begin is not None:
+            begin(len(indices))  # a compiled package's engine: how much eager work this run still holds
         dataset = ImageDataset(items, indices, self.cfg, self.device if self.settings.gpu_decode else None,
                                self.settings.tta)
         bar = _progress_bar(len(indices)) if progress else None
