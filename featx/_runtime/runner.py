@@ -86,9 +86,9 @@ class Plan:
         parts = [parts_of(t, req) for t in targets]
         # stored besides the request: the pooling menu's elementary parts (gem at this extractor's gem_p), so
         # a grid over poolings costs one backbone pass per image
-        extra_parts = [p for p in ["avg", "max", "gem", *req] if p != "flatten"]
+        extra_parts = [p for p in ["avg", "max", "avgmax", "gem", *req] if p != "flatten"]
         all_targets = list(targets)
-        all_parts = [parts_of(t, [*req, "avg", "max", "gem"], stored=True) for t in targets]
+        all_parts = [parts_of(t, [*req, "avg", "max", "avgmax", "gem"], stored=True) for t in targets]
         seen = {(t.module, t.kind) for t in targets}
         names = [f"stage{i + 1}" for i in range(len(pr.stages))]
         names += [f"block{i + 1}" for i in range(len(pr.blocks))]
