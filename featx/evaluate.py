@@ -194,12 +194,7 @@ def evaluate_folder(
     if len(class_names) < 2:
         raise ValueError(f"{str(folder)!r} has one class ({class_names[0]!r}); evaluation needs at least two.")
     layers = list(layers) if layers is not None else default_layers(model)
-    result = EvalResult(str(folder), len(paths), class_names, model, layers, _folds(y, cv, class_names))
-    if result.cv_folds < cv:  # said before anything runs, not only in the last line
-        counts = np.bincount(y, minlength=len(class_names))
-        small = class_names[int(counts.argmin())]
-        log(f"{cv}-fold cross-validation asked for, but class {small!r} has only {int(counts.min())} images: "
-            f"running {result.cv_folds} folds")
+    result = EvalResult(str(folder), len(paths), class_names, model, layers, _folds(y, cv, class_names, log))
     spec = dict(model=model, layers=layers, pooling=pooling, cache=cache, device=device, precision=precision,
                 progress=progress, on_error="nan" if on_error == "skip" else "raise")
     variants = _variants(weights, compare, tta)
@@ -275,13 +270,16 @@ def _variants(weights: Any, compare: bool, tta: str | None) -> list[tuple[str, A
     return variants
 
 
-def _folds(y: np.ndarray, cv: int, class_names: list[str]) -> int:
-    """Stratified folds: ``cv``, or fewer when a class has fewer images (at least 2)."""
+def _folds(y: np.ndarray, cv: int, class_names: list[str], log: Callable[[str], None] | None = None) -> int:
+    """Stratified folds: ``cv``, or fewer when a class has fewer images (at least 2); ``log`` says so."""
     counts = np.bincount(y, minlength=len(class_names))
     folds = int(min(cv, counts.min()))
     if folds < 2:
         raise ValueError(f"every class needs at least 2 images for cross-validation; counts: "
                          f"{dict(zip(class_names, counts.tolist()))}")
+    if folds < cv and log is not None:  # said before anything runs, not only in the last line
+        log(f"{cv}-fold cross-validation asked for, but class {class_names[int(counts.argmin())]!r} has only "
+            f"{int(counts.min())} images: running {folds} folds")
     return folds
 
 
