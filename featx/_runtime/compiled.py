@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 
 from .._exceptions import BackendWarning
+from .._outputs import written
 from .._models.layers import LayerCapture
 from .device import cpu_capability
 from .engines import RTOL, disagreement
@@ -208,7 +209,7 @@ def compile_after_s() -> float:
     except ValueError:
         raise ValueError(f"FEATX_COMPILE_AFTER_S={raw!r} is not a number of seconds; "
                          "use e.g. 30, 0 (compile after the first run) or inf (never).") from None
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise ValueError(f"FEATX_COMPILE_AFTER_S={raw!r} must be 0 or more seconds (inf: never).")
     return value
 
@@ -233,10 +234,8 @@ def verdict_path(path: Path) -> Path:
 
 
 def write_verdict(path: Path, verdict: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".verdict.tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(verdict, f)
-    os.replace(tmp, verdict_path(path))
+    with written(verdict_path(path)) as tmp:
+        tmp.write_text(json.dumps(verdict))
 
 
 def read_verdict(path: Path) -> dict | None:
@@ -263,10 +262,8 @@ def record_eager_seconds(path: Path, seconds: float) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         total = eager_seconds(path) + seconds
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".eager.tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{total:.3f}")
-        os.replace(tmp, path.with_suffix(".eager"))
+        with written(path.with_suffix(".eager")) as tmp:
+            tmp.write_text(f"{total:.3f}")
     except OSError:
         pass  # a read-only store: the rule just never fires there
 
@@ -398,9 +395,9 @@ class CompiledEngine:
         self._eager_s += time.perf_counter() - t
         self._done += x.shape[0]
         self._left -= x.shape[0]
-        if self._spent + self._eager_s >= self.compile_after and self._left > 0 and self._wanted():
+        if self._spent + self._eager_s >= self.compile_after and self._left > 0:
             left_s = self._left * self._eager_s / self._done  # this run's eager work still to come
-            if left_s >= MID_RUN_FACTOR * self.compile_after:
+            if left_s >= MID_RUN_FACTOR * self.compile_after and self._wanted():  # the files last: once per batch
                 self._start(idle=False)
         return out
 
