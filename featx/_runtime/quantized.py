@@ -91,7 +91,14 @@ def quantize(cap: LayerCapture, calibration: torch.Tensor, batch_size: int) -> t
 
 
 def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
-    return x if x.shape[0] == size else torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])])
+    """``x`` padded to ``size`` images with copies of its last, channels-last as the package was compiled for.
+
+    (``torch.cat`` returns a plain contiguous tensor; a package compiled for
+    channels-last strides reads such an input as other pixels, with no error.)
+    """
+    if x.shape[0] != size:
+        x = torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])])
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> None:
