@@ -123,6 +123,32 @@ def test_one_process_compiles_a_graph_at_a_time(tmp_path):
     assert compiled._lock(path) is True
 
 
+def test_a_fresh_lock_of_a_killed_compiler_on_this_host_is_taken_over_at_once(tmp_path):
+    """A compilation killed mid-way (SIGKILL, no cleanup) left a lock that made int8 wait its 15 stale minutes."""
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "compiled" / "k.pt2"
+    path.parent.mkdir()
+    lock = path.with_suffix(".lock")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{socket.gethostname()} {gone.pid}")  # fresh mtime, holder exited
+    assert compiled._lock(path) is True
+    assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    lock.write_text(f"another-host {gone.pid}")  # cannot tell there: trusted until stale
+    assert compiled._lock(path) is False
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        compiled._hand_lock_to(path, alive.pid)  # the compiling child holds it, though its parent may exit
+        assert compiled._lock(path) is False
+    finally:
+        alive.kill()
+        alive.wait()
+    assert compiled._lock(path) is True
+
+
 def test_bf16_keeps_in_process_compilation_and_auto_precision_is_fp32():
     auto = PretrainedFeatureExtractor(**{**KW, "precision": "auto"}, backend="torch.compile").fit()
     assert auto.precision_ == "fp32" and auto._settled.settings.compiled_file is not None

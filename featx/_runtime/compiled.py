@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,23 +117,65 @@ def publish_package(ep, path: Path) -> None:
 
 
 def _lock(path: Path) -> bool:
-    """Take the compile lock for ``path``; False when another live process holds it."""
+    """Take the compile lock for ``path``; False when another live process holds it.
+
+    The lock names its holder (``host pid``): a lock whose holder was on this
+    host and has exited (killed mid-compilation) is taken over at once;
+    another host's is trusted until :data:`STALE_LOCK_S` old.
+    """
     lock = path.with_suffix(".lock")
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                if time.time() - lock.stat().st_mtime < STALE_LOCK_S:
+                if time.time() - lock.stat().st_mtime < STALE_LOCK_S and not _holder_exited(lock):
                     return False
                 lock.unlink()  # a crashed compiler's: take it over
             except OSError:
                 return False
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(_owner(os.getpid()))
         return True
     return False
+
+
+def _owner(pid: int) -> str:
+    return f"{socket.gethostname()} {pid}"
+
+
+def _hand_lock_to(path: Path, pid: int) -> None:
+    """The compiling process ``pid`` holds the lock now (the process that took it may exit first)."""
+    with written(path.with_suffix(".lock")) as tmp:
+        tmp.write_text(_owner(pid))
+
+
+def _holder_exited(lock: Path) -> bool:
+    """Whether the lock's holder was a process of this host that no longer runs."""
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(" ")
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False  # being written, or unreadable: trust it (it goes stale in time)
+    if (host or socket.gethostname()) != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A child that has exited but not been waited for still answers ``kill(pid, 0)``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class NotRebuildable(Exception):
@@ -162,8 +205,10 @@ def compile_in_background(params: dict, path: Path, batch_size: int, threads: in
         raise NotRebuildable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115 - the child writes it; kept for the error message
     try:
-        return subprocess.Popen(_child_command(spec, idle), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(_child_command(spec, idle), stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        _hand_lock_to(path, child.pid)
+        return child
     except OSError:
         path.with_suffix(".lock").unlink(missing_ok=True)
         return None
