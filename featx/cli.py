@@ -207,7 +207,7 @@ _PRECISION_SHOWN = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
 def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
-    from .evaluate import evaluate_folder, format_nested, format_table, write_report
+    from .evaluate import evaluate_folder, format_report, format_table, write_report
 
     if not Path(folder).is_dir():
         raise _CliError(f"{str(folder)!r} is not a folder (expected one sub-folder per class)")
@@ -221,7 +221,7 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
         log=lambda line: print(line, flush=True), tta=args.tta,
         finetune=args.finetune,
         finetune_params={"max_epochs": args.finetune_epochs, "trainable_from": args.trainable_from},
-        save=args.save, nested=not args.no_nested,
+        save=args.save, nested=not args.no_nested, learning_curve=not args.no_learning_curve,
     )
     print()
     print(format_table(result))
@@ -229,8 +229,9 @@ def _run_evaluation(folder, args: argparse.Namespace, compare: bool) -> int:
     print(f"\nbest: {b['classifier']} on {b['layer']}: {b['mean']:.3f} ± {b['std']:.3f} "
           f"({result.cv_folds}-fold CV, {result.n_images} images, {len(result.class_names)} classes, "
           f"chance {1 / len(result.class_names):.3f})")
-    if result.nested:
-        print(format_nested(result))
+    report = format_report(result)
+    if report:
+        print(f"\n{report}")
     for path in write_report(result, args.out):
         print(f"wrote {path}")
     print(f"total {time.perf_counter() - start:.0f} s")
@@ -281,6 +282,8 @@ def _add_eval_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     p.add_argument("--no-nested", action="store_true",
                    help="skip the nested cross-validation of the whole selection (the honest accuracy estimate)")
+    p.add_argument("--no-learning-curve", action="store_true",
+                   help="skip the learning curve (accuracy against labelled images per class)")
     p.add_argument("--tta", choices=list(TTA_MODES), help="also evaluate features averaged over test-time augmentation views")
     p.add_argument("--on-error", default="skip", choices=["raise", "skip"],
                    help="an unreadable image: skip (default: left out and reported) or raise (stop with an error)")

@@ -20,15 +20,20 @@ import numpy as np
 
 from ._options import DEFAULT_MODEL
 from ._outputs import written as atomic
+from ._workbench.learning import learning_curve_of, plot_learning_curve
+from ._workbench.mistakes import contact_sheet, error_analysis, format_errors
+from ._workbench.transfer import transfer_note
 
-__all__ = ["CLASSIFIERS", "EvalRow", "evaluate_folder", "format_table", "write_report"]
+__all__ = ["CLASSIFIERS", "LOW_DATA", "EvalResult", "EvalRow", "evaluate_folder", "format_learning_curve",
+           "format_nested", "format_report", "format_table", "write_report"]
 
 
 def _classifiers() -> dict[str, tuple[Any, dict]]:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import Normalizer, StandardScaler
     from sklearn.svm import SVC, LinearSVC
 
     return {
@@ -42,10 +47,16 @@ def _classifiers() -> dict[str, tuple[Any, dict]]:
                     {"svc__C": [0.1, 1.0, 10.0, 100.0]}),
         "random_forest": (RandomForestClassifier(n_estimators=100, random_state=0),
                           {"max_features": ["sqrt", 0.05]}),
+        # low-data classifiers on unit-length features (Euclidean on them ranks as cosine does)
+        "centroid": (make_pipeline(Normalizer(), NearestCentroid()), {}),
+        "knn": (make_pipeline(Normalizer(), KNeighborsClassifier()),
+                {"kneighborsclassifier__n_neighbors": [1, 3, 7]}),
     }
 
 
-CLASSIFIERS = ("logreg", "linear_svm", "rbf_svm", "random_forest")
+CLASSIFIERS = ("logreg", "linear_svm", "rbf_svm", "random_forest", "centroid", "knn")
+#: Classifiers meant for a few images per class: the learning curve draws the best of them beside the choice.
+LOW_DATA = ("centroid", "knn")
 
 
 @dataclass
@@ -63,6 +74,29 @@ class EvalRow:
 
 @dataclass
 class EvalResult:
+    """Everything :func:`evaluate_folder` measured; :func:`write_report` writes it as ``results.json``.
+
+    Attributes
+    ----------
+    folder, n_images, class_names, model, layers, cv_folds
+        What was evaluated (``n_images`` after leaving out unreadable ones).
+    rows : list of EvalRow
+        One per feature set x classifier x layer (and the fine-tuned row).
+    best : dict
+        The chosen row (first within one image of the top; see the user guide).
+    nested : dict
+        The accuracy to expect on new images (nested cross-validation).
+    learning_curve : dict
+        Accuracy against labelled images per class, and its sentence.
+    report, confused_pairs, misclassified
+        What the chosen setup gets wrong under cross-validation.
+    transfer_note : str
+        Said when the pretrained rows do not beat the baselines by more than their spread.
+    confusion, extract_seconds, skipped, saved
+        Confusion matrix of the chosen setup, embedding seconds per feature
+        set, images left out, where the best pipeline was saved.
+    """
+
     folder: str
     n_images: int
     class_names: list[str]
@@ -78,6 +112,19 @@ class EvalResult:
     #: Nested cross-validation of the whole selection (``nested=True``): ``mean``, ``std``, per-fold
     #: ``scores``, the ``selections`` each outer fold's inner search made, ``fit_seconds``; {} when off.
     nested: dict = field(default_factory=dict)
+    #: The chosen setup's (and the best low-data classifier's) accuracy against labelled images per class
+    #: (:func:`featx._workbench.learning.learning_curve_of`: ``per_class``, ``curves``, ``sentence``); {} when off.
+    learning_curve: dict = field(default_factory=dict)
+    #: Per-class precision, recall, F1 and support of the chosen setup under cross-validation
+    #: (scikit-learn's ``classification_report`` as a dict).
+    report: dict = field(default_factory=dict)
+    #: The most confused (true, predicted) pairs: ``{"true", "predicted", "count", "share"}``, most frequent first.
+    confused_pairs: list = field(default_factory=list)
+    #: Every image the chosen setup got wrong under cross-validation: ``{"path", "true", "predicted"}``.
+    misclassified: list = field(default_factory=list)
+    #: A sentence when the pretrained rows do not beat raw pixels or random-init by more than their spread,
+    #: else "" (:func:`featx._workbench.transfer.transfer_note`; needs ``compare=True``).
+    transfer_note: str = ""
 
 
 def _raw_pixels(paths: list[str], size: int = 16) -> np.ndarray:
@@ -117,6 +164,7 @@ def evaluate_folder(
     log: Callable[[str], None] = print,
     save: str | Path | None = None,
     nested: bool = True,
+    learning_curve: bool = True,
 ) -> EvalResult:
     """Cross-validate classifiers x layers on frozen features of ``folder`` (one sub-folder per class).
 
@@ -176,10 +224,31 @@ def evaluate_folder(
         set; the nested figure is not. Costs about ``cv`` times the search's
         fit time (no image is embedded again); its result, with the choice
         each outer fold made, is ``EvalResult.nested``.
+    learning_curve : bool, default=True
+        Also draw the chosen setup's learning curve: cross-validated accuracy
+        against labelled training images per class (2, 5, 10, 20, ... up to
+        the smallest class's share of a training fold), beside the best
+        low-data classifier (``centroid`` or ``knn``) on the same layer, with
+        a sentence on whether it still rises at the full size
+        (``EvalResult.learning_curve``). Costs a few fits per size; no image
+        is embedded again.
 
     Returns
     -------
     EvalResult
+        Besides the rows and the best one: the per-class report, the most
+        confused pairs and every misclassified image of the chosen setup
+        under cross-validation (``report``, ``confused_pairs``,
+        ``misclassified``), and, with ``compare=True``, ``transfer_note``: a
+        sentence when the pretrained rows do not beat raw pixels or a
+        random-init backbone by more than their spread.
+
+    Examples
+    --------
+    >>> from featx.evaluate import evaluate_folder  # doctest: +SKIP
+    >>> result = evaluate_folder("photos/", compare=True, log=lambda line: None)  # doctest: +SKIP
+    >>> result.nested["mean"], result.best["mean"]  # doctest: +SKIP
+    (0.95..., 0.96...)
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -207,13 +276,17 @@ def evaluate_folder(
         result.extract_seconds["raw pixels"] = time.perf_counter() - t
         feature_sets.append(("raw pixels", raw, np.array([f"px_{i}" for i in range(raw.shape[1])]), ["16x16 RGB"]))
     splitter = StratifiedKFold(result.cv_folds, shuffle=True, random_state=0)
-    best = _search(feature_sets, classifiers, y, splitter, variants[0][0], result)
+    main_rows = _search(feature_sets, classifiers, y, splitter, variants[0][0], result)
+    best = _first_of_the_best(main_rows, len(y))
     if finetune:
         result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
     if best is not None and nested:
         _record_nested([fs for fs in feature_sets if fs[0] == variants[0][0]], classifiers, y, splitter, result, log)
     if best is not None:
-        _record_best(best, y, splitter, result)
+        _record_best(best, y, splitter, result, paths)
+        if learning_curve:
+            _record_learning_curve(best, main_rows, y, splitter, result, log)
+        result.transfer_note = transfer_note(result.rows, variants[0][0])
         if save is not None:
             row, est, _ = best
             result.saved = str(_save_pipeline(spec, variants[0][1], row.layer, est, save))
@@ -221,16 +294,42 @@ def evaluate_folder(
     return result
 
 
-def _record_best(best: tuple, y: np.ndarray, splitter: Any, result: EvalResult) -> None:
-    """The best row and its confusion matrix (cross-validated predictions) into ``result``."""
+def _record_best(best: tuple, y: np.ndarray, splitter: Any, result: EvalResult, paths: list[str]) -> None:
+    """The best row, its confusion matrix and what it gets wrong (cross-validated predictions) into ``result``."""
     from sklearn.base import clone
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import cross_val_predict
+    from threadpoolctl import threadpool_limits
 
     row, est, X = best
-    pred = cross_val_predict(clone(est), X, y, cv=splitter)
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+        pred = cross_val_predict(clone(est), X, y, cv=splitter)
     result.best = asdict(row)
-    result.confusion = confusion_matrix(y, pred).tolist()
+    result.confusion = confusion_matrix(y, pred, labels=list(range(len(result.class_names)))).tolist()
+    errors = error_analysis(y, pred, result.class_names, paths)
+    result.report, result.confused_pairs = errors["report"], errors["confused_pairs"]
+    result.misclassified = errors["misclassified"]
+
+
+def _record_learning_curve(best: tuple, main_rows: list[tuple], y: np.ndarray, splitter: Any, result: EvalResult,
+                           log: Callable[[str], None]) -> None:
+    """The chosen setup's learning curve, beside the best row of the other family (low-data or not) on its layer."""
+    from sklearn.base import clone
+
+    row, est, X = best
+    low = row.classifier in LOW_DATA
+    others = [r for r in main_rows if r[0].layer == row.layer and (r[0].classifier in LOW_DATA) != low]
+    estimators = {f"{row.classifier} on {row.layer}": clone(est)}
+    if others:
+        other = max(others, key=lambda r: r[0].mean)
+        estimators[other[0].classifier] = clone(other[1])
+    t = time.perf_counter()
+    result.learning_curve = curve = learning_curve_of(estimators, X, y, splitter)
+    if curve["per_class"]:
+        curve["fit_seconds"] = time.perf_counter() - t
+        log(f"learning curve ({', '.join(map(str, curve['per_class']))} images per class) in "
+            f"{curve['fit_seconds']:.1f} s")
 
 
 def _save_pipeline(spec: dict, weights: Any, layer: str, estimator: Any, path: str | Path) -> Path:
@@ -327,8 +426,8 @@ def _leave_out(skipped: dict[str, str], paths: list[str], y: np.ndarray, feature
 
 def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarray, splitter: Any, main: str,
             result: EvalResult):
-    """A GridSearchCV row per feature set x classifier x layer; returns the best ``main`` one's
-    ``(row, estimator, X)`` (None when there is none)."""
+    """A GridSearchCV row per feature set x classifier x layer (into ``result.rows``); returns the ``main``
+    feature set's rows as ``(row, fitted best estimator, X)``."""
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV
     from threadpoolctl import threadpool_limits
@@ -354,7 +453,7 @@ def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarr
                 result.rows.append(row)
                 if label == main:  # the backbone asked for
                     main_rows.append((row, search.best_estimator_, X))
-    return _first_of_the_best(main_rows, len(y))
+    return main_rows
 
 
 def _record_nested(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarray, splitter: Any,
@@ -401,8 +500,8 @@ def _outer_fold(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.n
     k = max(2, min(folds, NESTED_INNER_FOLDS, int(np.bincount(y[train]).min())))
     inner = StratifiedKFold(k, shuffle=True, random_state=1)
     sets = [(label, f[train], names, layers) for label, f, names, layers in feature_sets]
-    row, est, _ = _search(sets, classifiers, y[train], inner, feature_sets[0][0],
-                          EvalResult("", len(train), [], "", [], folds))
+    rows = _search(sets, classifiers, y[train], inner, feature_sets[0][0], EvalResult("", len(train), [], "", [], folds))
+    row, est, _ = _first_of_the_best(rows, len(train))
     label, feats, names, _ = feature_sets[0]
     X = feats[test] if label == "raw pixels" else feats[test][:, _layer_columns(names, row.layer)]
     return float(est.score(X, y[test])), {"classifier": row.classifier, "layer": row.layer, "params": row.best_params,
@@ -498,8 +597,33 @@ def format_nested(result: EvalResult) -> str:
             f"the top of many means, optimistic)\nselected per outer fold: {chosen}")
 
 
+def format_learning_curve(result: EvalResult) -> str:
+    """The learning curve as lines (accuracy per images-per-class size, per curve) and its sentence."""
+    curve = result.learning_curve
+    if not curve or not curve.get("per_class"):
+        return ""
+    sizes = curve["per_class"]
+    width = max(len(label) for label in curve["curves"])
+    lines = [f"{'images per class':<{width}} " + " ".join(f"{k:>6d}" for k in sizes)]
+    for label, c in curve["curves"].items():
+        lines.append(f"{label:<{width}} " + " ".join("   n/a" if m is None else f"{m:>6.3f}" for m in c["mean"]))
+    return "\n".join(lines + [curve["sentence"]])
+
+
+def format_report(result: EvalResult) -> str:
+    """What the CLI prints after the table: nested estimate, learning curve, per-class report, transfer note."""
+    parts = [format_nested(result), format_learning_curve(result)]
+    if result.report:
+        parts.append(format_errors({"report": result.report, "confused_pairs": result.confused_pairs},
+                                   result.class_names))
+    parts.append(result.transfer_note)
+    return "\n\n".join(p for p in parts if p)
+
+
 def write_report(result: EvalResult, out: str | Path) -> list[Path]:
-    """Write ``results.json``, ``accuracy_by_layer.png`` and ``confusion_matrix.png`` into ``out``."""
+    """Write the report folder ``out``: ``results.json`` (every field of ``result``), ``accuracy_by_layer.png``,
+    ``confusion_matrix.png``, ``learning_curve.png`` and ``misclassified.png`` (a contact sheet of the chosen
+    setup's cross-validated mistakes), each when there is something to draw."""
     try:
         import matplotlib
 
@@ -518,6 +642,13 @@ def write_report(result: EvalResult, out: str | Path) -> list[Path]:
     written.append(_plot_accuracy(result, out / "accuracy_by_layer.png", plt))
     if result.confusion:
         written.append(_plot_confusion(result, out / "confusion_matrix.png", plt))
+    if result.learning_curve.get("per_class"):
+        written.append(plot_learning_curve(
+            result.learning_curve, out / "learning_curve.png", plt,
+            f"{result.model}: learning curve ({result.n_images} images, {len(result.class_names)} classes)"))
+    sheet = contact_sheet(result.misclassified, out / "misclassified.png", result.n_images)
+    if sheet is not None:
+        written.append(sheet)
     return written
 
 

@@ -156,6 +156,13 @@ def test_evaluate_writes_report(image_folder, tmp_path):
     assert data["class_names"] == ["cat", "dog", "fox"] and data["cv_folds"] == 3
     assert {r["features"] for r in data["rows"]} == {"pretrained", "random-init", "raw pixels"}
     assert len(data["confusion"]) == 3 and sum(map(sum, data["confusion"])) == 24
+    # the workbench: learning curve (printed and drawn), per-class report, mistakes
+    assert (out / "learning_curve.png").read_bytes()[:8] == PNG
+    assert "images per class" in res.stdout and data["learning_curve"]["sentence"] in res.stdout
+    assert "precision" in res.stdout and "recall" in res.stdout
+    assert len(data["misclassified"]) == sum(sum(r) - r[i] for i, r in enumerate(data["confusion"]))
+    if data["misclassified"]:
+        assert (out / "misclassified.png").read_bytes()[:8] == PNG
 
 
 def test_evaluate_with_tta_and_fine_tuning(image_folder, tmp_path, capsys):
@@ -199,6 +206,8 @@ def test_demo_pretrained_beats_random_init(tmp_path):
     best = {f: max(r["mean"] for r in rows if r["features"] == f) for f in ("pretrained", "random-init", "raw pixels")}
     assert best["pretrained"] > best["random-init"] + 0.1 and best["pretrained"] > best["raw pixels"] + 0.1, best
     assert (out / "accuracy_by_layer.png").read_bytes()[:8] == PNG
+    data = json.loads((out / "results.json").read_text())
+    assert data["transfer_note"] == "" and "negative transfer" not in res.stdout  # pretrained clearly wins here
 
 
 def test_evaluate_errors(tmp_path, capsys):
