@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ def run_demo(work: Path) -> tuple[float, dict, str]:
     """One ``featx demo`` in a fresh process and an empty cache: (wall seconds, results.json, stdout)."""
     env = dict(os.environ, FEATX_CACHE_DIR=str(work / "cache"), PYTHONUNBUFFERED="1")
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "featx", "demo", "-o", str(work / "report"), "--no-progress"],
+    res = subprocess.run([sys.executable, "-m", "featx", "demo", "-o", str(work / "report")],
                          env=env, capture_output=True, text=True, cwd=work)
     seconds = time.perf_counter() - t
     if res.returncode != 0:
@@ -64,8 +65,11 @@ def figures(data: dict) -> dict:
         "nested": {k: data["nested"][k] for k in ("mean", "std", "inner_folds", "fit_seconds")},
         "best_minus_nested": data["best"]["mean"] - data["nested"]["mean"],
         "selections": [f"{s['classifier']} on {s['layer']}" for s in data["nested"]["selections"]],
+        "selections_text": ", ".join(f"{k} in {v} folds" for k, v in Counter(
+            f"{s['classifier']} on {s['layer']}" for s in data["nested"]["selections"]).most_common()),
         "baselines": {f: best_of(f) for f in ("random-init", "raw pixels")},
         "learning_curve": {"per_class": lc["per_class"], "sentence": lc["sentence"],
+                           "per_class_text": ", ".join(map(str, lc["per_class"])),
                            "curves": {k: v["mean"] for k, v in lc["curves"].items()},
                            "fit_seconds": lc.get("fit_seconds")},
         "low_data_best": best_of_classifiers(data, ("centroid", "knn")),

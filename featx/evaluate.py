@@ -61,7 +61,21 @@ LOW_DATA = ("centroid", "knn")
 
 @dataclass
 class EvalRow:
-    """One (features, classifier, layer) result."""
+    """One (features, classifier, layer) result.
+
+    Parameters
+    ----------
+    features : str
+        ``"pretrained"``, ``"random-init"``, ``"raw pixels"``, ``"tta ..."`` or ``"fine-tuned"``.
+    classifier, layer : str
+        The classifier's name (one of ``CLASSIFIERS``) and the layer.
+    mean, std : float
+        Cross-validated accuracy of the best parameters, and its spread over the folds.
+    best_params : dict
+        The parameters the search chose.
+    fit_seconds : float
+        The cross-validated search alone (embedding is in ``EvalResult.extract_seconds``).
+    """
 
     features: str  # "pretrained", "random-init", "raw pixels"
     classifier: str
@@ -76,25 +90,34 @@ class EvalRow:
 class EvalResult:
     """Everything :func:`evaluate_folder` measured; :func:`write_report` writes it as ``results.json``.
 
-    Attributes
+    Parameters
     ----------
-    folder, n_images, class_names, model, layers, cv_folds
-        What was evaluated (``n_images`` after leaving out unreadable ones).
+    folder, model : str
+        The folder and the backbone evaluated.
+    n_images, cv_folds : int
+        Images evaluated (after leaving out unreadable ones) and folds.
+    class_names, layers : list of str
+        The classes (sub-folder names) and the candidate layers.
     rows : list of EvalRow
         One per feature set x classifier x layer (and the fine-tuned row).
+    extract_seconds : dict
+        Seconds to embed each feature set (near 0 from the cache).
     best : dict
         The chosen row (first within one image of the top; see the user guide).
+    confusion : list of list of int
+        Confusion matrix of the chosen setup under cross-validation.
+    skipped : list of (str, str)
+        Images left out, with the reason.
+    saved : str or None
+        Where the best pipeline was written (``save=``).
     nested : dict
         The accuracy to expect on new images (nested cross-validation).
     learning_curve : dict
         Accuracy against labelled images per class, and its sentence.
-    report, confused_pairs, misclassified
+    report, confused_pairs, misclassified : dict, list, list
         What the chosen setup gets wrong under cross-validation.
     transfer_note : str
         Said when the pretrained rows do not beat the baselines by more than their spread.
-    confusion, extract_seconds, skipped, saved
-        Confusion matrix of the chosen setup, embedding seconds per feature
-        set, images left out, where the best pipeline was saved.
     """
 
     folder: str
@@ -109,21 +132,21 @@ class EvalResult:
     confusion: list[list[int]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out (on_error="skip")
     saved: str | None = None  # where the best pipeline was written (``save=``)
-    #: Nested cross-validation of the whole selection (``nested=True``): ``mean``, ``std``, per-fold
-    #: ``scores``, the ``selections`` each outer fold's inner search made, ``fit_seconds``; {} when off.
+    # Nested cross-validation of the whole selection (``nested=True``): ``mean``, ``std``, per-fold
+    # ``scores``, the ``selections`` each outer fold's inner search made, ``fit_seconds``; {} when off.
     nested: dict = field(default_factory=dict)
-    #: The chosen setup's (and the best low-data classifier's) accuracy against labelled images per class
-    #: (:func:`featx._workbench.learning.learning_curve_of`: ``per_class``, ``curves``, ``sentence``); {} when off.
+    # The chosen setup's (and the best low-data classifier's) accuracy against labelled images per class
+    # (``per_class``, ``curves``, ``sentence``, ``folds``); {} when off.
     learning_curve: dict = field(default_factory=dict)
-    #: Per-class precision, recall, F1 and support of the chosen setup under cross-validation
-    #: (scikit-learn's ``classification_report`` as a dict).
+    # Per-class precision, recall, F1 and support of the chosen setup under cross-validation
+    # (scikit-learn's ``classification_report`` as a dict).
     report: dict = field(default_factory=dict)
-    #: The most confused (true, predicted) pairs: ``{"true", "predicted", "count", "share"}``, most frequent first.
+    # The most confused (true, predicted) pairs: ``{"true", "predicted", "count", "share"}``, most frequent first.
     confused_pairs: list = field(default_factory=list)
-    #: Every image the chosen setup got wrong under cross-validation: ``{"path", "true", "predicted"}``.
+    # Every image the chosen setup got wrong under cross-validation: ``{"path", "true", "predicted"}``.
     misclassified: list = field(default_factory=list)
-    #: A sentence when the pretrained rows do not beat raw pixels or random-init by more than their spread,
-    #: else "" (:func:`featx._workbench.transfer.transfer_note`; needs ``compare=True``).
+    # A sentence when the pretrained rows do not beat raw pixels or random-init by more than their spread,
+    # else "" (needs ``compare=True``).
     transfer_note: str = ""
 
 
@@ -254,11 +277,7 @@ def evaluate_folder(
 
     from .datasets import load_image_folder
 
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r} is invalid. Use 'raise' or 'skip'.")
-    unknown = set(classifiers) - set(CLASSIFIERS)
-    if unknown:
-        raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from {list(CLASSIFIERS)}")
+    _check_arguments(on_error, classifiers)
     paths, y, class_names = load_image_folder(folder)
     if len(class_names) < 2:
         raise ValueError(f"{str(folder)!r} has one class ({class_names[0]!r}); evaluation needs at least two.")
@@ -280,18 +299,35 @@ def evaluate_folder(
     best = _first_of_the_best(main_rows, len(y))
     if finetune:
         result.rows.append(_finetune_row(model, weights, paths, y, splitter, finetune_params, device, log))
-    if best is not None and nested:
-        _record_nested([fs for fs in feature_sets if fs[0] == variants[0][0]], classifiers, y, splitter, result, log)
     if best is not None:
-        _record_best(best, y, splitter, result, paths)
-        if learning_curve:
-            _record_learning_curve(best, main_rows, y, splitter, result, log)
-        result.transfer_note = transfer_note(result.rows, variants[0][0])
+        main_sets = [fs for fs in feature_sets if fs[0] == variants[0][0]]
+        _analyse(best, main_rows, main_sets, classifiers, paths, y, splitter, result, log,
+                 nested=nested, learning_curve=learning_curve)
         if save is not None:
             row, est, _ = best
             result.saved = str(_save_pipeline(spec, variants[0][1], row.layer, est, save))
             log(f"saved the best pipeline ({row.classifier} on {row.layer}) to {result.saved}")
     return result
+
+
+def _check_arguments(on_error: str, classifiers: tuple[str, ...]) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r} is invalid. Use 'raise' or 'skip'.")
+    unknown = set(classifiers) - set(CLASSIFIERS)
+    if unknown:
+        raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from {list(CLASSIFIERS)}")
+
+
+def _analyse(best: tuple, main_rows: list[tuple], main_sets: list[tuple], classifiers: tuple[str, ...],
+             paths: list[str], y: np.ndarray, splitter: Any, result: EvalResult, log: Callable[[str], None], *,
+             nested: bool, learning_curve: bool) -> None:
+    """Everything past the table: the honest estimate, the chosen setup's mistakes and curve, the transfer note."""
+    if nested:
+        _record_nested(main_sets, classifiers, y, splitter, result, log)
+    _record_best(best, y, splitter, result, paths)
+    if learning_curve:
+        _record_learning_curve(best, main_rows, y, splitter, result, log)
+    result.transfer_note = transfer_note(result.rows, main_sets[0][0])
 
 
 def _record_best(best: tuple, y: np.ndarray, splitter: Any, result: EvalResult, paths: list[str]) -> None:
@@ -323,7 +359,7 @@ def _record_learning_curve(best: tuple, main_rows: list[tuple], y: np.ndarray, s
     estimators = {f"{row.classifier} on {row.layer}": clone(est)}
     if others:
         other = max(others, key=lambda r: r[0].mean)
-        estimators[other[0].classifier] = clone(other[1])
+        estimators[f"{other[0].classifier} on {row.layer}"] = clone(other[1])
     t = time.perf_counter()
     result.learning_curve = curve = learning_curve_of(estimators, X, y, splitter)
     if curve["per_class"]:
@@ -611,7 +647,18 @@ def format_learning_curve(result: EvalResult) -> str:
 
 
 def format_report(result: EvalResult) -> str:
-    """What the CLI prints after the table: nested estimate, learning curve, per-class report, transfer note."""
+    """What the CLI prints after the table: nested estimate, learning curve, per-class report, transfer note.
+
+    Parameters
+    ----------
+    result : EvalResult
+        From :func:`evaluate_folder`.
+
+    Returns
+    -------
+    str
+        Paragraphs separated by blank lines; those with nothing to say are left out.
+    """
     parts = [format_nested(result), format_learning_curve(result)]
     if result.report:
         parts.append(format_errors({"report": result.report, "confused_pairs": result.confused_pairs},
@@ -621,9 +668,23 @@ def format_report(result: EvalResult) -> str:
 
 
 def write_report(result: EvalResult, out: str | Path) -> list[Path]:
-    """Write the report folder ``out``: ``results.json`` (every field of ``result``), ``accuracy_by_layer.png``,
-    ``confusion_matrix.png``, ``learning_curve.png`` and ``misclassified.png`` (a contact sheet of the chosen
-    setup's cross-validated mistakes), each when there is something to draw."""
+    """Write the report folder: ``results.json`` and the plots, each when there is something to draw.
+
+    Parameters
+    ----------
+    result : EvalResult
+        From :func:`evaluate_folder`.
+    out : str or Path
+        The report folder (created if missing).
+
+    Returns
+    -------
+    list of Path
+        The files written: ``results.json`` (every field of ``result``),
+        ``accuracy_by_layer.png``, ``confusion_matrix.png``,
+        ``learning_curve.png`` and ``misclassified.png`` (a contact sheet of
+        the chosen setup's cross-validated mistakes).
+    """
     try:
         import matplotlib
 

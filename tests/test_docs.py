@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PERFORMANCE = ROOT / "docs" / "performance.md"
+#: Pages whose every figure is a ``{bench}`` reference into the results (none typed).
+FROM_RESULTS = [PERFORMANCE, ROOT / "docs" / "user_guide" / "evaluation.md"]
 
 
 def _benchdata():
@@ -46,22 +48,25 @@ def test_references_take_the_pages_prefix():
     assert benchdata.references(text) == ["a.json::x@d", "b.json::models::m::k@.1f", "c.json::y"]
 
 
-def test_every_performance_figure_resolves_in_the_results():
-    text = PERFORMANCE.read_text()
+@pytest.mark.parametrize("page", FROM_RESULTS, ids=lambda p: p.name)
+def test_every_figure_resolves_in_the_results(page):
+    text = page.read_text()
     refs = benchdata.references(text)
-    assert len(refs) > 100
+    assert len(refs) > (100 if page == PERFORMANCE else 20)
     for ref in refs:
         key, _, fmt = ref.partition("@")
         _, value = benchdata.lookup(RESULTS, key)
         benchdata.render(value, fmt or None)
 
 
-def test_the_performance_page_types_no_figure_itself():
+@pytest.mark.parametrize("page", FROM_RESULTS, ids=lambda p: p.name)
+def test_the_page_types_no_figure_itself(page):
     """Outside the roles, no measured number: decimals and ratios come only from the JSON."""
-    prose = benchdata.ROLE.sub("", PERFORMANCE.read_text())
+    prose = benchdata.ROLE.sub("", page.read_text())
+    prose = re.sub(r"```.*?```", "", prose, flags=re.S)  # code blocks
     prose = re.sub(r"`[^`]*`", "", prose)  # code: script names and options
     typed = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?x\b(?!\d)", prose)
-    assert not typed, f"figures typed into docs/performance.md instead of read from JSON: {typed}"
+    assert not typed, f"figures typed into {page.name} instead of read from JSON: {typed}"
 
 
 def test_the_package_version_is_the_changelogs_newest_entry():

@@ -35,7 +35,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-_GUIDE = ("inputs", "backbones", "estimator", "cache", "precision", "tta_finetune", "scaling", "cli")
+_GUIDE = ("inputs", "backbones", "estimator", "cache", "precision", "tta_finetune", "scaling", "evaluation", "cli")
 PAGES = [README, ROOT / "docs" / "getting_started.md", *(ROOT / "docs" / "user_guide" / f"{n}.md" for n in _GUIDE),
          ROOT / "docs" / "development.md", ROOT / "docs" / "index.md"]
 _FENCE = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\s*\n)?^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.M | re.S)
