@@ -42,7 +42,7 @@ def test_make_demo_folder(tmp_path, n):
     "script,expect",
     [
         ("grid_search_classifiers.py", "best: "),
-        ("choose_layer.py", "best layer: "),
+        ("choose_layer.py", "expected on new images: "),
         ("pretrained_vs_random.py", "raw pixels"),
         ("custom_module.py", "SmallNet (random weights)"),
         ("feature_union.py", "texture__stage4_gem_0"),
