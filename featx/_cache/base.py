@@ -42,6 +42,13 @@ class EmbeddingStore(ABC):
     def path_keys(self, paths: Sequence[str]) -> list[str | None]:
         """The item key of each file path (None where it cannot be read), from an index where one is kept."""
 
+    def known_urls(self, urls: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{url: (version, item key)}`` remembered for these URLs (a store that keeps no index: none)."""
+        return {}
+
+    def remember_urls(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """Remember ``(url, version, item key)`` rows, where the store keeps an index (else nothing)."""
+
     @abstractmethod
     def register_namespace(self, ns: str, info: dict) -> None:
         """Record a namespace's provenance (once; later calls are no-ops)."""

@@ -411,6 +411,13 @@ class SharedCache(EmbeddingStore):
 
     # ----------------------------------------------------------- content
 
+    def known_urls(self, urls: Sequence[str]) -> dict[str, tuple[str, str]]:
+        return self.local.known_urls(urls) if self.local is not None else {}
+
+    def remember_urls(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        if self.local is not None:
+            self.local.remember_urls(rows)
+
     def path_keys(self, paths: Sequence[str]) -> list[str | None]:
         """Content keys of local files (remembered by the local layer when there is one)."""
         if self.local is not None:

@@ -45,7 +45,6 @@ __all__ = [
     "resolve_cache_dir",
     "EmbeddingCache",
     "content_key",
-    "item_keys",
     "namespace_for",
 ]
 
@@ -68,6 +67,8 @@ CREATE INDEX IF NOT EXISTS embeddings_atime ON embeddings(atime);
 CREATE TABLE IF NOT EXISTS files(
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     hashed_ns INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS urls(
+    url TEXT PRIMARY KEY, version TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims(
     ns TEXT NOT NULL, item TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY(ns, item));
@@ -174,23 +175,6 @@ def namespace_for(*, model_id: str, weights_id: str | None, weights_digest: str,
     info = dict(key, weights=weights_id, featx=__version__, torch_full=torch.__version__,
                 library_full=None if library is None else list(library))
     return ns, info
-
-
-def item_keys(items: Any, cache: "EmbeddingCache") -> list[str | None]:
-    """Content keys of every item (None where it cannot be read: it then fails in the loader)."""
-    if items.kind != "list":
-        return [content_key(items[i]) for i in range(len(items))]
-    keys: list[str | None] = [None] * len(items)
-    path_idx = [i for i, it in enumerate(items.data) if isinstance(it, (str, os.PathLike))]
-    for i, k in zip(path_idx, cache.path_keys([os.fspath(items[i]) for i in path_idx])):
-        keys[i] = k
-    for i, it in enumerate(items.data):
-        if keys[i] is None and not isinstance(it, (str, os.PathLike)):
-            try:
-                keys[i] = content_key(it)
-            except Exception:  # an unhashable oddity: no key, so the loader reports it
-                keys[i] = None
-    return keys
 
 
 def _clock() -> float:
@@ -464,6 +448,19 @@ class EmbeddingCache(EmbeddingStore):
             self._write(lambda c, rows: c.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", rows), fresh)
         return keys
 
+    def known_urls(self, urls: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{url: (version, content key)}`` recorded for these URLs."""
+        known: dict[str, tuple[str, str]] = {}
+        for chunk in _chunks(sorted(set(urls))):
+            known.update({u: (v, h) for u, v, h in self._read(
+                f"SELECT url, version, hash FROM urls WHERE url IN ({_qs(chunk)})", chunk)})
+        return known
+
+    def remember_urls(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """Record ``(url, version, content key)`` rows (a failure only costs a download next time)."""
+        if rows:
+            self._write(lambda c, r: c.executemany("INSERT OR REPLACE INTO urls VALUES (?,?,?)", r), list(rows))
+
     # ------------------------------------------------------------ claims
 
     def _claims(self, ns: str, keys: Sequence[str]) -> dict[str, tuple[str, float]]:
@@ -610,7 +607,7 @@ class EmbeddingCache(EmbeddingStore):
     def clear(self) -> int:
         """Delete every entry, namespace and file hash, and shrink the file; return how many entries went."""
         rows = self._read("SELECT COUNT(*) FROM embeddings", ())
-        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files", "claims")]):
+        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files", "urls", "claims")]):
             raise OSError(f"featx cache at {str(self.root)!r}: nothing was removed: {self._unwritable()}")
         self._vacuum()
         return rows[0][0] if rows else 0
@@ -649,6 +646,7 @@ class EmbeddingCache(EmbeddingStore):
             self._write(lambda c: [
                 c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"),
                 c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
+                c.execute("DELETE FROM urls WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
             ])
             removed += len(victims)
             self._vacuum()

@@ -48,6 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .._exceptions import ImageLoadError
+from .remote import Unreadable, URLError, is_url, local_path, read_url
 
 __all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path"]
 
@@ -103,10 +104,10 @@ class NamedBytes(bytes):
     path: str | None = None
 
     def __reduce__(self):  # to DataLoader workers, with the name
-        return (_named_bytes, (bytes(self), self.path))
+        return (named_bytes, (bytes(self), self.path))
 
 
-def _named_bytes(data: bytes, path: str | None) -> NamedBytes:
+def named_bytes(data: bytes, path: str | None) -> NamedBytes:
     out = NamedBytes(data)
     out.path = path
     return out
@@ -116,16 +117,18 @@ def _from_record(item: dict) -> Any:
     """A Hugging Face ``Image(decode=False)`` record (``{"bytes": ..., "path": ...}``): its bytes, else its path."""
     data, path = item.get("bytes"), item.get("path")
     if data is not None:
-        return _named_bytes(bytes(data), None if path is None else os.fspath(path))
+        return named_bytes(bytes(data), None if path is None else os.fspath(path))
     if path is not None:
         return os.fspath(path)
     return item  # neither: refused per item by load_item, naming the keys
 
 
 def item_path(item: Any) -> str | None:
-    """The file path of an item (or the name its bytes came with), or None."""
+    """The file path or URL of an item (or the name its bytes came with), or None."""
     if isinstance(item, NamedBytes):
         return item.path
+    if isinstance(item, Unreadable):
+        return item.url
     return os.fspath(item) if _is_path(item) else None
 
 
@@ -494,6 +497,19 @@ def read_file(path: str) -> bytes:
             os.close(fd)
 
 
+def read_source(path: str) -> bytes:
+    """The bytes of a local file (:func:`read_file`) or of an fsspec URL (:mod:`featx._images.remote`)."""
+    if not is_url(path):
+        return read_file(path)
+    local = local_path(path)
+    if local is not None:
+        return read_file(local)
+    try:
+        return read_url(path)
+    except URLError as exc:
+        raise _BadItem(str(exc)) from None
+
+
 def load_item(item: Any, draft_size: int | None = None, decode_device: torch.device | None = None) -> torch.Tensor:
     """One item -> a C x H x W uint8 RGB tensor.
 
@@ -502,9 +518,11 @@ def load_item(item: Any, draft_size: int | None = None, decode_device: torch.dev
     """
     if item is None:
         raise _BadItem("item is None")
+    if isinstance(item, Unreadable):  # a URL whose read failed while it was keyed for the cache
+        raise _BadItem(item.reason)
     if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
         if _is_path(item):
-            data = read_file(os.fspath(item))
+            data = read_source(os.fspath(item))
         else:
             data = bytes(item)
         if not data:

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from .._cache.sqlite import item_keys
 from .device import autocast
 from .compiled import CompiledEngine
+from .keys import item_keys
 from .quantized import QuantizedEngine
 from .engines import build_engine
 from .._exceptions import DeviceWarning
