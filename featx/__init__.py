@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._exceptions import BackendWarning, CacheWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, OutputError
+from ._exceptions import BackendWarning, CacheWarning, ChannelsWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, OutputError
 
 from ._legacy import install as _install_legacy_paths
 from ._sharing import trusted_types
@@ -39,6 +39,7 @@ __all__ = [
     "trusted_types",
     "ImageLoadError",
     "ImageLoadWarning",
+    "ChannelsWarning",
     "ModelLoadError",
     "OutputError",
     "FeatxWarning",

@@ -124,6 +124,32 @@ class ImageLoadWarning(FeatxWarning):
     """
 
 
+class ChannelsWarning(FeatxWarning):
+    """An image with more channels than RGB(A) was read as RGB(A): the extra bands are not used.
+
+    featx reads 1, 3 or 4 channel images (grayscale, RGB, RGB with
+    transparency). A 4-channel array is read as RGBA (its fourth channel
+    composited as transparency), and a TIFF with more bands than RGB(A) (a
+    near-infrared band, a multispectral stack) is read as Pillow decodes it,
+    which drops the extra bands or takes its first page. Python's default
+    warning filter shows it once per kind of input; multispectral input is not
+    supported yet.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> from featx import ChannelsWarning, PretrainedFeatureExtractor
+    >>> ext = PretrainedFeatureExtractor(weights=None, preprocess={"input_size": 32}).fit()
+    >>> rgb_nir = np.zeros((40, 40, 4), dtype=np.uint8)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     X = ext.transform([rgb_nir])
+    >>> any(issubclass(w.category, ChannelsWarning) for w in caught)
+    True
+    """
+
+
 class ImageLoadError(ValueError):
     """An input item could not be turned into an image.
 

@@ -39,6 +39,7 @@ import io
 import os
 import stat
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .._exceptions import ImageLoadError
+from .._exceptions import ChannelsWarning, ImageLoadError
 from .remote import Unreadable, URLError, is_url, local_path, read_url
 
 __all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path"]
@@ -410,9 +411,15 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
                     "FEATX_MAX_PIXELS if the memory is there"
                 )
             img.load()  # decode now: truncated data fails here, inside this error handling
+            if img.format == "TIFF":
+                _check_tiff_bands(src.getvalue(), img)
             img = ImageOps.exif_transpose(img)
             return _to_rgb_pil(img)
     except UnidentifiedImageError:
+        bands = _tiff_layout(src.getvalue())
+        if bands is not None:
+            raise _BadItem(f"a TIFF with {bands} that Pillow cannot decode: featx reads 1, 3 or 4 band images (RGB(A)); "
+                           "multispectral input is not supported yet") from None
         raise _BadItem(
             f"not a recognised image format (featx reads {', '.join(ALLOWED_FORMATS)}; is it really an image?)"
         ) from None
@@ -420,6 +427,38 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
         raise _BadItem(f"image too large (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise _BadItem(f"corrupt or truncated image data ({exc})") from None
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """How a TIFF holds its bands ("12 samples per pixel", "20 pages of 30 x 12 ..."), None if not a TIFF
+    or tifffile (installed with scikit-image; ``pip install tifffile``) is missing."""
+    if data[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page, pages = tif.pages[0], len(tif.pages)
+            spp = int(page.samplesperpixel)
+            shape = tuple(tif.series[0].shape) if tif.series else None
+    except Exception:  # noqa: BLE001 - not readable by tifffile either: say nothing more
+        return None
+    if pages > 1 and spp == 1:
+        return f"{pages} pages of {page.shape[1]} x {page.shape[0]} (tifffile reads it as {shape}: a band stack?)"
+    return f"{spp} samples per pixel"
+
+
+def _check_tiff_bands(data: bytes, img: Image.Image) -> None:
+    """Warn when Pillow reads a TIFF as fewer bands than it holds (extra samples dropped, a stack's first page)."""
+    n_frames = getattr(img, "n_frames", 1)
+    extra = img.tag_v2.get(338) if hasattr(img, "tag_v2") else None  # ExtraSamples
+    spp = int(img.tag_v2.get(277, 1)) if hasattr(img, "tag_v2") else 1  # SamplesPerPixel
+    alpha = spp == 4 and img.mode in ("RGBA", "LA") and extra not in (None, 0, (0,))
+    if (spp > 3 and not alpha and img.mode != "CMYK") or (n_frames > 1 and spp == 1):
+        layout = _tiff_layout(data) or (f"{n_frames} pages" if n_frames > 1 else f"{spp} samples per pixel")
+        warnings.warn(f"a TIFF with {layout} is read as one {img.mode} image of {img.size[0]} x {img.size[1]} "
+                      "(what Pillow decodes): its other bands are not used; multispectral input is not supported "
+                      "yet.", ChannelsWarning, stacklevel=2)
 
 
 def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
@@ -434,7 +473,13 @@ def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
                 f"array of shape {arr.shape} looks channels-first; featx expects numpy images as "
                 "H x W x C (transpose with arr.transpose(1, 2, 0))"
             )
-        raise _BadItem(f"an image array needs 1, 3 or 4 channels, got shape {arr.shape}")
+        raise _BadItem(f"an image array with {c} channels (shape {arr.shape}): featx reads 1, 3 or 4 (grayscale, "
+                       "RGB, RGBA); multispectral input is not supported yet (pass three of its bands as RGB)")
+    if c == 4:
+        warnings.warn("a 4-channel image array is read as RGBA: its fourth channel is taken as transparency and "
+                      "composited onto white. If it is a fourth band (near-infrared, say), featx does not use it: "
+                      "multispectral input is not supported yet; pass arr[..., :3] for RGB.", ChannelsWarning,
+                      stacklevel=2)
     if arr.dtype == np.uint8:
         unit = None
     elif arr.dtype == np.uint16:
