@@ -67,12 +67,14 @@ CREATE INDEX IF NOT EXISTS embeddings_atime ON embeddings(atime);
 CREATE TABLE IF NOT EXISTS files(
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     hashed_ns INTEGER NOT NULL, hash TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS urls(
-    url TEXT PRIMARY KEY, version TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims(
     ns TEXT NOT NULL, item TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY(ns, item));
 """
+
+#: URL -> version (ETag, size, modification time) -> content hash; created when first written, so that opening
+#: a database made by an older featx writes nothing (it may be read-only, or on a full disk).
+_URLS_TABLE = "CREATE TABLE IF NOT EXISTS urls(url TEXT PRIMARY KEY, version TEXT NOT NULL, hash TEXT NOT NULL)"
 
 #: A claim on an image being computed lapses after this long (a stuck or remote owner cannot block forever).
 CLAIM_TTL = 15 * 60.0
@@ -452,14 +454,15 @@ class EmbeddingCache(EmbeddingStore):
         """``{url: (version, content key)}`` recorded for these URLs."""
         known: dict[str, tuple[str, str]] = {}
         for chunk in _chunks(sorted(set(urls))):
-            known.update({u: (v, h) for u, v, h in self._read(
+            known.update({u: (v, h) for u, v, h in self._read_quiet(  # no table yet: nothing known
                 f"SELECT url, version, hash FROM urls WHERE url IN ({_qs(chunk)})", chunk)})
         return known
 
     def remember_urls(self, rows: Sequence[tuple[str, str, str]]) -> None:
         """Record ``(url, version, content key)`` rows (a failure only costs a download next time)."""
         if rows:
-            self._write(lambda c, r: c.executemany("INSERT OR REPLACE INTO urls VALUES (?,?,?)", r), list(rows))
+            self._write(lambda c, r: (c.execute(_URLS_TABLE),
+                                      c.executemany("INSERT OR REPLACE INTO urls VALUES (?,?,?)", r)), list(rows))
 
     # ------------------------------------------------------------ claims
 
@@ -607,7 +610,7 @@ class EmbeddingCache(EmbeddingStore):
     def clear(self) -> int:
         """Delete every entry, namespace and file hash, and shrink the file; return how many entries went."""
         rows = self._read("SELECT COUNT(*) FROM embeddings", ())
-        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files", "urls", "claims")]):
+        if not self._write(lambda c: [c.execute(f"DELETE FROM {t}") for t in ("embeddings", "namespaces", "files", "claims")] + [c.execute("DROP TABLE IF EXISTS urls")]):
             raise OSError(f"featx cache at {str(self.root)!r}: nothing was removed: {self._unwritable()}")
         self._vacuum()
         return rows[0][0] if rows else 0
@@ -646,6 +649,7 @@ class EmbeddingCache(EmbeddingStore):
             self._write(lambda c: [
                 c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"),
                 c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
+                c.execute(_URLS_TABLE),
                 c.execute("DELETE FROM urls WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
             ])
             removed += len(victims)
