@@ -126,9 +126,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         never picks it.
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 64 on CUDA; on the CPU, 8 for
-        one fp32 stream (eager or compiled) or int8, and 4 otherwise (per stream with bf16 streams, see
-        ``streams_``): the bare model's best batch, as measured on the
-        Performance page of the docs. Results do not depend on it (within
+        one eager fp32 stream, a compiled package (fp32 or bf16) or int8,
+        and 4 otherwise (per stream with eager bf16 streams, see
+        ``streams_``): the best batch as measured on the Performance page of
+        the docs. Results do not depend on it (within
         1e-5 in fp32).
     num_workers : int or "auto", default="auto"
         Decoding and resizing. An int: that many DataLoader worker processes
@@ -163,23 +164,26 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
     progress : bool or None, default=None
         Show a tqdm progress bar; None shows it when stderr is a terminal.
     backend : {"auto", "torch", "torch.compile", "onnxruntime"}, default="auto"
-        What runs the backbone. ``"auto"``: on the CPU in fp32 (``"auto"``
-        precision where the CPU lacks native bf16), the compiled package
-        below, compiled once the eager runs of its graph in this cache
-        directory have cost about as much as a compilation (30 s of eager
-        work, ``FEATX_COMPILE_AFTER_S`` to change it; so small jobs never
-        compile, and a large one switches part-way); with bf16 on the CPU,
-        eager bf16 streams (faster there than the compiled fp32 graph); on
-        GPUs, eager PyTorch. ``"torch"``: eager PyTorch. ``"torch.compile"``:
-        on the CPU in fp32 (its ``"auto"`` precision there), the truncated
+        What runs the backbone. ``"auto"``: on the CPU in fp32 or bf16 (the
+        resolved precision), the compiled package below, compiled once the
+        eager runs of its graph in this cache directory have cost about as
+        much as a compilation (30 s of eager work, ``FEATX_COMPILE_AFTER_S``
+        to change it; so small jobs never compile, and a large one switches
+        part-way), and kept only if the compiling process timed it faster
+        than eager PyTorch; until then, and where it was not kept, eager
+        PyTorch with featx's CPU schedule (bf16 streams); on GPUs, eager
+        PyTorch. ``"torch"``: eager PyTorch. ``"torch.compile"``: on the CPU
+        in fp32 (its ``"auto"`` precision there) or bf16, the truncated
         forward pass compiled ahead of time by TorchInductor and kept in
         ``<cache dir>/compiled/``: a run that finds it missing runs eager
         PyTorch and, when it ends, starts its compilation in another process
         at the lowest priority, so no call waits for a compilation; later runs
         and processes switch to the package as soon as it is there. Its
-        features equal eager PyTorch's (within 1e-5 of their scale) and share
-        cache entries. On GPUs, and in bf16/fp16, ``torch.compile`` in this
-        process (the first batch pays the compilation). ``"onnxruntime"``
+        features equal eager PyTorch's (fp32: within 1e-5 of their scale;
+        bf16: within a bf16 rounding step or two, the engines round
+        differently) and share cache entries. On GPUs, and in fp16,
+        ``torch.compile`` in this process (the first batch pays the
+        compilation). ``"onnxruntime"``
         (CPU, fp32; needs ``pip install 'featx[onnx]'``): the backbone up to
         the deepest requested layer plus the pooling, exported once to ONNX
         and stored in ``<cache dir>/onnx/`` (the default cache directory when

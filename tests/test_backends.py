@@ -157,7 +157,7 @@ def test_backend_validation():
     with pytest.raises(ValueError, match="CPU only"):
         resolve_backend("onnxruntime", torch.device("cuda"), None)
     assert resolve_backend("auto", CPU, None) == "torch.compile"
-    assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "torch.compile"
     assert resolve_backend("auto", torch.device("cuda"), None) == "torch"
     with mock.patch("featx._runtime.engines._ort_installed", return_value=False):
         with pytest.raises(ImportError, match=r"pip install 'featx\[onnx\]'"):
@@ -167,16 +167,16 @@ def test_backend_validation():
 
 
 @needs_ort
-def test_auto_backend_is_the_compiled_package_for_fp32_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
+def test_auto_backend_is_the_compiled_package_on_cpu(tiny_cnn, images, tmp_path, monkeypatch):
     import featx._runtime.device as dev
 
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: False)  # an AVX2-class CPU
     ext = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto", cache=tmp_path).fit()
     assert ext.backend_ == "torch.compile" and ext.precision_ == "fp32"
-    # where bf16 is native, auto precision is bf16 and eager PyTorch runs it (ONNX Runtime would be fp32, ~2x slower)
+    # where bf16 is native, auto precision is bf16, compiled in bf16 the same way (eager bf16 streams until then)
     monkeypatch.setattr(dev, "cpu_native_bf16", lambda: True)
     fast = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="auto").fit()
-    assert fast.backend_ == "torch" and fast.precision_ == "bf16"
+    assert fast.backend_ == "torch.compile" and fast.precision_ == "bf16"
     # an explicit onnxruntime backend makes precision="auto" fp32 (it computes in fp32), on any CPU
     ort = PretrainedFeatureExtractor(tiny_cnn, preprocess=SMALL, progress=False, backend="onnxruntime", cache=tmp_path).fit()
     assert ort.backend_ == "onnxruntime" and ort.precision_ == "fp32"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import numpy as np
@@ -49,6 +50,7 @@ def test_compiled_features_equal_eager_and_the_package_is_kept(store, monkeypatc
         engine = ext._runner.engine
         assert isinstance(engine, compiled.CompiledEngine) and not engine.ready
         _wait(engine)
+        assert engine.wait_loaded()
         again = ext.transform(X)
     assert engine.ready and engine.compiled_batches >= 2  # the full batches ran compiled
     scale = np.abs(ref).max()
@@ -65,6 +67,7 @@ def test_another_process_loads_the_package_instead_of_compiling(store):
         rng = np.random.default_rng(0)
         X = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(10)]
         ext = PretrainedFeatureExtractor(**{KW!r}, backend="torch.compile").fit()
+        ext._runner.engine.wait_loaded()  # fit started loading it; runs switch once it is loaded
         ext.transform(X)
         e = ext._runner.engine
         print(e.ready, e._child, e.compiled_batches)
@@ -87,6 +90,7 @@ def test_a_corrupt_package_warns_runs_eager_and_is_compiled_again(store, tmp_pat
     ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
     ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
     with pytest.warns(BackendWarning, match="does not load"):
+        ext._runner.engine.wait_loaded()
         got = ext.transform(X)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
     assert not damaged.exists() and started == []  # removed; this run stays eager
@@ -149,14 +153,44 @@ def test_a_fresh_lock_of_a_killed_compiler_on_this_host_is_taken_over_at_once(tm
     assert compiled._lock(path) is True
 
 
-def test_bf16_keeps_in_process_compilation_and_auto_precision_is_fp32():
+def test_auto_precision_with_explicit_torch_compile_is_fp32():
     auto = PretrainedFeatureExtractor(**{**KW, "precision": "auto"}, backend="torch.compile").fit()
     assert auto.precision_ == "fp32" and auto._settled.settings.compiled_file is not None
-    if torch.cpu._is_avx512_bf16_supported():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bf16 = PretrainedFeatureExtractor(**{**KW, "precision": "bf16"}, backend="torch.compile").fit()
-        assert bf16._settled.settings.compiled_file is None
+
+
+def test_bf16_is_a_package_too_and_its_features_agree_with_eager_bf16(tmp_path, monkeypatch):
+    """A compiled bf16 graph rounds differently from eager bf16 (about one bf16 step): within RTOL_BF16, so the
+    two share cache entries; its eager phase runs bf16's streams."""
+    from featx._runtime.engines import RTOL_BF16
+
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    kw = {**KW, "precision": "bf16", "batch_size": "auto"}
+    X = _images(16)
+    ref = PretrainedFeatureExtractor(**kw, backend="torch").fit().transform(X)
+    ext = PretrainedFeatureExtractor(**kw, backend="torch.compile").fit()
+    assert ext.batch_size_ == 8 and ext._settled.settings.compiled_file is not None
+    first = ext.transform(X)
+    assert ext.last_run_.streams == torch.get_num_threads()  # eager bf16 streams while it compiles
+    engine = ext._runner.engine
+    _wait(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        assert engine.wait_loaded()
+        again = ext.transform(_images(16))
+    assert engine.ready and engine.compiled_batches == 2 and ext.last_run_.streams == 1
+    np.testing.assert_array_equal(first, ref)
+    scale = np.abs(ref).max()
+    assert 0 < np.abs(again - ref).max() <= RTOL_BF16 * scale  # another rounding, within a bf16 step or two
+
+
+def test_auto_backend_compiles_on_the_cpu_in_fp32_and_bf16_only():
+    from featx._runtime.engines import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, None) == "torch.compile"
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "torch.compile"
+    assert resolve_backend("auto", cpu, torch.float16) == "torch"
+    assert resolve_backend("auto", torch.device("meta"), None) == "torch"
 
 
 def test_the_compiling_process_settles_the_precision_that_was_resolved_here():
@@ -181,7 +215,7 @@ def _fake_compiler(monkeypatch):
     return started
 
 
-def test_auto_is_the_compiled_package_in_fp32_on_the_cpu_and_eager_in_bf16():
+def test_auto_is_the_compiled_package_on_the_cpu_in_fp32_and_bf16():
     ext = PretrainedFeatureExtractor(**KW).fit()  # backend="auto" is the default
     assert ext.backend_ == "torch.compile" and ext._settled.settings.compiled_file is not None
     assert ext._settled.settings.compile_after == float("inf")  # the suite's setting (conftest)
@@ -189,7 +223,8 @@ def test_auto_is_the_compiled_package_in_fp32_on_the_cpu_and_eager_in_bf16():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # emulated bf16 warns on CPUs without it
         bf16 = PretrainedFeatureExtractor(**{**KW, "precision": "bf16"}).fit()
-    assert bf16.backend_ == "torch" and bf16._settled.settings.compiled_file is None
+    assert bf16.backend_ == "torch.compile" and bf16._settled.settings.compiled_file is not None
+    assert bf16._settled.settings.judge_compiled and bf16.streams_ == torch.get_num_threads()
 
 
 def test_auto_compiles_only_once_eager_runs_have_cost_a_compilation(tmp_path, monkeypatch):
@@ -239,6 +274,34 @@ def test_auto_never_compiles_with_inf_and_a_bad_setting_names_itself(tmp_path, m
             PretrainedFeatureExtractor(**KW).fit()
 
 
+def test_a_package_on_disk_loads_in_the_background_and_a_run_switches_to_it(store, tmp_path, monkeypatch):
+    """Loading a package takes a second or two: fit starts it in a thread, the first run goes on in eager
+    PyTorch meanwhile, and switches (between batches) once it is loaded; the features are the same."""
+    (package,) = (store / "compiled").glob("*.pt2")
+    (tmp_path / "compiled").mkdir()
+    shutil.copy(package, tmp_path / "compiled" / package.name)
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path))
+    real, gate = torch._inductor.aoti_load_package, threading.Event()
+
+    def slow(path):
+        assert gate.wait(60)  # held until the test lets it finish
+        return real(path)
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", slow)
+    X = _images(8)
+    ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
+    ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
+    engine = ext._runner.engine
+    first = ext.transform(X)  # the load is under way: eager, no wait
+    assert engine.compiled_batches == 0 and not engine.ready
+    gate.set()
+    assert engine.wait_loaded()
+    again = ext.transform(X)
+    assert engine.compiled_batches == 2
+    np.testing.assert_array_equal(first, ref)
+    np.testing.assert_allclose(again, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_a_package_that_disagrees_with_eager_is_removed_with_one_warning(store, tmp_path, monkeypatch):
     """The first compiled batch is checked against eager PyTorch (on its first image only): a package whose
     outputs are off is caught, removed, and the run gives eager's features."""
@@ -257,6 +320,7 @@ def test_a_package_that_disagrees_with_eager_is_removed_with_one_warning(store, 
     ref = PretrainedFeatureExtractor(**KW, backend="torch").fit().transform(X)
     ext = PretrainedFeatureExtractor(**KW, backend="torch.compile").fit()
     with pytest.warns(BackendWarning, match="disagrees with eager PyTorch") as record:
+        assert ext._runner.engine.wait_loaded()
         got = ext.transform(X)
         again = ext.transform(X)
     assert len([w for w in record if issubclass(w.category, BackendWarning)]) == 1

@@ -45,19 +45,19 @@ def _compile(spec_file: str) -> None:
             strip_metadata_asserts(ep.graph_module)
             publish_package(ep, path)
         if spec.get("verdict"):
-            _judge(path, eager, x)
+            _judge(path, eager, x, settled.dtype)
         path.with_suffix(".log").unlink(missing_ok=True)
     finally:
         path.with_suffix(".lock").unlink(missing_ok=True)
 
 
-def _judge(path: Path, eager, x: torch.Tensor) -> None:
+def _judge(path: Path, eager, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Time the package against eager PyTorch on the same batch (interleaved, medians) and write the verdict
     beside it; a package that is not :data:`~featx._runtime.compiled.MIN_GAIN` times faster is removed
     (``backend="auto"`` then keeps eager PyTorch for this graph)."""
     fn = torch._inductor.aoti_load_package(str(path))
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(dtype):  # eager in the precision the package was compiled in
         for rep in range(JUDGE_REPEATS + 2):
             for name, f in (("eager", eager), ("compiled", fn)):
                 t = time.perf_counter()

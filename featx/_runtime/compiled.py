@@ -28,8 +28,10 @@ seconds to a minute, so:
   :class:`featx.BackendWarning`, and the run goes on in eager PyTorch. So is a
   compilation that fails (no C++ compiler, a model that does not export).
 
-Features agree with eager PyTorch within :data:`RTOL` of their scale, so the
-two share cache entries.
+Features agree with eager PyTorch within :data:`RTOL` of their scale in
+fp32, and within :data:`~featx._runtime.engines.RTOL_BF16` in bf16 (a
+compiled bf16 graph rounds differently, by about one bf16 step), so the two
+share cache entries.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -55,7 +57,7 @@ from .._exceptions import BackendWarning
 from .._outputs import written
 from .._models.layers import LayerCapture
 from .device import cpu_capability
-from .engines import RTOL, disagreement
+from .engines import RTOL, RTOL_BF16, disagreement
 
 __all__ = ["RTOL", "artifact_key", "artifact_path", "CompiledEngine", "compile_in_background"]
 
@@ -343,6 +345,11 @@ class CompiledEngine:
         self._fn: Callable | None = None
         self._checked = False
         self._child = None
+        # a package on disk is loaded in a thread, from fit on: loading takes a second or two (the .so, and
+        # TorchInductor's runtime the first time in a process), which a small first call would otherwise pay;
+        # eager PyTorch runs until it is loaded
+        self._loader: threading.Thread | None = None
+        self._loaded: Any = None
         self._given_up = False
         self._looked = 0.0
         self._spent: float | None = None  # eager seconds recorded before this run (read at its first batch)
@@ -351,6 +358,7 @@ class CompiledEngine:
         self.hold = False  # True while the runner's eager streams run: the package is not taken up mid-segment
         self.slower = False  # the compiling process timed the package no faster than eager (backend="auto")
         self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
+        self._look()  # a package on disk starts loading now, in fit (unless it was timed slower)
 
     @property
     def ready(self) -> bool:
@@ -408,19 +416,49 @@ class CompiledEngine:
             self._look()
         return self._fn is not None
 
+    def begin_loading(self) -> None:
+        """Start loading the package in a thread, if it is on disk and not loading or loaded already."""
+        if self._fn is None and self._loader is None and not self._given_up and self.path.exists():
+            def load() -> None:
+                try:
+                    self._loaded = torch._inductor.aoti_load_package(str(self.path))
+                except Exception as exc:  # noqa: BLE001 - a damaged package: reported by _look
+                    self._loaded = exc
+
+            self._loader = threading.Thread(target=load, name="featx-load-package", daemon=True)
+            self._loader.start()
+
+    def wait_loaded(self, timeout: float = 600.0) -> bool:
+        """Load the package now if it is on disk (waiting for a load under way); whether it is ready.
+
+        Runs switch to a package by themselves once it has loaded; this is for
+        tests and benchmarks that need it in use from the first batch.
+        """
+        if self._fn is None and not self._given_up:
+            self._look()
+            if self._loader is not None:
+                self._loader.join(timeout)
+                self._look()
+        return self._fn is not None
+
     def _look(self) -> None:
-        """Load the package if it has appeared; report a compilation that failed."""
+        """Take up the package once it has loaded (starting the load when it has appeared); report a damaged
+        package or a compilation that failed."""
         if self.judge:
             verdict = read_verdict(self.path)
             if verdict is not None and verdict["gain"] < MIN_GAIN:  # measured: eager stays, quietly
                 self.slower = self._given_up = True
                 return
-        if self.path.exists():
-            try:
-                self._fn = torch._inductor.aoti_load_package(str(self.path))
-            except Exception as exc:  # a damaged package: removed, compiled again next time
+        self.begin_loading()
+        if self._loader is not None:
+            if self._loader.is_alive():
+                return
+            result, self._loader, self._loaded = self._loaded, None, None
+            if isinstance(result, BaseException):  # removed, compiled again next time
                 self.path.unlink(missing_ok=True)
-                self._give_up(f"{self.path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
+                self._give_up(f"{self.path.name} does not load: {type(result).__name__}: {str(result)[:200]}")
+            else:
+                self._fn = result
             return
         if self._child and self._child.poll() not in (None, 0):  # a Popen; False: another process compiles it
             self.path.with_suffix(".lock").unlink(missing_ok=True)  # a child that died before it could
@@ -466,7 +504,8 @@ class CompiledEngine:
             # checked on the batch's first image only: a wrong package is wrong everywhere, and the check
             # costs an eighth of an eager batch instead of a whole one on a new extractor's first call
             want = self.eager(x[:1])
-            why = disagreement(want, [{p: v[:1] for p, v in d.items()} for d in got])
+            why = disagreement(want, [{p: v[:1] for p, v in d.items()} for d in got],
+                               RTOL_BF16 if self._params.get("precision") == "bf16" else RTOL)
             if why is not None:
                 self.path.unlink(missing_ok=True)
                 self._give_up(f"it disagrees with eager PyTorch: {why}")

@@ -177,12 +177,17 @@ def cpu_streams(device: torch.device, dtype: torch.dtype | None, backend: str) -
     ``benchmarks/bench_streams.py``; figures on the Performance page of the
     docs). In fp32 the gain depends on the model, the machine and the
     allocator, so in fp32 featx measures it
-    (:func:`fp32_stream_candidates`, :mod:`featx._runtime.schedule`). GPUs,
-    ``torch.compile`` and ONNX Runtime (which has its own threads) keep one stream.
+    (:func:`fp32_stream_candidates`, :mod:`featx._runtime.schedule`). GPUs
+    and ONNX Runtime (which has its own threads) keep one stream; a compiled
+    bf16 package runs eager bf16 streams until it is there (then one stream,
+    all threads); int8 runs one stream.
     The count is the process's torch thread count when ``fit`` runs
     (``torch.set_num_threads`` or ``OMP_NUM_THREADS`` limit it).
     """
-    return _eager_cpu_threads(device, backend) if dtype is not None else 1
+    if dtype is None or dtype == torch.int8:
+        return 1
+    # a bf16 package (backend "torch.compile") runs eager bf16 streams until it is there
+    return _eager_cpu_threads(device, "torch" if backend == "torch.compile" else backend)
 
 
 def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:
@@ -192,14 +197,15 @@ def auto_batch_size(device: torch.device, dtype: torch.dtype | None, backend: st
     side by side (``benchmarks/bench_throughput.py``; figures on the
     Performance page of the docs): one eager fp32 stream gains from 8, while
     bf16 streams and ONNX Runtime gain nothing from it and keep 4, half the
-    latency and memory per stream. A compiled fp32 package runs eager
-    PyTorch until it is ready, so it takes eager fp32's batch.
+    latency and memory per stream. A compiled package (fp32 or bf16) gains
+    from 8 (bf16: measured on the Performance page), and its eager phase
+    loses nothing by it.
     """
     if device.type == "cuda":
         return 64
-    if dtype == torch.int8:
-        return 8
-    return 8 if device.type == "cpu" and dtype is None and backend in ("torch", "torch.compile") else 4
+    if dtype == torch.int8 or (device.type == "cpu" and backend == "torch.compile"):
+        return 8  # int8 and compiled packages (fp32 or bf16) gain from 8; their eager phase loses nothing by it
+    return 8 if device.type == "cpu" and dtype is None and backend == "torch" else 4
 
 
 def fp32_stream_candidates(device: torch.device, dtype: torch.dtype | None, backend: str) -> int:

@@ -216,7 +216,7 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
     onnx_file = compiled_file = None
     if backend == "onnxruntime":
         onnx_file = onnx_path(work_dir, graph_key(namespace[0], plan.fields(store_all), tuple(cfg["input_size"])))
-    if backend == "torch.compile" and device.type == "cpu" and dtype in (None, torch.int8):  # bf16: in-process
+    if backend == "torch.compile" and device.type == "cpu" and dtype in (None, torch.int8, torch.bfloat16):
         compiled_file = artifact_path(work_dir, artifact_key(namespace[0], plan.fields(store_all),
                                                              tuple(cfg["input_size"]), batch_size,
                                                              torch.get_num_threads(), precision_name(dtype)))
@@ -228,8 +228,8 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
         # the compiling process settles again from these: with the precision resolved here, not "auto"
         compile_params=dict(params, precision=precision_name(dtype)) if compiled_file is not None else None,
         # backend="auto" compiles a graph once eager runs of it have cost about a compilation (rent, then buy)
-        compile_after=compile_after_s() if params["backend"] == "auto" and dtype is None else 0.0,
-        judge_compiled=params["backend"] == "auto" and dtype is None,
+        compile_after=compile_after_s() if params["backend"] == "auto" and dtype != torch.int8 else 0.0,
+        judge_compiled=params["backend"] == "auto" and dtype != torch.int8,
     )
     return Settled(device=device, dtype=dtype, backend=backend, batch_size=batch_size, preprocess=cfg,
                    template=template, probe=pr, targets=targets, feature_names=np.asarray(names, dtype=object),
