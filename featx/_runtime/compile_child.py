@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .compiled import JUDGE_REPEATS, MIN_GAIN, publish_package, strip_metadata_asserts, write_verdict
+from .compiled import JUDGE_REPEATS, MIN_GAIN, load_package, publish_package, strip_metadata_asserts, write_verdict
 from .engines import Truncated
 from .settling import settle
 
@@ -55,7 +55,7 @@ def _judge(path: Path, eager, x: torch.Tensor, dtype: torch.dtype | None = None)
     """Time the package against eager PyTorch on the same batch (interleaved, medians) and write the verdict
     beside it; a package that is not :data:`~featx._runtime.compiled.MIN_GAIN` times faster is removed
     (``backend="auto"`` then keeps eager PyTorch for this graph)."""
-    fn = torch._inductor.aoti_load_package(str(path))
+    fn = load_package(path)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     with torch.inference_mode(), _autocast(dtype):  # eager in the precision the package was compiled in
         for rep in range(JUDGE_REPEATS + 2):

@@ -49,7 +49,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -93,6 +93,26 @@ def strip_metadata_asserts(gm: torch.fx.GraphModule) -> None:
         if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
             graph.erase_node(node)
     gm.recompile()
+
+
+def load_package(path: Path) -> Callable[[torch.Tensor], list]:
+    """A package on disk as a function of one input batch, returning its flat list of outputs.
+
+    Through PyTorch's C++ package loader where it has one: milliseconds,
+    where ``torch._inductor.aoti_load_package`` first imports TorchInductor's
+    Python side (measured: 1.3-1.9 s in a new process, which a small first
+    call would pay). The outputs are the same tensors either way.
+    """
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader_cls is not None:
+        for args in ((str(path), "model", False, 1, -1), (str(path), "model")):
+            try:
+                loader = loader_cls(*args)
+            except TypeError:  # another torch's signature
+                continue
+            return lambda x: loader.boxed_run([x])
+    fn = torch._inductor.aoti_load_package(str(path))
+    return lambda x: list(fn(x))
 
 
 def publish_package(ep, path: Path) -> None:
@@ -345,11 +365,6 @@ class CompiledEngine:
         self._fn: Callable | None = None
         self._checked = False
         self._child = None
-        # a package on disk is loaded in a thread, from fit on: loading takes a second or two (the .so, and
-        # TorchInductor's runtime the first time in a process), which a small first call would otherwise pay;
-        # eager PyTorch runs until it is loaded
-        self._loader: threading.Thread | None = None
-        self._loaded: Any = None
         self._given_up = False
         self._looked = 0.0
         self._spent: float | None = None  # eager seconds recorded before this run (read at its first batch)
@@ -358,7 +373,6 @@ class CompiledEngine:
         self.hold = False  # True while the runner's eager streams run: the package is not taken up mid-segment
         self.slower = False  # the compiling process timed the package no faster than eager (backend="auto")
         self.compiled_batches = 0  # batches the package ran (observability for tests and benchmarks)
-        self._look()  # a package on disk starts loading now, in fit (unless it was timed slower)
 
     @property
     def ready(self) -> bool:
@@ -416,49 +430,19 @@ class CompiledEngine:
             self._look()
         return self._fn is not None
 
-    def begin_loading(self) -> None:
-        """Start loading the package in a thread, if it is on disk and not loading or loaded already."""
-        if self._fn is None and self._loader is None and not self._given_up and self.path.exists():
-            def load() -> None:
-                try:
-                    self._loaded = torch._inductor.aoti_load_package(str(self.path))
-                except Exception as exc:  # noqa: BLE001 - a damaged package: reported by _look
-                    self._loaded = exc
-
-            self._loader = threading.Thread(target=load, name="featx-load-package", daemon=True)
-            self._loader.start()
-
-    def wait_loaded(self, timeout: float = 600.0) -> bool:
-        """Load the package now if it is on disk (waiting for a load under way); whether it is ready.
-
-        Runs switch to a package by themselves once it has loaded; this is for
-        tests and benchmarks that need it in use from the first batch.
-        """
-        if self._fn is None and not self._given_up:
-            self._look()
-            if self._loader is not None:
-                self._loader.join(timeout)
-                self._look()
-        return self._fn is not None
-
     def _look(self) -> None:
-        """Take up the package once it has loaded (starting the load when it has appeared); report a damaged
-        package or a compilation that failed."""
+        """Load the package if it has appeared; report a compilation that failed."""
         if self.judge:
             verdict = read_verdict(self.path)
             if verdict is not None and verdict["gain"] < MIN_GAIN:  # measured: eager stays, quietly
                 self.slower = self._given_up = True
                 return
-        self.begin_loading()
-        if self._loader is not None:
-            if self._loader.is_alive():
-                return
-            result, self._loader, self._loaded = self._loaded, None, None
-            if isinstance(result, BaseException):  # removed, compiled again next time
+        if self.path.exists():
+            try:
+                self._fn = load_package(self.path)
+            except Exception as exc:  # a damaged package: removed, compiled again next time
                 self.path.unlink(missing_ok=True)
-                self._give_up(f"{self.path.name} does not load: {type(result).__name__}: {str(result)[:200]}")
-            else:
-                self._fn = result
+                self._give_up(f"{self.path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
             return
         if self._child and self._child.poll() not in (None, 0):  # a Popen; False: another process compiles it
             self.path.with_suffix(".lock").unlink(missing_ok=True)  # a child that died before it could

@@ -36,7 +36,7 @@ import torch
 from .._exceptions import BackendWarning
 from .._images.calibration import calibration_images
 from .._models.layers import LayerCapture
-from .compiled import _lock, publish_package, strip_metadata_asserts
+from .compiled import _lock, load_package, publish_package, strip_metadata_asserts
 from .device import require_torchao
 from .engines import Truncated
 
@@ -141,7 +141,7 @@ class QuantizedEngine:
     def _load(self, calibration: torch.Tensor) -> bool:
         """Load the package from disk and check it against fp32; False (and removed) when it fails."""
         try:
-            fn = torch._inductor.aoti_load_package(str(self.path))
+            fn = load_package(self.path)
             x = calibration[:CHECK_IMAGES]  # a few images: fp32 on a whole batch would cost a first call dearly
             with torch.no_grad():
                 got = tuple(o[:CHECK_IMAGES] for o in fn(_padded(x, self.batch_size)))
@@ -177,7 +177,7 @@ class QuantizedEngine:
             x = calibration[:self.batch_size]
             try:
                 _compile(reference, x, self.path)
-                fn = torch._inductor.aoti_load_package(str(self.path))
+                fn = load_package(self.path)
                 with torch.no_grad():
                     cosine = _min_cosine(tuple(reference(x)), tuple(fn(x)))
                 if not cosine >= REFERENCE_COSINE:
