@@ -27,6 +27,7 @@ extensions = [
     "sphinx_gallery.gen_gallery",
     "myst_parser",
     "benchfigures",
+    "benchcharts",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",

@@ -95,3 +95,23 @@ def test_the_repository_tracks_no_build_artifacts_and_no_orphan_results():
     orphans = [f for f in tracked if f.startswith("benchmarks/results/")
                and Path(f).stem not in readers and Path(f).name not in readers]
     assert orphans == [], f"results that no page or benchmark reads: {orphans}"
+
+
+def _benchcharts():
+    spec = importlib.util.spec_from_file_location("benchcharts", ROOT / "docs" / "_ext" / "benchcharts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_performance_page_opens_with_charts_drawn_from_the_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    charts = _benchcharts()
+    text = PERFORMANCE.read_text()
+    first_table = text.index("\n|")
+    shown = re.findall(r"\(_charts/(\w+)\.png\)", text[:first_table])
+    assert len(shown) >= 3 and set(shown) <= set(charts.CHARTS)
+    written = charts.draw_all(tmp_path)
+    assert [p.name for p in written] == [f"{n}.png" for n in charts.CHARTS]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
