@@ -180,7 +180,7 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         at the lowest priority, so no call waits for a compilation; later runs
         and processes switch to the package as soon as it is there. Its
         features equal eager PyTorch's (fp32: within 1e-5 of their scale;
-        bf16: within a bf16 rounding step or two, the engines round
+        bf16: within a few bf16 rounding steps, the engines round
         differently) and share cache entries. On GPUs, and in fp16,
         ``torch.compile`` in this process (the first batch pays the
         compilation). ``"onnxruntime"``

@@ -30,7 +30,7 @@ seconds to a minute, so:
 
 Features agree with eager PyTorch within :data:`RTOL` of their scale in
 fp32, and within :data:`~featx._runtime.engines.RTOL_BF16` in bf16 (a
-compiled bf16 graph rounds differently, by about one bf16 step), so the two
+compiled bf16 graph rounds differently, by a few bf16 steps), so the two
 share cache entries.
 """
 

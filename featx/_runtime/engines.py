@@ -40,9 +40,10 @@ __all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "gr
 OPSET = 17
 #: Largest difference from eager PyTorch accepted, relative to the largest value.
 RTOL = 1e-4
-#: The same for bf16 outputs: a compiled bf16 graph rounds differently from eager bf16 (measured: up to about
-#: 0.5% of the scale, about one bf16 step), so the check allows four times that.
-RTOL_BF16 = 2.0 ** -6
+#: The same for bf16 outputs: a compiled bf16 graph rounds differently from eager bf16, by a few bf16 steps
+#: (measured: up to 0.5% of the largest value for resnet50, 1.8% for efficientnet_lite0, whose eager bf16
+#: features are themselves further from fp32); a damaged or foreign package is off by far more.
+RTOL_BF16 = 2.0 ** -4
 
 Engine = Callable[[torch.Tensor], list]
 
