@@ -103,7 +103,10 @@ def load_package(path: Path) -> Callable[[torch.Tensor], list]:
     Python side (measured: 1.3-1.9 s in a new process, which a small first
     call would pay). The outputs are the same tensors either way.
     """
-    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    try:
+        from torch._C._aoti import AOTIModelPackageLoader as loader_cls
+    except ImportError:  # a torch without it: the Python loader
+        loader_cls = None
     if loader_cls is not None:
         for args in ((str(path), "model", False, 1, -1), (str(path), "model")):
             try:
