@@ -649,8 +649,9 @@ class EmbeddingCache(EmbeddingStore):
             self._write(lambda c: [
                 c.execute("DELETE FROM namespaces WHERE ns NOT IN (SELECT DISTINCT ns FROM embeddings)"),
                 c.execute("DELETE FROM files WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
-                c.execute(_URLS_TABLE),
-                c.execute("DELETE FROM urls WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)"),
+                *([c.execute("DELETE FROM urls WHERE hash NOT IN (SELECT DISTINCT item FROM embeddings)")]
+                  if c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='urls'").fetchone()
+                  else []),  # created by the first URL run only
             ])
             removed += len(victims)
             self._vacuum()
