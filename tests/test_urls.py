@@ -259,3 +259,15 @@ def test_s3_urls_give_the_files_features_and_a_warm_run_reads_no_object(s3, phot
     with pytest.raises(ImageLoadError, match=rf"'s3://{bucket}/img/none\.jpg'.*not found"):
         _features([f"s3://{bucket}/img/none.jpg"], cache=None)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_prune_forgets_the_versions_of_evicted_urls(web, photos, tmp_path):
+    from featx._cache.sqlite import EmbeddingCache
+
+    base, _ = web
+    urls = [f"{base}/{p.name}" for p in photos[:4]]
+    _features(urls, cache=str(tmp_path / "c"))
+    cache = EmbeddingCache.open(str(tmp_path / "c"))
+    assert len(cache.known_urls(urls)) == 4
+    cache.prune(0)
+    assert cache.known_urls(urls) == {}
