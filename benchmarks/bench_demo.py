@@ -52,11 +52,6 @@ def run_demo(work: Path) -> tuple[float, dict, str]:
 
 def figures(data: dict) -> dict:
     """What the evaluation page quotes, from one run's results.json."""
-    def best_of(features):
-        rows = [r for r in data["rows"] if r["features"] == features]
-        top = max(rows, key=lambda r: r["mean"]) if rows else None
-        return top and {k: top[k] for k in ("classifier", "layer", "mean", "std")}
-
     lc = data["learning_curve"]
     return {
         "n_images": data["n_images"], "n_classes": len(data["class_names"]), "cv_folds": data["cv_folds"],
@@ -67,12 +62,12 @@ def figures(data: dict) -> dict:
         "selections": [f"{s['classifier']} on {s['layer']}" for s in data["nested"]["selections"]],
         "selections_text": ", ".join(f"{k} in {v} folds" for k, v in Counter(
             f"{s['classifier']} on {s['layer']}" for s in data["nested"]["selections"]).most_common()),
-        "baselines": {f: best_of(f) for f in ("random-init", "raw pixels")},
+        "baselines": {f: best_row(data, f) for f in ("random-init", "raw pixels")},
         "learning_curve": {"per_class": lc["per_class"], "sentence": lc["sentence"],
                            "per_class_text": ", ".join(map(str, lc["per_class"])),
                            "curves": {k: v["mean"] for k, v in lc["curves"].items()},
                            "fit_seconds": lc.get("fit_seconds")},
-        "low_data_best": best_of_classifiers(data, ("centroid", "knn")),
+        "low_data_best": best_row(data, "pretrained", ("centroid", "knn")),
         "confused_pairs": data["confused_pairs"][:3],
         "misclassified": len(data["misclassified"]),
         "macro_f1": data["report"]["macro avg"]["f1-score"],
@@ -80,8 +75,9 @@ def figures(data: dict) -> dict:
     }
 
 
-def best_of_classifiers(data: dict, names: tuple[str, ...]) -> dict | None:
-    rows = [r for r in data["rows"] if r["features"] == "pretrained" and r["classifier"] in names]
+def best_row(data: dict, features: str, classifiers: tuple[str, ...] | None = None) -> dict | None:
+    """The top row of a feature set (of these classifiers only, if given), or None."""
+    rows = [r for r in data["rows"] if r["features"] == features and (classifiers is None or r["classifier"] in classifiers)]
     top = max(rows, key=lambda r: r["mean"]) if rows else None
     return top and {k: top[k] for k in ("classifier", "layer", "mean", "std")}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "ON_ERROR", "PRECISIONS", "POOLINGS", "TOKEN_POOLINGS", "TTA_MODES"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "FSSPEC_DRIVERS", "ON_ERROR", "PRECISIONS", "POOLINGS", "TOKEN_POOLINGS",
+           "TTA_MODES"]
 
 #: The offline default backbone (ImageNet weights shipped on PyPI).
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -16,5 +17,12 @@ TOKEN_POOLINGS = ("cls", "cls+avg")
 BACKENDS = ("torch", "torch.compile", "onnxruntime", "auto")
 #: ``tta=`` values other than None (see :data:`featx._images.preprocess.TTA_VIEWS` for their views).
 TTA_MODES = ("hflip", "five_crop", "ten_crop", "multiscale")
+#: fsspec protocol -> (the package its driver needs, what to pip install), for the error when it is missing
+#: (a shared cache's URL, an image's URL).
+FSSPEC_DRIVERS = {
+    "s3": ("s3fs", "featx[s3]"), "s3a": ("s3fs", "featx[s3]"), "gs": ("gcsfs", "gcsfs"), "gcs": ("gcsfs", "gcsfs"),
+    "az": ("adlfs", "adlfs"), "abfs": ("adlfs", "adlfs"), "abfss": ("adlfs", "adlfs"),
+    "http": ("aiohttp", "featx[http]"), "https": ("aiohttp", "featx[http]"),
+}
 #: The extractor's ``on_error=`` values.
 ON_ERROR = ("raise", "nan")

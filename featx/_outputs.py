@@ -30,7 +30,7 @@ from typing import Iterator
 
 from ._exceptions import OutputError
 
-__all__ = ["check_writable", "written", "reserve", "npy_memmap", "path_line", "read_path_lines"]
+__all__ = ["check_writable", "written", "save_figure", "reserve", "npy_memmap", "path_line", "read_path_lines"]
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 
@@ -87,6 +87,15 @@ def written(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_figure(fig, path: str | os.PathLike, plt, dpi: int = 110) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` whole or not at all (:func:`written`), close it."""
+    fig.tight_layout()
+    with written(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
 def _free(folder: Path) -> str:

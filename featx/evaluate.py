@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ._options import DEFAULT_MODEL
-from ._outputs import written as atomic
+from ._outputs import save_figure, written as atomic
+from ._workbench.fits import quiet_fits
 from ._workbench.learning import learning_curve_of, plot_learning_curve
 from ._workbench.mistakes import contact_sheet, error_analysis, format_errors
 from ._workbench.transfer import transfer_note
@@ -333,19 +334,15 @@ def _analyse(best: tuple, main_rows: list[tuple], main_sets: list[tuple], classi
 def _record_best(best: tuple, y: np.ndarray, splitter: Any, result: EvalResult, paths: list[str]) -> None:
     """The best row, its confusion matrix and what it gets wrong (cross-validated predictions) into ``result``."""
     from sklearn.base import clone
-    from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import cross_val_predict
-    from threadpoolctl import threadpool_limits
 
     row, est, X = best
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-        warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+    with quiet_fits():
         pred = cross_val_predict(clone(est), X, y, cv=splitter)
     result.best = asdict(row)
-    result.confusion = confusion_matrix(y, pred, labels=list(range(len(result.class_names)))).tolist()
     errors = error_analysis(y, pred, result.class_names, paths)
-    result.report, result.confused_pairs = errors["report"], errors["confused_pairs"]
-    result.misclassified = errors["misclassified"]
+    result.confusion, result.report = errors["confusion"], errors["report"]
+    result.confused_pairs, result.misclassified = errors["confused_pairs"], errors["misclassified"]
 
 
 def _record_learning_curve(best: tuple, main_rows: list[tuple], y: np.ndarray, splitter: Any, result: EvalResult,
@@ -466,7 +463,6 @@ def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarr
     feature set's rows as ``(row, fitted best estimator, X)``."""
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV
-    from threadpoolctl import threadpool_limits
 
     grids = _classifiers()
     main_rows = []
@@ -476,10 +472,7 @@ def _search(feature_sets: list[tuple], classifiers: tuple[str, ...], y: np.ndarr
             for layer in layer_list:
                 X = feats if label == "raw pixels" else feats[:, _layer_columns(names, layer)]
                 t = time.perf_counter()
-                # one BLAS thread: on a few hundred samples a multi-threaded OpenBLAS spends its
-                # time waking threads (logreg fits measured 10-25x slower with 2 than with 1, 2 cores)
-                with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-                    warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+                with quiet_fits():  # one BLAS thread (see quiet_fits), no convergence chatter
                     search = GridSearchCV(clone(estimator), grid, cv=splitter).fit(X, y)
                 i = search.best_index_
                 row = EvalRow(label, clf_name, layer, float(search.cv_results_["mean_test_score"][i]),
@@ -742,11 +735,7 @@ def _plot_accuracy(result: EvalResult, path: Path, plt: Any) -> Path:
     ax.set_title(f"{result.model}: accuracy per layer ({result.n_images} images, {len(result.class_names)} classes)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic(path) as tmp:  # whole or not at all
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def _plot_confusion(result: EvalResult, path: Path, plt: Any) -> Path:
@@ -758,8 +747,4 @@ def _plot_confusion(result: EvalResult, path: Path, plt: Any) -> Path:
         ax=ax, colorbar=False, xticks_rotation=45)
     b = result.best
     ax.set_title(f"best: {b['classifier']} on {b['layer']} ({b['mean']:.3f})")
-    fig.tight_layout()
-    with atomic(path) as tmp:  # whole or not at all
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)

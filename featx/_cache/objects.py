@@ -52,6 +52,7 @@ import numpy as np
 
 from .sqlite import EmbeddingCache, _digest, _hash_file, default_cache_dir, resolve_cache_dir
 from .._exceptions import CacheWarning
+from .._options import FSSPEC_DRIVERS
 from .base import EmbeddingStore, store_info
 
 __all__ = ["LAYOUT", "SharedCache", "check_url", "is_url", "open_cache", "pack", "resolve_cache", "unpack"]
@@ -61,8 +62,6 @@ _MAGIC = b"FXE1"
 _MAGIC_SIGNED = b"FXS1"
 _COOLDOWN = 60.0  # seconds a store that just failed is not asked again
 _CONCURRENCY = 32  # requests in flight at once on an async store
-_DRIVERS = {"s3": "featx[s3]' (s3fs", "s3a": "featx[s3]' (s3fs", "gs": "gcsfs' (gcsfs", "gcs": "gcsfs' (gcsfs",
-            "az": "adlfs' (adlfs", "abfs": "adlfs' (adlfs", "abfss": "adlfs' (adlfs"}
 # timeouts for S3, unless fsspec's configuration sets its own: a slow store costs seconds, not minutes
 _S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 20,
                                   "retries": {"max_attempts": 3, "mode": "standard"}}}
@@ -81,8 +80,9 @@ def check_url(url: str) -> str:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
-        hint = _DRIVERS.get(protocol)
-        fix = f"pip install '{hint})" if hint else f"install the fsspec driver for {protocol!r} ({exc})"
+        driver = FSSPEC_DRIVERS.get(protocol)
+        fix = (f"pip install '{driver[1]}' ({driver[0]})" if driver
+               else f"install the fsspec driver for {protocol!r} ({exc})")
         raise ValueError(f"cache={url!r} needs the {protocol!r} storage driver, which is not installed: {fix}.") from None
     except ValueError:
         raise ValueError(

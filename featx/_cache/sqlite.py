@@ -46,6 +46,7 @@ __all__ = [
     "EmbeddingCache",
     "content_key",
     "namespace_for",
+    "process_alive",
 ]
 
 #: Bump when the meaning of stored vectors changes; old entries are then never read.
@@ -87,6 +88,11 @@ def _owner() -> str:
 def _alive(owner: str) -> bool:
     """Whether a claim's owner still runs (known only on this host; elsewhere its expiry decides)."""
     host, _, pid = owner.rpartition(":")
+    return process_alive(host, pid)
+
+
+def process_alive(host: str, pid: Any) -> bool:
+    """Whether process ``pid`` of ``host`` may still run: False only for one of this host that is gone."""
     if host != socket.gethostname():
         return True
     try:

@@ -412,7 +412,7 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
                 )
             img.load()  # decode now: truncated data fails here, inside this error handling
             if img.format == "TIFF":
-                _check_tiff_bands(src.getvalue(), img)
+                _check_tiff_bands(src, img)
             img = ImageOps.exif_transpose(img)
             return _to_rgb_pil(img)
     except UnidentifiedImageError:
@@ -448,14 +448,14 @@ def _tiff_layout(data: bytes) -> str | None:
     return f"{spp} samples per pixel"
 
 
-def _check_tiff_bands(data: bytes, img: Image.Image) -> None:
+def _check_tiff_bands(src: io.BytesIO, img: Image.Image) -> None:
     """Warn when Pillow reads a TIFF as fewer bands than it holds (extra samples dropped, a stack's first page)."""
     n_frames = getattr(img, "n_frames", 1)
     extra = img.tag_v2.get(338) if hasattr(img, "tag_v2") else None  # ExtraSamples
     spp = int(img.tag_v2.get(277, 1)) if hasattr(img, "tag_v2") else 1  # SamplesPerPixel
     alpha = spp == 4 and img.mode in ("RGBA", "LA") and extra not in (None, 0, (0,))
     if (spp > 3 and not alpha and img.mode != "CMYK") or (n_frames > 1 and spp == 1):
-        layout = _tiff_layout(data) or (f"{n_frames} pages" if n_frames > 1 else f"{spp} samples per pixel")
+        layout = _tiff_layout(src.getvalue()) or (f"{n_frames} pages" if n_frames > 1 else f"{spp} samples per pixel")
         warnings.warn(f"a TIFF with {layout} is read as one {img.mode} image of {img.size[0]} x {img.size[1]} "
                       "(what Pillow decodes): its other bands are not used; multispectral input is not supported "
                       "yet.", ChannelsWarning, stacklevel=2)

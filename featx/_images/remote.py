@@ -27,6 +27,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from .._options import FSSPEC_DRIVERS
+
 __all__ = ["COOLDOWN", "URLError", "Unreadable", "is_url", "local_path", "read_timeout_s", "read_url",
            "url_versions"]
 
@@ -35,12 +37,6 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 COOLDOWN = 300.0
 #: Metadata requests in flight at once (per run).
 CONCURRENCY = 16
-#: The package (and featx extra) each protocol needs, for the error when it is missing.
-DRIVERS = {"s3": "s3fs (pip install 'featx[s3]')", "s3a": "s3fs (pip install 'featx[s3]')",
-           "gs": "gcsfs (pip install gcsfs)", "gcs": "gcsfs (pip install gcsfs)",
-           "az": "adlfs (pip install adlfs)", "abfs": "adlfs (pip install adlfs)",
-           "abfss": "adlfs (pip install adlfs)", "http": "aiohttp (pip install 'featx[http]')",
-           "https": "aiohttp (pip install 'featx[http]')"}
 
 _down: dict[str, float] = {}  # server -> when it last timed out (monotonic)
 _down_lock = threading.Lock()
@@ -102,7 +98,8 @@ def _filesystem(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
-        need = DRIVERS.get(protocol, f"the fsspec driver for {protocol}://")
+        driver = FSSPEC_DRIVERS.get(protocol)
+        need = f"{driver[0]} (pip install '{driver[1]}')" if driver else f"the fsspec driver for {protocol}://"
         raise URLError(f"reading {protocol}:// URLs needs {need}") from exc
     except ValueError as exc:  # "Protocol not known"
         raise URLError(f"{protocol}:// is not a protocol fsspec knows ({exc})") from exc

@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 
 from .._exceptions import BackendWarning
+from .._cache.sqlite import process_alive
 from .._outputs import written
 from .._models.layers import LayerCapture
 from .device import cpu_capability
@@ -183,15 +184,8 @@ def _holder_exited(lock: Path) -> bool:
         pid = int(pid)
     except (OSError, ValueError):
         return False  # being written, or unreadable: trust it (it goes stale in time)
-    if (host or socket.gethostname()) != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return _zombie(pid)
+    host = host or socket.gethostname()  # an older featx wrote the pid alone
+    return not process_alive(host, pid) or (host == socket.gethostname() and _zombie(pid))
 
 
 def _zombie(pid: int) -> bool:

@@ -12,7 +12,6 @@ smallest training fold (past it a prefix could not stay balanced).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -70,7 +69,8 @@ def learning_curve_of(estimators: dict[str, Any], X: np.ndarray, y: np.ndarray, 
         neighbours than images) and ``sentence`` (:func:`curve_sentence`).
     """
     from sklearn.model_selection import learning_curve
-    from threadpoolctl import threadpool_limits
+
+    from .fits import quiet_fits
 
     splits, cap = stratified_prefix_splits(y, list(splitter.split(np.zeros(len(y)), y)))
     sizes = per_class_sizes(cap)
@@ -79,9 +79,7 @@ def learning_curve_of(estimators: dict[str, Any], X: np.ndarray, y: np.ndarray, 
     if not sizes:
         return {"per_class": [], "n_classes": n_classes, "curves": curves, "sentence": ""}
     for label, est in estimators.items():
-        # one BLAS thread: see featx.evaluate (a few hundred samples; threads only wake and wait)
-        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-            warnings.simplefilter("ignore")  # convergence chatter, and the NaN fits' FitFailedWarning
+        with quiet_fits():
             _, _, test = learning_curve(est, X, y, train_sizes=[k * n_classes for k in sizes], cv=splits,
                                         shuffle=False, error_score=np.nan)
         curves[label] = {"mean": [_num(np.mean(t)) for t in test], "std": [_num(np.std(t)) for t in test]}
@@ -127,7 +125,7 @@ def curve_sentence(curve: dict) -> str:
 
 def plot_learning_curve(curve: dict, path: Any, plt: Any, title: str) -> Any:
     """Draw the curves (mean, shaded spread) against images per class; returns ``path``."""
-    from .._outputs import written
+    from .._outputs import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.4))
     sizes = np.array(curve["per_class"])
@@ -146,8 +144,4 @@ def plot_learning_curve(curve: dict, path: Any, plt: Any, title: str) -> Any:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with written(path) as tmp:  # whole or not at all
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)

@@ -35,7 +35,8 @@ def error_analysis(y: np.ndarray, pred: np.ndarray, class_names: list[str], path
         ``{"true", "predicted", "count", "share"}`` (``share``: of the true
         class's images), most frequent first; ``misclassified``: every wrong
         prediction as ``{"path", "true", "predicted"}``, grouped by pair in
-        the same order.
+        the same order; ``confusion``: the confusion matrix (lists of counts,
+        true classes by row).
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -49,6 +50,7 @@ def error_analysis(y: np.ndarray, pred: np.ndarray, class_names: list[str], path
     wrong = sorted((int(n) for n in np.flatnonzero(pred != y)), key=lambda n: (rank[(y[n], pred[n])], n))
     return {
         "report": report,
+        "confusion": cm.tolist(),
         "confused_pairs": [{"true": class_names[i], "predicted": class_names[j], "count": c,
                             "share": c / max(1, int(cm[i].sum()))} for c, i, j in pairs[:TOP_PAIRS]],
         "misclassified": [{"path": str(paths[n]), "true": class_names[y[n]], "predicted": class_names[pred[n]]}
