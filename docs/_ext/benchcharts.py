@@ -124,7 +124,9 @@ def draw_all(out: Path = OUT) -> list[Path]:
     for name, fn in CHARTS.items():
         fig = fn(plt)
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        tmp = path.with_name(f".{path.name}.partial.png")
+        fig.savefig(tmp, dpi=110)  # whole or not at all
+        tmp.replace(path)
         plt.close(fig)
         written.append(path)
     return written
