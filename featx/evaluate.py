@@ -269,10 +269,14 @@ def evaluate_folder(
 
     Examples
     --------
-    >>> from featx.evaluate import evaluate_folder  # doctest: +SKIP
-    >>> result = evaluate_folder("photos/", compare=True, log=lambda line: None)  # doctest: +SKIP
-    >>> result.nested["mean"], result.best["mean"]  # doctest: +SKIP
-    (0.95..., 0.96...)
+    >>> import tempfile
+    >>> from featx import make_demo_folder
+    >>> from featx.evaluate import evaluate_folder
+    >>> folder = make_demo_folder(tempfile.mkdtemp(), n_per_class=3, size=32)
+    >>> result = evaluate_folder(folder, model="resnet18", weights=None, layers=["layer4"],
+    ...                          classifiers=("centroid",), cv=3, cache=None, log=lambda line: None)
+    >>> result.n_images, len(result.rows), len(result.nested["scores"]), result.learning_curve["per_class"]
+    (24, 1, 3, [2])
     """
     from sklearn.model_selection import StratifiedKFold
 
