@@ -199,3 +199,18 @@ def test_streams_keep_errors_in_order_and_lose_no_work(tiny_cnn, image_paths, tm
     assert list(ext.failed_indices_) == [5] and np.isnan(out[5]).all()
     good = np.delete(out, 5, axis=0)
     np.testing.assert_allclose(good, _reference(tiny_cnn, paths).transform(paths), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(loading._cores() < 2, reason="needs two cores to decode on two threads")
+def test_a_single_cpu_batch_is_decoded_on_every_core():
+    # 8 phone photos in one batch of 8 were decoded on one core while the other waited (12 MP: half the rate)
+    ds = _Recording(8, barrier=threading.Barrier(2, timeout=10))
+    workers = loading.loader_workers(len(ds), 8, "auto", torch.device("cpu"), False)
+    got = list(batches(ds, 8, workers, collate))
+    assert [idx.tolist() for idx, _, _ in got] == [list(range(8))]
+    assert len(ds.threads) >= 2
+
+
+def test_a_single_image_is_decoded_inline():
+    assert loading.loader_workers(1, 8, "auto", torch.device("cpu"), False) == 0
+    assert loading.loader_workers(8, 8, 0, torch.device("cpu"), False) == 0  # an explicit count is kept

@@ -41,22 +41,22 @@ def loader_workers(n: int, batch_size: int, num_workers: Any, device: torch.devi
     """How ``n`` images are decoded: a number of DataLoader worker processes, 0 (inline) or :data:`PARALLEL`.
 
     The one worker policy of featx: ``num_workers`` (an int) as given;
-    ``"auto"``: inline for less than two batches, up to 8 worker processes on
-    CUDA (the CPU decodes while the GPU computes), and on the CPU groups of
-    batches decoded by one thread per core between forward passes (the model already
-    uses every core; decoders running beside it slow it down more than they
-    save). Decoding on the GPU happens in this process (CUDA does not survive
-    fork).
+    ``"auto"``: on CUDA, inline for less than two batches, else up to 8
+    worker processes (the CPU decodes while the GPU computes); on the CPU,
+    inline for one image, else groups of batches decoded by one thread per
+    core between forward passes (the model already uses every core; decoders
+    running beside it slow it down more than they save). A single batch is
+    decoded on every core too: a batch of phone photos decoded on one core
+    left the others idle, slower than the same images in two single-threaded streams.
+    Decoding on the GPU happens in this process (CUDA does not survive fork).
     """
     if gpu_decode:
         return 0
     if num_workers != "auto":
         return int(num_workers)
-    if n < 2 * batch_size:
-        return 0
     if device.type == "cuda":
-        return max(1, min(8, (os.cpu_count() or 1) - 1))
-    return PARALLEL
+        return 0 if n < 2 * batch_size else max(1, min(8, (os.cpu_count() or 1) - 1))
+    return PARALLEL if n > 1 and _cores() > 1 else 0
 
 
 def show_progress(progress: bool | None) -> bool:
