@@ -51,6 +51,9 @@ FP32_COSINE = 0.5
 #: Calibration crops a package loaded from disk is checked on.
 CHECK_IMAGES = 2
 
+#: How featx quantises, part of the cache key: depthwise convolutions stay in float (see :func:`_depthwise`).
+SCHEME = "dwfloat"
+
 #: Packages this process has compiled (observability for tests and benchmarks).
 compilations = 0
 
@@ -84,10 +87,28 @@ def quantize(cap: LayerCapture, calibration: torch.Tensor, batch_size: int) -> t
         gm = _exported(cap, calibration[:batch_size])
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        for fqn in _depthwise(gm):
+            quantizer.set_module_name_qconfig(fqn, None)
         prepared = prepare_pt2e(gm, quantizer)
         for start in range(0, len(calibration), batch_size):
             prepared(_padded(calibration[start:start + batch_size], batch_size))
         return convert_pt2e(prepared)
+
+
+def _depthwise(gm: torch.fx.GraphModule) -> set[str]:
+    """The modules of the grouped (depthwise) convolutions in ``gm``: left in float by :func:`quantize`.
+
+    One int8 scale per tensor for a depthwise convolution's activations cost
+    EfficientNet-Lite0 most of its fidelity to fp32 (``benchmarks/bench_precision.py``
+    measures it), while they hold a small share of the network's arithmetic.
+    """
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "conv" in str(node.target) and len(node.args) > 6 and node.args[6] != 1:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                out.add(list(stack.values())[-1][0])
+    return out
 
 
 def _padded(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -154,8 +154,9 @@ def _precision_key(dtype: torch.dtype | None, cfg: dict) -> str:
     """The precision as the cache key names it; int8's names its calibration crops too."""
     if dtype == torch.int8:
         from .._images.calibration import calibration_digest
+        from .quantized import SCHEME
 
-        return f"int8:{calibration_digest(cfg)}"
+        return f"int8:{SCHEME}:{calibration_digest(cfg)}"
     return str(dtype or "fp32")
 
 
