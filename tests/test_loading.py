@@ -203,7 +203,7 @@ def test_streams_keep_errors_in_order_and_lose_no_work(tiny_cnn, image_paths, tm
 
 @pytest.mark.skipif(loading._cores() < 2, reason="needs two cores to decode on two threads")
 def test_a_single_cpu_batch_is_decoded_on_every_core():
-    # 8 phone photos in one batch of 8 were decoded on one core while the other waited (12 MP: half the rate)
+    # 8 phone photos in one batch of 8 were decoded on one core while the other waited (12 MP: slower than two streams of 4)
     ds = _Recording(8, barrier=threading.Barrier(2, timeout=10))
     workers = loading.loader_workers(len(ds), 8, "auto", torch.device("cpu"), False)
     got = list(batches(ds, 8, workers, collate))
