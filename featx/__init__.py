@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._exceptions import BackendWarning, CacheWarning, ChannelsWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, OutputError
+from ._exceptions import BackendWarning, CacheWarning, ChannelsWarning, DeviceWarning, FeatxWarning, ImageLoadError, ImageLoadWarning, ModelLoadError, OutputError, ParameterError
 
 from ._legacy import install as _install_legacy_paths
 from ._sharing import trusted_types
@@ -41,6 +41,7 @@ __all__ = [
     "ImageLoadWarning",
     "ChannelsWarning",
     "ModelLoadError",
+    "ParameterError",
     "OutputError",
     "FeatxWarning",
     "DeviceWarning",

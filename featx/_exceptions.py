@@ -6,7 +6,11 @@ Every exception subclasses the builtin a user would already catch, so
 
 from __future__ import annotations
 
+import json
+from typing import Any, Callable
+
 __all__ = [
+    "ParameterError",
     "FeatxWarning",
     "DeviceWarning",
     "CacheWarning",
@@ -189,7 +193,108 @@ class ImageLoadError(ValueError):
         return (type(self), (self.index, self.path, self.reason))
 
 
-class ModelLoadError(RuntimeError):
+# ------------------------------------------------ messages that name parameters
+
+_MARK = "\x1f"  # never in a path or a value a message quotes
+
+
+def arg(name: str, value: Any = ...) -> str:
+    """``name=value`` inside a featx message: Python's spelling in ``str(exc)``, a flag on the command line.
+
+    The part travels inside the message text between two unit-separator
+    characters; a :class:`ParameterError` or :class:`ModelLoadError` turns it
+    back into a part (``exc.parts``), so ``str(exc)`` reads ``weights=None``
+    while the ``featx`` command prints ``--weights none`` from the same part,
+    without reading the prose. ``value=...`` is a placeholder (``input_size=...``
+    in Python, ``--input-size N`` on the command line).
+    """
+    return _MARK + json.dumps(["arg", name, _py_value(value), _cli_value(value)]) + _MARK
+
+
+def alt(python: str, cli: str) -> str:
+    """Words that differ by interface: ``python`` in ``str(exc)``, ``cli`` (with ``{model}``) on the command line."""
+    return _MARK + json.dumps(["alt", python, cli]) + _MARK
+
+
+def _py_value(value: Any) -> str:
+    if value is ...:
+        return "..."
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_py_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _cli_value(value: Any) -> Any:
+    if value is ...:
+        return None
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return {k: _cli_value(v) for k, v in value.items()}
+    return str(value)
+
+
+def _split(text: str) -> tuple:
+    """The message's parts: strings, and ``("arg", name, python, cli)`` / ``("alt", python, cli)`` tuples."""
+    pieces = text.split(_MARK)
+    return tuple(json.loads(p) if i % 2 else p for i, p in enumerate(pieces) if p)
+
+
+def _python(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    return f"{part[1]}={part[2]}" if part[0] == "arg" else part[1]
+
+
+class _Phrased:
+    """A message made of parts, so each interface can say it in its own terms (see :func:`arg`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.parts = _split(message)
+        self.param = param
+        self._raw = message
+        super().__init__("".join(map(_python, self.parts)))
+
+    def __reduce__(self):
+        return (type(self), (self._raw, self.param))
+
+    def render(self, part: Callable[[Any], str]) -> str:
+        """The message with every ``arg``/``alt`` part given by ``part`` (the CLI passes its flags)."""
+        return "".join(p if isinstance(p, str) else part(p) for p in self.parts)
+
+
+class ParameterError(_Phrased, ValueError):
+    """A parameter's value is invalid; the message names the value and the fix.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong and what to pass instead; the parameter values it
+        names are kept as parts, so the ``featx`` command can name its flags.
+    param : str or None
+        The parameter the error concerns (``"device"``, ``"layers"``, ...).
+
+    Attributes
+    ----------
+    param : str or None
+        The parameter, for handlers (the ``featx`` command names its flag).
+    parts : tuple
+        The message's parts: text, and the parameter values it names.
+
+    Examples
+    --------
+    >>> from featx import PretrainedFeatureExtractor
+    >>> try:
+    ...     PretrainedFeatureExtractor(weights=None, device="gpu").fit()
+    ... except ValueError as err:  # a ParameterError is a ValueError
+    ...     print(type(err).__name__, err.param)
+    ParameterError device
+    """
+
+
+class ModelLoadError(_Phrased, RuntimeError):
     """A backbone or its weights could not be built or loaded.
 
     The message names the model or file and says how to fix it (for a name

@@ -14,7 +14,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._exceptions import FeatxWarning, ImageLoadWarning
+from ._doclink import DocLinkMixin
+from ._exceptions import FeatxWarning, ImageLoadWarning, ParameterError, arg
 from ._images.preprocess import as_items, item_path
 from ._options import DEFAULT_MODEL, ON_ERROR, POOLINGS, TTA_MODES
 from ._pickling import pack_state, unpack_state
@@ -41,7 +42,7 @@ def _user_stacklevel() -> int:
     return level
 
 
-class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
+class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
     """Embed images with the frozen layers of a pretrained CNN.
 
     ``transform`` maps a sequence of images (file paths, PIL images, arrays or
@@ -355,10 +356,10 @@ class PretrainedFeatureExtractor(TransformerMixin, BaseEstimator):
         if self.tta is not None and self.tta not in TTA_MODES:
             raise ValueError(f"tta={self.tta!r} is invalid. It must be one of {[None, *TTA_MODES]}.")
         if self.tta is not None and self.pooling == "flatten":
-            raise ValueError(
-                f"tta={self.tta!r} averages pooled features over views; it cannot be combined with "
-                "pooling='flatten' (spatial maps of flipped or shifted views do not line up). Use 'avg' or 'gem'."
-            )
+            raise ParameterError(
+                f"{arg('tta', self.tta)} averages pooled features over views; it cannot be combined with "
+                f"{arg('pooling', 'flatten')} (spatial maps of flipped or shifted views do not line up). Use "
+                f"{arg('pooling', 'avg')} or 'gem'.", "tta")
         for name in ("progress", "gpu_decode"):
             if getattr(self, name) not in ((None, True, False) if name == "progress" else (True, False)):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid. Use True or False"

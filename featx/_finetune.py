@@ -13,6 +13,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._doclink import DocLinkMixin
 from ._images.preprocess import ImageDataset, Items, as_items, collate, load_error, normalize_batch
 from ._models.backbones import get_template, instantiate
 from ._models.layers import PRE_LOGITS, LayerCapture, resolve_layers
@@ -25,7 +26,7 @@ from ._runtime.settling import settle_backbone
 __all__ = ["FineTunedClassifier"]
 
 
-class FineTunedClassifier(ClassifierMixin, BaseEstimator):
+class FineTunedClassifier(DocLinkMixin, ClassifierMixin, BaseEstimator):
     """Fine-tune the top layers of a pretrained CNN on labelled images.
 
     The backbone's classifier head is replaced by a linear layer for the

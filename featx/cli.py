@@ -43,24 +43,48 @@ class _CliError(Exception):
     """A runtime error shown as one line (exit code 1)."""
 
 
-_FLAG_PARAMS = ("weights", "model", "layers", "pooling", "device", "precision", "batch_size", "backend", "tta",
-                "on_error")
-_PARAM = re.compile(rf"\b({'|'.join(_FLAG_PARAMS)})=('([^']*)'|\[[^\]]*\]|None|<[^>]*>|[\w.:/-]+)")
+# arguments given by position, not by flag, in a command
+_POSITIONAL = {("layers", "model")}
 
 
-def _cli_message(msg: str, args: argparse.Namespace) -> str:
-    """A library message in the command line's terms: ``weights=None`` -> ``--weights none``,
-    ``featx.list_layers(model)`` -> ``featx layers MODEL``."""
-    def flag(m: re.Match) -> str:
-        value = m.group(3) if m.group(3) is not None else m.group(2)
-        value = {"None": "none"}.get(value, value).strip("[]").replace("'", "").replace(", ", ",")
-        return f"--{m.group(1).replace('_', '-')} {value}"
+def _cli_message(exc: BaseException, args: argparse.Namespace) -> str:
+    """An error's first line in the command line's terms.
 
+    featx's parameter errors carry the parameters they name as parts of the
+    message; each becomes this command's flag (``weights=None`` -> ``--weights
+    none``), or stays Python where the command has no such flag. Other
+    messages are printed as they are: no prose is rewritten.
+    """
+    from ._exceptions import ModelLoadError, ParameterError
+
+    if not isinstance(exc, (ParameterError, ModelLoadError)):
+        text = str(exc)
+    else:
+        text = exc.render(lambda part: _cli_part(part, args))
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _cli_part(part: list, args: argparse.Namespace) -> str:
+    """``["arg", name, python, cli]`` or ``["alt", python, cli]`` as this command says it."""
     model = getattr(args, "model", None) or "MODEL"
-    msg = msg.replace("featx.list_layers(model)", f"'featx layers {model}'")
-    # code quoted in backticks (a command to run) is left as it is: only the prose speaks in flags
-    parts = msg.split("`")
-    return "`".join(p if i % 2 else _PARAM.sub(flag, p) for i, p in enumerate(parts))
+    if part[0] == "alt":
+        return part[2].format(model=model)
+    _, name, python, value = part
+    if isinstance(value, dict):  # preprocess={'input_size': ...}: one flag per key, if the command has them all
+        if all(key in vars(args) for key in value):
+            return " ".join(_flag(key, v) for key, v in value.items())
+        return f"{name}={python}"
+    if (args.command, name) in _POSITIONAL:
+        return repr(value) if value is not None else name.upper()
+    return _flag(name, value) if name in vars(args) else f"{name}={python}"
+
+
+_METAVARS = {"input_size": "PIXELS"}  # a placeholder's word where the name's capitals would read badly
+
+
+def _flag(name: str, value: str | None) -> str:
+    shown = value if value is not None else _METAVARS.get(name, name.upper())
+    return f"--{name.replace('_', '-')} {shown}"
 
 
 # ------------------------------------------------------------------- layers
@@ -520,8 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_CliError, ValueError, RuntimeError, OSError, ImportError) as exc:
         if args.debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"featx {args.command}: error: {_cli_message(msg, args)}", file=sys.stderr)
+        print(f"featx {args.command}: error: {_cli_message(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ It is what ``featx evaluate`` and ``featx demo`` run.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -372,8 +373,9 @@ def _record_learning_curve(best: tuple, main_rows: list[tuple], y: np.ndarray, s
 def _save_pipeline(spec: dict, weights: Any, layer: str, estimator: Any, path: str | Path) -> Path:
     """The best classifier behind an extractor of its layer, as a fitted Pipeline in a ``skops.io`` file.
 
-    The extractor's cache is made portable: a local cache directory becomes
-    ``True`` (the default location of whoever loads it); a URL stays.
+    The extractor keeps the evaluation's cache: a local directory as an
+    absolute path (the same cache from any working directory), a URL as it
+    is, ``True`` or None as they are.
     """
     from sklearn.pipeline import Pipeline
 
@@ -384,8 +386,8 @@ def _save_pipeline(spec: dict, weights: Any, layer: str, estimator: Any, path: s
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("saving a pipeline needs skops: pip install 'featx[skops]'") from None
     cache = spec["cache"]
-    if cache is not None and cache is not False and not (isinstance(cache, str) and "://" in cache):
-        cache = True
+    if isinstance(cache, (str, os.PathLike)) and "://" not in str(cache):
+        cache = str(Path(cache).resolve())
     ext = PretrainedFeatureExtractor(spec["model"], weights=weights, layers=[layer], pooling=spec["pooling"],
                                      cache=cache, device=spec["device"], precision=spec["precision"])
     steps = list(estimator.steps) if isinstance(estimator, Pipeline) else [("classifier", estimator)]

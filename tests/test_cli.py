@@ -227,16 +227,73 @@ def test_errors_speak_the_command_lines_language(image_folder, tmp_path, capsys)
     assert "stage1, stage2" in err and "layer4.0.conv1" not in err  # aliases, not forty module names
 
 
-def test_commands_quoted_in_an_error_are_left_runnable():
+def test_offline_weights_error_names_flags_and_keeps_the_command_runnable(image_folder, tmp_path, capsys, monkeypatch):
+    """The offline error through the CLI: its prose in flags, its quoted command valid Python (it once read
+    ``get_model('resnet50', --weights IMAGENET1K_V2)``)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a loopback proxy would pass the session's network guard
+    assert main(["extract", str(image_folder), "-o", str(tmp_path / "x.npy"), "--model", "resnet50"]) == 1
+    err = capsys.readouterr().err
+    assert "get_model('resnet50', weights='IMAGENET1K_V2')" in err  # the command stays Python that runs
+    assert "--weights none for random initialisation" in err and "--model efficientnet_lite0" in err
+    assert "weights=None" not in err and "model='efficientnet_lite0'" not in err
+
+
+def test_parameter_errors_carry_their_parameter():
+    import pickle
+
+    from featx import ParameterError, PretrainedFeatureExtractor
+
+    with pytest.raises(ParameterError) as info:
+        PretrainedFeatureExtractor(weights=None, device="gpu").fit()
+    err = info.value
+    assert isinstance(err, ValueError) and err.param == "device"
+    assert str(err).startswith("device='gpu' is not a valid device")  # Python's spelling in Python
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.param == "device" and again.parts == err.parts
+
+
+def test_the_cli_rewrites_no_prose():
+    """Only parts a featx error marks as parameters become flags: other text is printed as it is."""
     import argparse
 
     from featx.cli import _cli_message
 
-    msg = ("not in the local cache (weights='IMAGENET1K_V2'); fetch them once: `python -c \"import torchvision; "
-           "torchvision.models.get_model('resnet50', weights='IMAGENET1K_V2')\"`")
-    got = _cli_message(msg, argparse.Namespace(model="resnet50"))
-    assert "(--weights IMAGENET1K_V2)" in got  # the prose speaks in flags
-    assert "get_model('resnet50', weights='IMAGENET1K_V2')" in got  # the command stays Python that runs
+    args = argparse.Namespace(command="extract", model="resnet50", weights="DEFAULT")
+    text = "a library said weights=None and model='x'; see featx.list_layers(model)"
+    assert _cli_message(ValueError(text), args) == text
+
+
+@pytest.mark.parametrize(
+    "argv,wanted,unwanted",
+    [
+        (["layers", "resnet5O"], ["Did you mean 'resnet50'", "'resnet5O' is not a known model"],
+         ["--model", "torch.nn.Module", "model="]),
+        (["layers", "vit_tiny_patch16_224", "--weights", "none", "--input-size", "384"], ["pass --input-size PIXELS"],
+         ["preprocess=", "input_size"]),
+        (["extract", "IMAGES", "-o", "OUT", "--weights", "foo"],
+         ["--weights foo is invalid for --model efficientnet_lite0", "Use --weights DEFAULT", "--weights none"],
+         ["weights=", "model="]),
+        (["extract", "IMAGES", "-o", "OUT", "--backend", "onnxruntime", "--precision", "bf16"],
+         ["--backend onnxruntime computes in fp32; use --precision fp32"], ["backend=", "precision="]),
+        (["extract", "IMAGES", "-o", "OUT", "--device", "cuda:7"], ["--device cuda:7"], ["device="]),
+        (["extract", "IMAGES", "-o", "OUT", "--pooling", "flatten", "--tta", "hflip"],
+         ["--tta hflip averages", "--pooling flatten", "Use --pooling avg"], ["tta=", "pooling="]),
+    ],
+)
+def test_every_error_speaks_in_flags(argv, wanted, unwanted, image_folder, tmp_path, capsys):
+    import torch
+
+    if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a CUDA device 7")
+    argv = [str(image_folder) if a == "IMAGES" else str(tmp_path / "x.npy") if a == "OUT" else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    for text in wanted:
+        assert text in err
+    for text in unwanted:
+        assert text not in err
 
 
 def _folder_with_a_broken_image(image_folder, tmp_path):

@@ -15,6 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import featx
+from featx.datasets import find_images
 from featx import FineTunedClassifier, PretrainedFeatureExtractor
 
 sio = pytest.importorskip("skops.io")
@@ -172,12 +173,17 @@ def test_evaluate_saves_the_best_pipeline(tmp_path, image_folder):
     assert pipe.score(paths, y) > 0.9
 
 
-def test_evaluate_save_keeps_a_local_cache_portable(tmp_path, image_folder):
+def test_evaluate_save_keeps_the_cache_directory(tmp_path, image_folder, monkeypatch):
+    """``--save`` with ``--cache-dir``: the saved pipeline reads the same cache (it once said ``cache=True``)."""
     from featx.evaluate import evaluate_folder
 
+    monkeypatch.chdir(tmp_path)
     target = tmp_path / "m.skops"
     result = evaluate_folder(image_folder, model="resnet18", weights=None, layers=["layer4"], classifiers=("logreg",),
-                             cv=2, cache=str(tmp_path / "mycache"), save=target, log=lambda line: None)
+                             cv=2, cache="mycache", save=target, log=lambda line: None)
     assert result.saved == str(target)
-    # a directory of the machine that evaluated means nothing elsewhere: the loader's default location
-    assert sio.load(target, trusted=featx.trusted_types()).steps[0][1].cache is True
+    pipe = sio.load(target, trusted=featx.trusted_types())
+    assert pipe.steps[0][1].cache == str(tmp_path / "mycache")  # absolute: the same cache from any folder
+    monkeypatch.chdir(image_folder)
+    pipe.predict(find_images(image_folder)[:2])
+    assert pipe.steps[0][1].last_run_.cache_hits == 2  # embedded by the evaluation, answered by its cache

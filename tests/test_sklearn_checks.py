@@ -114,3 +114,21 @@ def test_n_features_in(which):
     if which == "extractor":
         pipe = make_pipeline(clone(est), LogisticRegression()).fit(X, y)
         assert pipe[-1].n_features_in_ == pipe[0].n_features_out_ == pipe[0].transform(X).shape[1]
+
+
+@pytest.mark.parametrize("cls", ["PretrainedFeatureExtractor", "FineTunedClassifier"])
+def test_html_repr_links_to_the_api_page(cls, monkeypatch):
+    """The "?" of the HTML repr opens the class's API page, as scikit-learn's estimators do (it had no link)."""
+    import re
+    from pathlib import Path
+
+    import featx
+
+    est = getattr(featx, cls)()
+    links = set(re.findall(r'href="([^"#]+)', est._repr_html_()))
+    page = f"/generated/featx.{cls}.html"
+    assert any(link.startswith("https://") and link.endswith(page) for link in links), links
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.rst").read_text()
+    assert re.search(rf"^\s+{cls}$", api, re.M) and ":toctree: generated" in api  # the page the link names exists
+    monkeypatch.setenv("FEATX_DOCS_URL", "file:///srv/featx-docs/")
+    assert f"file:///srv/featx-docs{page}" in est._repr_html_()

@@ -150,7 +150,7 @@ def test_vit_features_do_not_depend_on_batch_size(images):
 def test_cls_pooling_refused_where_there_is_no_class_token(tiny_cnn):
     with pytest.raises(ValueError, match=r"pooling='cls' takes a transformer's class token, but layer 'stage2'"):
         _ext(tiny_cnn, layers="stage2", pooling="cls")
-    with pytest.raises(ValueError, match=r"layer 'block1' .* has no class token. Use 'avg'"):
+    with pytest.raises(ValueError, match=r"layer 'block1' .* has no class token. Use pooling='avg'"):
         _ext(_vit(reg_tokens=0, class_token=False), layers="block1", pooling="cls+avg")
 
 

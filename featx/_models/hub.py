@@ -19,17 +19,23 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from .._exceptions import ModelLoadError
+from .._exceptions import ModelLoadError, alt, arg
+from .._options import DEFAULT_MODEL
 
-__all__ = ["reachable", "torchvision_weights_ready", "timm_weights_ready"]
+__all__ = ["OFFLINE_CHOICES", "reachable", "torchvision_weights_ready", "timm_weights_ready"]
 
 #: Seconds to wait for one TCP connection to a download host.
 CONNECT_TIMEOUT = 3.0
 
+#: What a user without the network can do instead (the parameters as parts: the CLI names its flags).
+OFFLINE_CHOICES = (
+    f"pass {alt('weights=<path to a local .pth/.safetensors file>', '--weights <path to a local .pth/.safetensors file>')}, "
+    f"{arg('weights', None)} for random initialisation, or use featx's offline default {arg('model', DEFAULT_MODEL)}."
+)
+
 _OFFLINE_HINT = (
     "To work offline, download the weights once on a machine with a network (the same call there fills the "
-    "cache), copy the cache folder over, or pass weights=<path to a local .pth/.safetensors file>, "
-    "weights=None for random initialisation, or use featx's offline default model='efficientnet_lite0'."
+    "cache), copy the cache folder over, or " + OFFLINE_CHOICES
 )
 
 

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._exceptions import ParameterError, alt, arg
 from .pooling import channels, default_layout, layer_parts, pool
 
 __all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "stage_names", "block_names",
@@ -26,6 +27,8 @@ __all__ = ["LayerInfo", "Target", "probe", "resolve_layers", "LayerCapture", "st
 
 PRE_LOGITS = "pre_logits"
 OUTPUT = "output"
+#: Where a message sends a user for every layer name (``featx layers MODEL`` on the command line).
+LIST_LAYERS = alt("featx.list_layers(model)", "'featx layers {model}'")
 
 
 class LayerInfo(NamedTuple):
@@ -156,9 +159,9 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
             try:
                 module(x)
             except Exception as exc:
-                raise ValueError(
+                raise ParameterError(
                     f"the model failed on a {input_size[0]}x{input_size[1]} input ({type(exc).__name__}: {exc}). "
-                    "If it expects another size, pass preprocess={'input_size': ...}."
+                    f"If it expects another size, pass {arg('preprocess', {'input_size': ...})}.", "preprocess"
                 ) from exc
     finally:
         for h in handles:
@@ -325,10 +328,9 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
     elif isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers):
         layers = list(layers)
     else:
-        raise ValueError(
-            f"layers={layers!r} is invalid. Pass None (the pre-logits features), a layer name, "
-            "or a non-empty list of layer names (see featx.list_layers(model))."
-        )
+        raise ParameterError(
+            f"{arg('layers', layers)} is invalid. Pass None (the pre-logits features), a layer name, "
+            f"or a non-empty list of layer names (see {LIST_LAYERS}).", "layers")
     stage_alias = _aliases(pr)
     valid = [n or OUTPUT for n, r in pr.records.items() if r.shape is not None]
     targets: list[Target] = []
@@ -355,16 +357,15 @@ def resolve_layers(layers: Any, pr: Probe) -> list[Target]:
                 close = (difflib.get_close_matches(req, top, n=3, cutoff=0.6)
                          or difflib.get_close_matches(req, valid, n=3, cutoff=0.6))
                 hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
-                raise ValueError(
+                raise ParameterError(
                     f"layer {req!r} not found{hint} Aliases: {', '.join(aliases)}; or any module name. "
-                    "See featx.list_layers(model) for every name with its output shape."
-                )
+                    f"See {LIST_LAYERS} for every name with its output shape.", "layers")
             tgt = Target(req, name, "output", rec.calls, rec.shape, rec.layout, rec.prefix)
         key = (tgt.module, tgt.kind)
         if key in seen:
-            raise ValueError(
-                f"layers names the same layer twice ({seen[key]!r} and {req!r}); list each layer once."
-            )
+            raise ParameterError(
+                f"{alt('layers', '--layers')} names the same layer twice ({seen[key]!r} and {req!r}); list each layer once.",
+                "layers")
         seen[key] = req
         targets.append(tgt)
     return targets

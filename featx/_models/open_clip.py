@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from .weights import Backbone, download_message
-from .._exceptions import ModelLoadError
+from .._exceptions import ModelLoadError, ParameterError, arg
 
 __all__ = ["build_open_clip", "EMBEDDING"]
 
@@ -42,17 +42,19 @@ def build_open_clip(name: str, weights: Any) -> Backbone:
     """
     open_clip = _import()
     if name not in open_clip.list_models():
-        raise ValueError(f"model='open_clip:{name}' is not an open_clip model. See open_clip.list_models().")
+        raise ParameterError(f"{arg('model', 'open_clip:' + name)} is not an open_clip model. See "
+                             "open_clip.list_models().", "model")
     tags = open_clip.list_pretrained_tags_by_model(name)
     tag = None
     if weights == "DEFAULT":
         if not tags:
-            raise ValueError(f"open_clip model {name!r} has no pretrained weights; use weights=None.")
+            raise ParameterError(f"open_clip model {name!r} has no pretrained weights; use {arg('weights', None)}.",
+                                 "weights")
         tag = tags[0]
     elif weights is not None:
         if weights not in tags:
-            raise ValueError(f"weights={weights!r} is not a pretrained tag of open_clip model {name!r}. "
-                             f"Tags: {', '.join(tags) or 'none'}; or 'DEFAULT' or None.")
+            raise ParameterError(f"{arg('weights', weights)} is not a pretrained tag of open_clip model {name!r}. "
+                                 f"Tags: {', '.join(tags) or 'none'}; or 'DEFAULT' or None.", "weights")
         tag = weights
     quiet = logging.getLogger()  # open_clip logs a warning for every random initialisation
     level = quiet.level

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .._exceptions import ParameterError, arg
 from .._options import POOLINGS, TOKEN_POOLINGS
 
 __all__ = ["POOLINGS", "TOKEN_POOLINGS", "layer_parts", "pool", "pool_parts", "pooled_width", "part_width",
@@ -81,12 +82,12 @@ def pooling_error(pooling: str, layer: str, shape: tuple[int, ...], layout: str 
     if pooling not in TOKEN_POOLINGS or layout == "vec":
         return None
     if layout != "tokens":
-        return (f"pooling={pooling!r} takes a transformer's class token, but layer {layer!r} is a "
+        return (f"{arg('pooling', pooling)} takes a transformer's class token, but layer {layer!r} is a "
                 f"{'(C, H, W)' if layout == 'nchw' else '(H, W, C)'} map {shape}. Use 'avg', 'max', 'gem' or "
                 "'catavgmax' for maps.")
     if prefix < 1:
-        return (f"pooling={pooling!r} takes the class token, but layer {layer!r} (tokens {shape}) has no "
-                "class token. Use 'avg' (the mean of its tokens) instead.")
+        return (f"{arg('pooling', pooling)} takes the class token, but layer {layer!r} (tokens {shape}) has no "
+                f"class token. Use {arg('pooling', 'avg')} (the mean of its tokens) instead.")
     return None
 
 
@@ -121,7 +122,7 @@ def pool(x: torch.Tensor, pooling: str, gem_p: float = 3.0, layout: str | None =
     if pooling == "gem":
         # Generalised mean (Radenovic et al.): (mean(x^p))^(1/p) over positive activations.
         return x.clamp(min=_GEM_EPS).pow(gem_p).mean(dims).pow(1.0 / gem_p)
-    raise ValueError(f"pooling={pooling!r} is invalid. It must be one of {list(POOLINGS)}.")
+    raise ParameterError(f"{arg('pooling', pooling)} is invalid. It must be one of {list(POOLINGS)}.", "pooling")
 
 
 def column_names(layer: str, shape: tuple[int, ...], pooling: str, layout: str | None = None) -> list[str]:

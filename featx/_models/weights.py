@@ -15,18 +15,14 @@ import torch
 from torch import nn
 
 from .._exceptions import ModelLoadError
-from .._options import DEFAULT_MODEL
+from .hub import OFFLINE_CHOICES
 
 __all__ = ["Backbone", "CHECKPOINT_SUFFIXES", "OFFLINE_HINT", "download_message", "file_weights_id",
            "is_checkpoint_path", "load_checkpoint", "load_into", "weights_digest"]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
-OFFLINE_HINT = (
-    "To work offline, pass weights=<path to a local .pth/.pt/.safetensors file>, "
-    "weights=None for random initialisation, or use featx's offline default "
-    f"model={DEFAULT_MODEL!r}."
-)
+OFFLINE_HINT = "To work offline, " + OFFLINE_CHOICES
 
 
 @dataclass

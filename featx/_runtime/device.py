@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .._exceptions import DeviceWarning
+from .._exceptions import DeviceWarning, ParameterError, arg
 
 __all__ = ["resolve_device", "resolve_precision", "precision_name", "cpu_capability", "cpu_native_bf16",
            "cpu_streams", "fp32_stream_candidates", "autocast", "load_device"]
@@ -40,25 +40,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
         try:
             dev = torch.device(device)
         except RuntimeError as exc:
-            raise ValueError(
-                f"device={device!r} is not a valid device. Use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
-            ) from exc
+            raise ParameterError(
+                f"{arg('device', device)} is not a valid device. Use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+                "device") from exc
     else:
-        raise ValueError(f"device={device!r} is invalid. Use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+        raise ParameterError(f"{arg('device', device)} is invalid. Use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+                             "device")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={str(dev)!r} was requested but CUDA is not available on this machine. "
-                "Use device='auto' (picks CUDA when present, else the CPU) or device='cpu'."
-            )
+            raise ParameterError(
+                f"{arg('device', str(dev))} was requested but CUDA is not available on this machine. "
+                f"Use {arg('device', 'auto')} (picks CUDA when present, else the CPU) or {arg('device', 'cpu')}.",
+                "device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(dev)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
-            )
+            raise ParameterError(
+                f"{arg('device', str(dev))} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s).", "device")
     if dev.type == "mps" and not _mps_available():
-        raise ValueError(
-            "device='mps' was requested but MPS is not available. Use device='auto' or device='cpu'."
-        )
+        raise ParameterError(
+            f"{arg('device', 'mps')} was requested but MPS is not available. Use {arg('device', 'auto')} or "
+            f"{arg('device', 'cpu')}.", "device")
     return dev
 
 
@@ -117,7 +118,8 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     it warns that it is slower there.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is invalid. It must be one of {list(PRECISIONS)}.")
+        raise ParameterError(f"{arg('precision', precision)} is invalid. It must be one of {list(PRECISIONS)}.",
+                             "precision")
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -129,7 +131,8 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     if precision == "int8":
         return _int8(device)
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision='fp16' is not supported on the CPU. Use 'fp32' or 'bf16'.")
+        raise ParameterError(f"{arg('precision', 'fp16')} is not supported on the CPU. Use 'fp32' or 'bf16'.",
+                             "precision")
     if precision == "bf16" and device.type == "cpu" and not cpu_native_bf16():
         warnings.warn(
             f"precision='bf16' on this CPU ({cpu_capability()['isa']}, no AVX512_BF16 or AMX) is emulated and "
@@ -143,8 +146,9 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
 def _int8(device: torch.device) -> torch.dtype:
     """``precision="int8"``: static int8 quantisation on the CPU (torch.int8 stands for it; no autocast)."""
     if device.type != "cpu":
-        raise ValueError(f"precision='int8' runs on the CPU only, but the device is {str(device)!r}. "
-                         "Use precision='auto' (bf16 or fp16 on GPUs), or device='cpu'.")
+        raise ParameterError(f"{arg('precision', 'int8')} runs on the CPU only, but the device is {str(device)!r}. "
+                             f"Use {arg('precision', 'auto')} (bf16 or fp16 on GPUs), or {arg('device', 'cpu')}.",
+                             "precision")
     require_torchao()
     c = cpu_capability()
     if not (c["vnni"] or c["amx"]):

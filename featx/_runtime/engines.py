@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .device import resolve_precision
-from .._exceptions import BackendWarning
+from .._exceptions import BackendWarning, ParameterError, arg
 from .._models.layers import LayerCapture
 from .._options import BACKENDS
 
@@ -69,10 +69,10 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
     """
     if precision == "int8":
         if backend == "onnxruntime" or backend not in BACKENDS:
-            raise ValueError(
-                f"precision='int8' runs as a quantised graph compiled by TorchInductor, not with backend={backend!r}. "
-                "Use backend='torch' (the default), 'auto' or 'torch.compile' with it, or another precision."
-            )
+            raise ParameterError(
+                f"{arg('precision', 'int8')} runs as a quantised graph compiled by TorchInductor, not with "
+                f"{arg('backend', backend)}. Use {arg('backend', 'torch')} (the default), 'auto' or 'torch.compile' "
+                "with it, or another precision.", "backend")
         return "torch.compile", resolve_precision(precision, device)
     if precision == "auto" and (backend == "onnxruntime" or (backend == "torch.compile" and device.type == "cpu")):
         precision = "fp32"
@@ -83,22 +83,20 @@ def resolve_compute(backend: str, precision: str, device: torch.device) -> tuple
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
     """The backend a fitted extractor will use (``"auto"`` resolved; impossible requests refused)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid. It must be one of {list(BACKENDS)}.")
+        raise ParameterError(f"{arg('backend', backend)} is invalid. It must be one of {list(BACKENDS)}.", "backend")
     if backend == "auto":
         # on the CPU in fp32 or bf16: the compiled package, compiled once eager runs of the graph have cost
         # about a compilation and kept only if it was timed faster (Performance page); elsewhere eager PyTorch
         return "torch.compile" if device.type == "cpu" and dtype in (None, torch.bfloat16) else "torch"
     if backend == "onnxruntime":
         if device.type != "cpu":
-            raise ValueError(
-                f"backend='onnxruntime' runs on the CPU only, but device={str(device)!r}. "
-                "Use backend='torch' (or 'auto') on GPUs, or device='cpu'."
-            )
+            raise ParameterError(
+                f"{arg('backend', 'onnxruntime')} runs on the CPU only, but {arg('device', str(device))}. "
+                f"Use {arg('backend', 'torch')} (or 'auto') on GPUs, or {arg('device', 'cpu')}.", "backend")
         if dtype is not None:
-            raise ValueError(
-                "backend='onnxruntime' computes in fp32; use precision='fp32' (or 'auto') with it, "
-                "or backend='torch' for bf16."
-            )
+            raise ParameterError(
+                f"{arg('backend', 'onnxruntime')} computes in fp32; use {arg('precision', 'fp32')} (or 'auto') with "
+                f"it, or {arg('backend', 'torch')} for bf16.", "backend")
         if not _ort_installed():
             raise ImportError(
                 "backend='onnxruntime' needs the onnx and onnxruntime packages: pip install 'featx[onnx]'"

@@ -31,7 +31,7 @@ from .._cache.sqlite import default_cache_dir, namespace_for
 from .device import auto_batch_size, cpu_streams, fp32_stream_candidates, precision_name, resolve_device
 from .compiled import artifact_key, artifact_path, compile_after_s
 from .engines import graph_key, onnx_path, resolve_compute
-from .._exceptions import ModelLoadError
+from .._exceptions import ModelLoadError, ParameterError, arg
 from .._models.fold import folds
 from .._models.layers import Probe, Target, resolve_layers
 from .loading import engine_threads, show_progress
@@ -120,14 +120,13 @@ def _columns(targets: list[Target], pooling: str) -> list[str]:
     for t in targets:
         problem = pooling_error(pooling, t.display, t.shape, t.layout, t.prefix)
         if problem:
-            raise ValueError(problem)
+            raise ParameterError(problem, "pooling")
         width = pooled_width(t.shape, pooling, t.layout)
         if pooling == "flatten" and width > FLATTEN_MAX_FEATURES:
-            raise ValueError(
-                f"pooling='flatten' on layer {t.display!r} (output {t.shape}) gives {width:,} features per "
-                f"image, over the limit of {FLATTEN_MAX_FEATURES:,}. Use pooling='avg' or 'gem', a deeper "
-                "layer, or a smaller preprocess={'input_size': ...}."
-            )
+            raise ParameterError(
+                f"{arg('pooling', 'flatten')} on layer {t.display!r} (output {t.shape}) gives {width:,} features "
+                f"per image, over the limit of {FLATTEN_MAX_FEATURES:,}. Use {arg('pooling', 'avg')} or 'gem', a "
+                f"deeper layer, or a smaller {arg('preprocess', {'input_size': ...})}.", "pooling")
         names.extend(column_names(t.display, t.shape, pooling, t.layout))
     return names
 
