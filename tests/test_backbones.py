@@ -347,3 +347,23 @@ def test_random_init_torchvision_models_build_without_torchvisions_future_warnin
         want = torchvision.models.get_model(name, weights=None)
     for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_a_local_vit_checkpoint_gets_the_image_size_of_its_weights(tmp_path):
+    """torchvision builds vit_b_16's SWAG weights at 384 pixels (``image_size`` from the weights' metadata):
+    a local copy of such weights is built at that size with those weights' preprocessing, not refused."""
+    import torchvision
+
+    from featx._models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    swag = torchvision.models.get_model("vit_b_16", weights=None, image_size=384)
+    path = tmp_path / "vit_b_16_swag.pth"
+    torch.save(swag.state_dict(), path)
+    backbone = build_backbone("torchvision:vit_b_16", str(path))
+    assert backbone.module.image_size == 384
+    want = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1.transforms()
+    assert backbone.preprocess["input_size"] == (384, 384) and backbone.preprocess["resize_size"] == want.resize_size[0]
+    for (k, a), b in zip(backbone.module.state_dict().items(), swag.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert build_backbone("torchvision:vit_b_16", None).module.image_size == 224  # random init: torchvision's default

@@ -322,6 +322,22 @@ _PRETRAINED_ARGS = {
 _RANDOM_INIT_ARGS = {"inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
 
 
+def _checkpoint_image_size(name: str, sd: dict, enum_cls: Any, prep_enum: Any) -> tuple[dict, Any]:
+    """A torchvision ViT's ``image_size``, which torchvision sets from the weights' metadata, read off a
+    checkpoint's position embedding (SWAG's 384 or 518 pixels), with the preprocessing of the weights of that
+    size; ``({}, prep_enum)`` for every other model."""
+    pos = sd.get("encoder.pos_embedding")
+    if not name.startswith("vit_") or pos is None or pos.ndim != 3:
+        return {}, prep_enum
+    patch = int(name.split("_")[-1])  # vit_b_16 -> 16 pixels per patch
+    side = math.isqrt(int(pos.shape[1]) - 1)
+    if side * side != int(pos.shape[1]) - 1:
+        return {}, prep_enum  # not a square grid plus a class token: load_into names the mismatch
+    size = side * patch
+    same = [w for w in (enum_cls or []) if tuple(w.meta.get("min_size", ())) == (size, size)]
+    return {"image_size": size}, (same[0] if same else prep_enum)
+
+
 def _build_torchvision(name: str, weights: Any) -> Backbone:
     import torchvision
 
@@ -349,15 +365,19 @@ def _build_torchvision(name: str, weights: Any) -> Backbone:
             f"Valid: {['DEFAULT', *members, None]}, or a path to a local checkpoint.", "weights")
     if weights_enum is not None:
         torchvision_weights_ready(name, weights_enum)
+    sd = load_checkpoint(ckpt) if ckpt is not None else None
+    prep_enum = weights_enum if weights_enum is not None else (enum_cls.DEFAULT if enum_cls is not None else None)
     try:
         extra = (_PRETRAINED_ARGS.get(name, {}) if ckpt is not None
                  else _RANDOM_INIT_ARGS.get(name, {}) if weights_enum is None else {})
+        if sd is not None:
+            sized, prep_enum = _checkpoint_image_size(name, sd, enum_cls, prep_enum)
+            extra = {**extra, **sized}
         module = torchvision.models.get_model(name, weights=weights_enum, **extra)
     except OSError as exc:  # urllib.error.URLError, socket errors, SSL errors are all OSError
         raise ModelLoadError(download_message(f"torchvision model {name!r} ({weights_enum})", exc)) from exc
-    if ckpt is not None:
-        load_into(module, load_checkpoint(ckpt), f"weights file {os.fspath(ckpt)!r}")
-    prep_enum = weights_enum if weights_enum is not None else (enum_cls.DEFAULT if enum_cls is not None else None)
+    if sd is not None:
+        load_into(module, sd, f"weights file {os.fspath(ckpt)!r}")
     if weights_enum is not None:
         weights_id = f"torchvision:{weights_enum}"
     elif ckpt is not None:
