@@ -131,13 +131,13 @@ class ImageLoadWarning(FeatxWarning):
 class ChannelsWarning(FeatxWarning):
     """An image with more channels than RGB(A) was read as RGB(A): the extra bands are not used.
 
-    featx reads 1, 3 or 4 channel images (grayscale, RGB, RGB with
-    transparency). A 4-channel array is read as RGBA (its fourth channel
-    composited as transparency), and a TIFF with more bands than RGB(A) (a
-    near-infrared band, a multispectral stack) is read as Pillow decodes it,
-    which drops the extra bands or takes its first page. Python's default
-    warning filter shows it once per kind of input; multispectral input is not
-    supported yet.
+    With the default ``in_chans=3``, featx reads 1, 3 or 4 channel images
+    (grayscale, RGB, RGB with transparency). A 4-channel array is read as
+    RGBA (its fourth channel composited as transparency), and a TIFF with
+    more bands than RGB(A) (a near-infrared band, a multispectral stack) is
+    read as Pillow decodes it, which drops the extra bands or takes its first
+    page. Python's default warning filter shows it once per kind of input.
+    Pass ``in_chans`` (the number of bands) to use every band.
 
     Examples
     --------

@@ -99,6 +99,22 @@ class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
         ``input_size`` alone keeps the model's crop ratio. None uses the
         weights' metadata (torchvision), timm's resolved data config, or
         ImageNet defaults (224 px crop of a 256 px resize) for an ``nn.Module``.
+        With ``in_chans`` other than 3, ``mean`` and ``std`` take one value
+        per input channel.
+    in_chans : int, default=3
+        Number of input channels (named after timm's parameter). Other than
+        3, the backbone's first convolution is adapted from its pretrained
+        RGB filters as timm's ``adapt_input_conv`` does (summed for one
+        channel; repeated and scaled by ``3 / in_chans`` for more), channel
+        ``i`` is normalised with the mean and std of RGB channel ``i % 3``
+        (one channel: their averages), and images are read with all their
+        bands: every band of a TIFF, arrays ``H x W x in_chans`` and tensors
+        ``in_chans x H x W`` as they are; with ``in_chans=1`` colour images
+        become grayscale. An image with another number of channels is an
+        error naming both counts. The channel count is in the cache key.
+        Refused for backbones whose stem cannot be adapted (Inception-v3 and
+        GoogLeNet re-normalise RGB themselves) and with ``precision="int8"``
+        (calibrated on RGB photographs).
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then Apple MPS, then the CPU, when ``fit`` runs.
     precision : {"auto", "fp32", "bf16", "fp16", "int8"}, default="auto"
@@ -304,6 +320,7 @@ class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
         pooling: str = "avg",
         gem_p: float = 3.0,
         preprocess: dict | None = None,
+        in_chans: int = 3,
         device: str | torch.device = "auto",
         precision: str = "auto",
         batch_size: int | str = "auto",
@@ -321,6 +338,7 @@ class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
         self.pooling = pooling
         self.gem_p = gem_p
         self.preprocess = preprocess
+        self.in_chans = in_chans
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
@@ -347,6 +365,9 @@ class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
             )
         if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or not self.gem_p > 0:
             raise ValueError(f"gem_p={self.gem_p!r} is invalid. It must be a positive number.")
+        if isinstance(self.in_chans, bool) or not isinstance(self.in_chans, (int, np.integer)) or self.in_chans < 1:
+            raise ParameterError(f"{arg('in_chans', self.in_chans)} is invalid. Use the number of bands of the "
+                                 "images (3 for RGB, 1 for grayscale).", "in_chans")
         for name, low in (("batch_size", 1), ("num_workers", 0)):
             v = getattr(self, name)
             if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
@@ -601,6 +622,7 @@ class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
         state.pop("streams_", None)  # pickles of featx <= 0.2 stored it; it is the schedule's decision now
         for stale in ("_backend", "_plan", "_namespace", "_tune"):  # featx 0.2's derived state
             state.pop(stale, None)
+        state.setdefault("in_chans", 3)  # pickled before the parameter existed
         super().__setstate__(state)
         if fitted is not None:  # the device (and so the schedule) may have changed with the machine
             keep = {"device_": self.device_, "autocast_dtype_": state.get("autocast_dtype_"),

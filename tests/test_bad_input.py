@@ -138,7 +138,7 @@ def test_mixed_types_in_one_sequence(tiny_cnn, gauntlet):
         (np.zeros((8, 8, 3), np.int64), "unsupported pixel dtype int64"),
         (np.full((8, 8), -0.5, np.float32), r"must lie in \[0, 1\]"),
         (np.full((8, 8, 3), np.inf, np.float32), "NaN or infinite"),
-        (np.zeros((8, 8, 5), np.uint8), "with 5 channels .* featx reads 1, 3 or 4"),
+        (np.zeros((8, 8, 5), np.uint8), "with 5 channels .* in_chans=3 reads 1, 3 or 4 .*pass in_chans=5"),
         (np.zeros((1, 2, 3, 4, 5), np.uint8), "H x W or H x W x C"),
     ],
 )

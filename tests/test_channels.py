@@ -44,7 +44,7 @@ def test_a_four_channel_array_warns_that_it_is_read_as_rgba():
 
 def test_an_array_with_more_bands_names_them():
     ext = PretrainedFeatureExtractor(**KW).fit()
-    with pytest.raises(ImageLoadError, match=r"image array with 12 channels .*multispectral input is not supported"):
+    with pytest.raises(ImageLoadError, match=r"image array with 12 channels .*pass in_chans=12 to use every band"):
         ext.transform([_bands(12)])
 
 

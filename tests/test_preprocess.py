@@ -269,7 +269,7 @@ def test_error_inside_worker_process_surfaces_in_main(tiny_cnn, image_paths, tmp
     [
         (None, "item is None"),
         (np.zeros((3, 8, 8), np.uint8), "channels-first"),
-        (np.zeros((8, 8, 2), np.uint8), "with 2 channels .* featx reads 1, 3 or 4"),
+        (np.zeros((8, 8, 2), np.uint8), "with 2 channels .* in_chans=3 reads 1, 3 or 4 .*pass in_chans=2"),
         (np.full((8, 8, 3), 2.0), r"must lie in \[0, 1\]"),
         (np.full((8, 8, 3), np.nan), "NaN"),
         (np.zeros((8, 8, 3), np.int32), "unsupported pixel dtype int32"),

@@ -418,8 +418,8 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
     except UnidentifiedImageError:
         bands = _tiff_layout(src.getvalue())
         if bands is not None:
-            raise _BadItem(f"a TIFF with {bands} that Pillow cannot decode: featx reads 1, 3 or 4 band images (RGB(A)); "
-                           "multispectral input is not supported yet") from None
+            raise _BadItem(f"a TIFF with {bands} that Pillow cannot decode as RGB(A): to use every band, pass "
+                           "in_chans=<number of bands> (the backbone's first convolution is adapted)") from None
         raise _BadItem(
             f"not a recognised image format (featx reads {', '.join(ALLOWED_FORMATS)}; is it really an image?)"
         ) from None
@@ -457,8 +457,8 @@ def _check_tiff_bands(src: io.BytesIO, img: Image.Image) -> None:
     if (spp > 3 and not alpha and img.mode != "CMYK") or (n_frames > 1 and spp == 1):
         layout = _tiff_layout(src.getvalue()) or (f"{n_frames} pages" if n_frames > 1 else f"{spp} samples per pixel")
         warnings.warn(f"a TIFF with {layout} is read as one {img.mode} image of {img.size[0]} x {img.size[1]} "
-                      "(what Pillow decodes): its other bands are not used; multispectral input is not supported "
-                      "yet.", ChannelsWarning, stacklevel=2)
+                      "(what Pillow decodes): its other bands are not used; pass in_chans=<number of bands> to "
+                      "use them all.", ChannelsWarning, stacklevel=2)
 
 
 def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
@@ -473,13 +473,12 @@ def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
                 f"array of shape {arr.shape} looks channels-first; featx expects numpy images as "
                 "H x W x C (transpose with arr.transpose(1, 2, 0))"
             )
-        raise _BadItem(f"an image array with {c} channels (shape {arr.shape}): featx reads 1, 3 or 4 (grayscale, "
-                       "RGB, RGBA); multispectral input is not supported yet (pass three of its bands as RGB)")
+        raise _BadItem(f"an image array with {c} channels (shape {arr.shape}), but in_chans=3 reads 1, 3 or 4 "
+                       f"(grayscale, RGB, RGBA): pass in_chans={c} to use every band")
     if c == 4:
         warnings.warn("a 4-channel image array is read as RGBA: its fourth channel is taken as transparency and "
-                      "composited onto white. If it is a fourth band (near-infrared, say), featx does not use it: "
-                      "multispectral input is not supported yet; pass arr[..., :3] for RGB.", ChannelsWarning,
-                      stacklevel=2)
+                      "composited onto white. If it is a fourth band (near-infrared, say), pass in_chans=4 to use "
+                      "it, or arr[..., :3] for RGB.", ChannelsWarning, stacklevel=2)
     if arr.dtype == np.uint8:
         unit = None
     elif arr.dtype == np.uint16:
@@ -676,8 +675,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Items, indices: np.ndarray, cfg: dict[str, Any],
-                 decode_device: torch.device | None = None, tta: str | None = None):
+                 decode_device: torch.device | None = None, tta: str | None = None, loader: Any = None):
         self.items = items
+        self.load = loader or load_item  # another loader for other channel counts (featx._images.bands)
         self.indices = indices
         self.cfg = cfg
         self.draft_size = 2 * cfg["resize_size"]
@@ -692,11 +692,11 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             item = self.items[i]
             if self.items.kind == "np_batch":
-                img = load_item(np.asarray(item))
+                img = self.load(np.asarray(item))
             elif self.items.kind == "torch_batch":
-                img = load_item(item)
+                img = self.load(item)
             else:
-                img = load_item(item, self.draft_size, self.decode_device)
+                img = self.load(item, self.draft_size, self.decode_device)
             img = resize_crop(img, self.cfg) if self.tta is None else tta_views(img, self.cfg, self.tta)
             if self.decode_device is not None:
                 img = img.to(self.decode_device)

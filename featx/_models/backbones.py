@@ -31,6 +31,7 @@ from torch import nn
 from .._exceptions import ModelLoadError, ParameterError, alt, arg
 from .hub import timm_weights_ready, torchvision_weights_ready
 from .layers import Probe, probe
+from .stem import adapt_stem
 from .weights import (OFFLINE_HINT, Backbone, download_message, file_weights_id, is_checkpoint_path,
                        load_checkpoint, load_into, weights_digest)
 
@@ -182,8 +183,10 @@ def resolve_preprocess(base: dict[str, Any], override: dict[str, Any] | None) ->
     for key in ("mean", "std"):
         if key in override:
             val = override[key]
-            if not (isinstance(val, (tuple, list)) and len(val) == 3):
-                raise ValueError(f"preprocess[{key!r}]={val!r} must be a sequence of 3 floats (R, G, B).")
+            n = len(cfg[key])
+            if not (isinstance(val, (tuple, list)) and len(val) == n):
+                what = "(R, G, B)" if n == 3 else "(one per input channel, in_chans)"
+                raise ValueError(f"preprocess[{key!r}]={val!r} must be a sequence of {n} floats {what}.")
             if key == "std" and any(float(v) <= 0 for v in val):
                 raise ValueError(f"preprocess['std']={val!r} must be positive.")
             cfg[key] = tuple(float(v) for v in val)
@@ -487,21 +490,40 @@ def _check_spec(model: Any, weights: Any) -> Any:
     return weights
 
 
-def get_template(model: Any, weights: Any = "DEFAULT") -> Backbone:
+def get_template(model: Any, weights: Any = "DEFAULT", in_chans: int = 3) -> Backbone:
     """The backbone for ``model`` and ``weights``, on the CPU, frozen, in ``eval()`` mode.
 
     For model names the result is shared within the process (do not mutate
     it: :func:`instantiate` gives a private copy). For an ``nn.Module`` it is a
-    fresh copy of the user's module.
+    fresh copy of the user's module. ``in_chans`` other than 3: the stem
+    adapted (:mod:`featx._models.stem`), a template of its own.
     """
     if isinstance(model, nn.Module):
         bb = _build_module(model, weights)
+        if in_chans != 3:
+            bb = _adapted(bb, in_chans)
         _freeze(bb.module)
         bb.digest = weights_digest(bb.module)
         return bb
     weights = _check_spec(model, weights)
     with _BUILD_LOCK:
-        return _shared_template(model, weights, _template_key(model, weights))
+        key = _template_key(model, weights)
+        return _shared_template(model, weights, key) if in_chans == 3 else _shared_adapted(model, weights, key, in_chans)
+
+
+@functools.lru_cache(maxsize=3)
+def _shared_adapted(model: str, weights: str | None, key: tuple, in_chans: int) -> Backbone:
+    template = _adapted(_shared_template(model, weights, key), in_chans)
+    _freeze(template.module)
+    template.digest = weights_digest(template.module)
+    template.shared = True
+    return template
+
+
+def _adapted(backbone: Backbone, in_chans: int) -> Backbone:
+    bb = adapt_stem(backbone, in_chans)
+    bb.identity = f"{backbone.identity}+in_chans={in_chans}"  # in every cache key and schedule the identity is in
+    return bb
 
 
 @functools.lru_cache(maxsize=3)
@@ -530,7 +552,7 @@ def probe_template(template: Backbone, input_size: tuple[int, int]) -> Probe:
         pr = template.probes.get(key)
         if pr is None:
             pr = probe(template.module, key, torch.device("cpu"), template.classifier, template.stages,
-                       template.aliases)
+                       template.aliases, channels=len(template.preprocess["mean"]))
             template.probes[key] = pr
     return pr
 
@@ -543,9 +565,9 @@ def instantiate(template: Backbone) -> nn.Module:
         return copy.deepcopy(template.module)
 
 
-def build_backbone(model: Any, weights: Any = "DEFAULT") -> Backbone:
+def build_backbone(model: Any, weights: Any = "DEFAULT", in_chans: int = 3) -> Backbone:
     """A backbone whose module the caller owns (on the CPU, frozen, ``eval()``)."""
-    template = get_template(model, weights)
+    template = get_template(model, weights, in_chans)
     bb = copy.copy(template)
     bb.module = instantiate(template)
     bb.preprocess = dict(template.preprocess)

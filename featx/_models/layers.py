@@ -126,8 +126,8 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
           classifier: str | None = None, stages: list[str] | None = None,
-          aliases: dict[str, str] | None = None) -> Probe:
-    """Run one dummy image through ``module`` and record every module's output."""
+          aliases: dict[str, str] | None = None, channels: int = 3) -> Probe:
+    """Run one dummy image (``channels`` x ``input_size``) through ``module`` and record every module's output."""
     records: dict[str, _Record] = {}
     cls_input: dict[str, tuple[int, ...]] = {}
     handles = []
@@ -154,7 +154,7 @@ def probe(module: nn.Module, input_size: tuple[int, int], device: torch.device,
         handles.append(sub.register_forward_hook(make_hook(name, sub)))
     try:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((1, 3, *input_size), generator=gen).to(device)
+        x = torch.randn((1, channels, *input_size), generator=gen).to(device)
         with torch.inference_mode():
             try:
                 module(x)

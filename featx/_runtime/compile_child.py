@@ -37,7 +37,8 @@ def _compile(spec_file: str) -> None:
     try:
         settled = settle({**spec["params"], "backend": "torch"})
         runner = settled.runner()
-        x = torch.rand(spec["batch_size"], 3, *settled.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
+        x = torch.rand(spec["batch_size"], len(settled.preprocess["mean"]), *settled.preprocess["input_size"],
+                       generator=torch.Generator().manual_seed(0))
         x = x.contiguous(memory_format=torch.channels_last)
         eager = Truncated(runner.capture, stop=False).eval()
         with torch.no_grad(), _autocast(settled.dtype):

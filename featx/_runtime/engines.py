@@ -30,6 +30,7 @@ from torch import nn
 from .device import resolve_precision
 from .._exceptions import BackendWarning, ParameterError, arg
 from .._models.layers import LayerCapture
+from .._models.stem import input_channels
 from .._options import BACKENDS
 
 __all__ = ["BACKENDS", "resolve_compute", "resolve_backend", "build_engine", "graph_key", "onnx_path", "artifacts",
@@ -193,7 +194,7 @@ def _export(cap: LayerCapture, input_size: tuple[int, int], path: Path) -> None:
     into place; the last rename wins and every reader sees a whole file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.rand(2, 3, *input_size)
+    x = torch.rand(2, input_channels(cap.module), *input_size)
     module = Truncated(cap).eval()
     n_out = sum(len(ps) for ps in cap.parts)
     names = [f"f{i}" for i in range(n_out)]
@@ -261,7 +262,7 @@ def _check_against_eager(cap: LayerCapture, run: Engine, input_size: tuple[int, 
     data-dependent branch, a batch size turned into a constant) and only
     warns; this catches such graphs before they give wrong features.
     """
-    x = torch.rand(3, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(3, input_channels(cap.module), *input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = cap.run(x.contiguous(memory_format=torch.channels_last))
     why = disagreement(want, run(x))

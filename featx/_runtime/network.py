@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._models.fold import fold_batchnorm, folds
+from .._models.stem import input_channels
 from .._models.weights import Backbone
 
 __all__ = ["Network", "frozen_network", "clear", "MAX_NETWORKS"]
@@ -55,10 +56,10 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
     return module.to(device).to(memory_format=torch.channels_last).eval()
 
 
-def _example(input_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+def _example(input_size: tuple[int, int], device: torch.device, channels: int) -> torch.Tensor:
     """One fixed random input batch of the model's size (checks a folded backbone against the original)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, *input_size, generator=g)
+    x = torch.randn(1, channels, *input_size, generator=g)
     return x.to(device).contiguous(memory_format=torch.channels_last)
 
 
@@ -69,7 +70,7 @@ def _build(template: Backbone, device: torch.device, dtype: torch.dtype | None, 
     module = place(module, device)
     folded = 0
     if folds(dtype):
-        module, folded = fold_batchnorm(module, _example(input_size, device), keep)
+        module, folded = fold_batchnorm(module, _example(input_size, device, input_channels(module)), keep)
     return Network(module, folded, template)
 
 

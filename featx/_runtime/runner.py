@@ -14,6 +14,7 @@ record per run; it never sees the estimator and writes no files of its own.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .._models.layers import PRE_LOGITS, LayerCapture, Probe, Target, resolve_la
 from .loading import batches, loader_workers, ordered_streams
 from .network import Network
 from .._models.pooling import layer_parts, part_width, pool_parts, pooling_error
+from .._images.bands import load_bands
 from .._images.preprocess import ImageDataset, Items, collate, load_error, normalize_batch
 from .schedule import PHASE_BATCHES, TUNE_BATCHES, Schedule
 
@@ -156,8 +158,8 @@ class Runner:
         self.plan, self.device, self.dtype, self.cfg, self.settings = plan, device, dtype, cfg, settings
         self.schedule = schedule if schedule is not None else Schedule()
         self.max_chunk: int | None = None  # set after an out-of-memory error
-        self.mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(cfg["mean"], device=device).view(1, -1, 1, 1)  # one per input channel
+        self.std = torch.tensor(cfg["std"], device=device).view(1, -1, 1, 1)
         targets, parts = (plan.all_targets, plan.all_parts) if settings.store_all else (plan.targets, plan.parts)
         self.capture = LayerCapture(self.module, targets, parts, plan.gem_p)
         self.fields = plan.fields(settings.store_all)
@@ -235,8 +237,10 @@ class Runner:
         begin = getattr(self.engine, "begin_run", None)
         if begin is not None:
             begin(len(indices))  # a compiled package's engine: how much eager work this run still holds
+        channels = len(self.cfg["mean"])  # in_chans: 3 unless the stem was adapted
         dataset = ImageDataset(items, indices, self.cfg, self.device if self.settings.gpu_decode else None,
-                               self.settings.tta)
+                               self.settings.tta,
+                               loader=None if channels == 3 else functools.partial(load_bands, channels=channels))
         bar = _progress_bar(len(indices)) if progress else None
         try:
             for idx, fields, errors in self._computed(dataset, stats):

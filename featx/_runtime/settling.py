@@ -97,10 +97,10 @@ class Settled:
 
 
 def settle_backbone(model: Any, weights: Any, preprocess: dict | None,
-                    device: torch.device) -> tuple[Backbone, dict, Probe]:
+                    device: torch.device, in_chans: int = 3) -> tuple[Backbone, dict, Probe]:
     """The backbone half of settling (shared with the fine-tuner): template, preprocessing and shape probe."""
     prepare(device)
-    template = get_template(model, weights)
+    template = get_template(model, weights, int(in_chans))
     cfg = resolve_preprocess(template.preprocess, preprocess)
     return template, cfg, probe_template(template, cfg["input_size"])
 
@@ -200,7 +200,11 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
     cache_dir = resolve_cache(params["cache"])
     if fitted is not None and cache_dir is not None and is_url(cache_dir) and not _trusted(cache_dir):
         cache_dir = None  # a loaded model does not point the user's data at a store they did not choose
-    template, cfg, pr = settle_backbone(params["model"], params["weights"], params["preprocess"], device)
+    in_chans = params.get("in_chans", 3)
+    if dtype == torch.int8 and in_chans != 3:
+        raise ParameterError(f"{arg('precision', 'int8')} is calibrated on RGB photographs and cannot be used with "
+                             f"{arg('in_chans', in_chans)}. Use {arg('precision', 'auto')} or 'fp32'.", "precision")
+    template, cfg, pr = settle_backbone(params["model"], params["weights"], params["preprocess"], device, in_chans)
     if fitted is not None:
         check_weights(template, fitted["weights_digest_"], template.identity, template.weights)
     targets = resolve_layers(params["layers"], pr)
