@@ -78,3 +78,38 @@ def test_named_bytes_reach_dataloader_workers_with_their_name(files):
     with pytest.warns(Warning, match="bad/one.jpg"):
         X = ext.transform(records)
     assert ext.failed_indices_.tolist() == [5] and np.isfinite(X[:5]).all()
+
+
+def test_hugging_face_dataset_columns_in_their_row_order(files, reference):
+    """A ``datasets`` column (decode=False or True), a shuffled selection, a one-column Dataset and a pyarrow
+    table: read from their arrow data in the dataset's own order, never decoded by ``datasets``."""
+    datasets = pytest.importorskip("datasets")
+    ext = PretrainedFeatureExtractor(**KW).fit()
+    ds = datasets.Dataset.from_dict({"image": _records(files), "label": list(range(len(files)))})
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    decoded = ds.cast_column("image", datasets.Image())
+    np.testing.assert_array_equal(ext.transform(raw["image"]), reference)
+    np.testing.assert_array_equal(ext.transform(decoded["image"]), reference)
+    picked = raw.shuffle(seed=0).select([3, 0, 2])
+    order = picked["label"]
+    np.testing.assert_array_equal(ext.transform(picked["image"]), reference[order])
+    np.testing.assert_array_equal(ext.transform(picked.select_columns(["image"])), reference[order])
+    np.testing.assert_array_equal(ext.transform(raw.data.table.select(["image"])), reference)
+    with pytest.raises(ValueError, match=r"a datasets.Dataset with columns \['image', 'label'\]; .*ds\['image'\]"):
+        ext.transform(raw)
+
+
+def test_arrow_columns_are_read_a_value_at_a_time(files, tmp_path):
+    """No whole-column conversion to Python objects: the items are the arrow column, read lazily; a URL's
+    downloaded bytes are kept beside it."""
+    from featx._images.containers import ArrowColumn
+    from featx._images.preprocess import as_items
+
+    column = pa.chunked_array([pa.array(files[:2]), pa.array(files[2:])])
+    items = as_items(column)
+    assert isinstance(items.data, ArrowColumn) and items.data.array is column and len(items) == len(files)
+    assert items[4] == files[4] and list(items.data) == files
+    items.data[1] = b"replacement"
+    assert items[1] == b"replacement" and column[1].as_py() == files[1]
+    with pytest.raises(ValueError, match="X is empty"):
+        as_items(pa.array([], type=pa.binary()))

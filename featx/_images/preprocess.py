@@ -49,6 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .._exceptions import ChannelsWarning, ImageLoadError
+from .containers import ArrowColumn, arrow_column
 from .remote import Unreadable, URLError, is_url, local_path, read_url
 
 __all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path"]
@@ -140,9 +141,12 @@ def as_items(X: Any) -> Items:
             f"X must be a sequence of images, got a single {type(X).__name__}. Wrap it in a list: [X]."
         )
     mod = type(X).__module__
-    if mod.startswith("pyarrow") and hasattr(X, "to_pylist"):  # an Array or ChunkedArray of binary, string or
-        X = X.to_pylist()                                        # {"bytes", "path"} struct values
-    elif mod.startswith("pandas"):
+    column = arrow_column(X)  # pyarrow, or a Hugging Face datasets column: read a value at a time
+    if column is not None:
+        if len(column) == 0:
+            raise ValueError("X is empty: featx needs at least one image.")
+        return Items(ArrowColumn(column, _from_record), "list")
+    if mod.startswith("pandas"):
         if hasattr(X, "columns"):  # DataFrame
             if X.shape[1] != 1:
                 raise ValueError(
