@@ -32,7 +32,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
                     "auto_examples/*.json", "auto_examples/*.md5", "sg_execution_times.rst",
-                    "**/sg_execution_times.rst"]
+                    "**/sg_execution_times.rst", "_snippets"]
 templates_path = ["_templates"]
 nitpicky = True  # a reference that resolves nowhere is a warning, so an error under -W
 myst_heading_anchors = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def _benchdata():
 
 
 benchdata = _benchdata()
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+import readme  # noqa: E402 - docs/_ext/readme.py: the README's generated block
 
 
 def test_lookup_and_render(tmp_path):
@@ -59,14 +62,39 @@ def test_every_figure_resolves_in_the_results(page):
         benchdata.render(value, fmt or None)
 
 
-@pytest.mark.parametrize("page", FROM_RESULTS, ids=lambda p: p.name)
-def test_the_page_types_no_figure_itself(page):
-    """Outside the roles, no measured number: decimals and ratios come only from the JSON."""
-    prose = benchdata.ROLE.sub("", page.read_text())
+#: Every page a user reads as prose: none types a measured figure (the README's generated block aside).
+PROSE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "user_guide").glob("*.md"))]
+#: Version numbers are not measurements: ``Python >= 3.10``, ``torch 2.2``, ``featx 0.2``, ``Ray 2.4``, headings.
+VERSIONS = re.compile(r"(?i)\b(python|torch|pytorch|featx|ray|cuda|torchvision|timm)\s*(>=|<=|==|<|>)?\s*\d+(\.\d+)+"
+                      r"|^#+ .*$|\b\d+\.\d+\.\d+\w*", re.M)
+
+
+def _typed_figures(text: str) -> list[str]:
+    prose = benchdata.ROLE.sub("", text)
+    prose = re.sub(re.escape(readme.BEGIN) + ".*?" + re.escape(readme.END), "", prose, flags=re.S)
     prose = re.sub(r"```.*?```", "", prose, flags=re.S)  # code blocks
-    prose = re.sub(r"`[^`]*`", "", prose)  # code: script names and options
-    typed = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?x\b(?!\d)", prose)
+    prose = re.sub(r"`[^`]*`", "", prose)  # code: script names, options and constants
+    prose = VERSIONS.sub("", prose)
+    return re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?x\b(?!\d)", prose)
+
+
+@pytest.mark.parametrize("page", PROSE, ids=lambda p: p.name)
+def test_the_page_types_no_figure_itself(page):
+    """Outside the roles and the generated block, no measured number: decimals and ratios come only from the
+    JSON (it once found the same bf16 speed-up given three ways on three pages)."""
+    typed = _typed_figures(page.read_text())
     assert not typed, f"figures typed into {page.name} instead of read from JSON: {typed}"
+
+
+def test_the_typed_figure_check_catches_figures():
+    assert _typed_figures("runs 1.74-1.79x faster, cosine 0.995") == ["1.74", "1.79x", "0.995"]
+    assert _typed_figures("Python >= 3.10, torch 2.2, featx 0.2, version 0.3.0.dev0, `0.5`") == []
+
+
+def test_the_readmes_figures_are_generated_from_the_results_and_current():
+    text = (ROOT / "README.md").read_text()
+    assert readme.current(text) == readme.block(), "README's figures are stale: run python docs/_ext/readme.py"
+    assert "{bench}" not in readme.block() and len(benchdata.references(readme.TEMPLATE.read_text())) >= 8
 
 
 def test_the_package_version_is_the_changelogs_newest_entry():

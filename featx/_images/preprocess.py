@@ -134,6 +134,18 @@ def item_path(item: Any) -> str | None:
     return os.fspath(item) if _is_path(item) else None
 
 
+def _pandas_column(X: Any) -> np.ndarray:
+    """A Series, or a one-column DataFrame, as an object array of its items (references, not copies)."""
+    if hasattr(X, "columns"):  # DataFrame
+        if X.shape[1] != 1:
+            raise ValueError(
+                f"X is a DataFrame with {X.shape[1]} columns {list(X.columns)[:5]}; featx expects one "
+                "column of images (e.g. file paths). Select it (X['path']) or use a ColumnTransformer."
+            )
+        X = X.iloc[:, 0]
+    return X.to_numpy(dtype=object)
+
+
 def as_items(X: Any) -> Items:
     """Normalise ``X`` to :class:`Items`, rejecting what is clearly not a collection of images."""
     if _is_path(X) or isinstance(X, (bytes, Image.Image)):
@@ -147,14 +159,7 @@ def as_items(X: Any) -> Items:
             raise ValueError("X is empty: featx needs at least one image.")
         return Items(ArrowColumn(column, _from_record), "list")
     if mod.startswith("pandas"):
-        if hasattr(X, "columns"):  # DataFrame
-            if X.shape[1] != 1:
-                raise ValueError(
-                    f"X is a DataFrame with {X.shape[1]} columns {list(X.columns)[:5]}; featx expects one "
-                    "column of images (e.g. file paths). Select it (X['path']) or use a ColumnTransformer."
-                )
-            X = X.iloc[:, 0]
-        X = X.to_numpy(dtype=object)
+        X = _pandas_column(X)
     if isinstance(X, torch.Tensor):
         X = X.detach()
         if X.ndim == 4 or X.ndim == 3:
