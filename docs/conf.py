@@ -28,10 +28,11 @@ extensions = [
     "myst_parser",
     "benchfigures",
     "benchcharts",
+    "apilinks",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
-                    "auto_examples/*.json", "auto_examples/*.md5", "sg_execution_times.rst",
+exclude_patterns = ["_build", "auto_examples/**.ipynb", "auto_examples/**.py", "auto_examples/**.zip",
+                    "auto_examples/**.json", "auto_examples/**.md5", "sg_execution_times.rst",
                     "**/sg_execution_times.rst", "_snippets"]
 templates_path = ["_templates"]
 nitpicky = True  # a reference that resolves nowhere is a warning, so an error under -W
@@ -65,7 +66,13 @@ sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/[a-z][^/]*\.py$",
-    "ignore_pattern": r"_common\.py$",
+    "ignore_pattern": r"_(common|shared)\.py$",
+    # groups in this order, Quickstart first within its group (docs/_ext/gallery_order.py)
+    "subsection_order": ["../examples/basics", "../examples/pipelines", "../examples/beyond"],
+    "within_subsection_order": "gallery_order.ExampleOrder",
+    # "Examples using this class" on the API pages (the class template's minigallery)
+    "backreferences_dir": "generated/backreferences",
+    "doc_module": ("featx",),
     "abort_on_example_error": True,
     "download_all_examples": False,
     "show_memory": False,
@@ -76,4 +83,8 @@ sphinx_gallery_conf = {
 html_theme = "pydata_sphinx_theme"
 html_title = f"featx {release}"
 html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2}
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["featx.css"]
+# top-level pages have no section navigation to show: no empty left sidebar there
+html_sidebars = {page: [] for page in ("index", "installation", "getting_started", "performance", "faq", "api",
+                                       "changelog", "development")}

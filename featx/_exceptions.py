@@ -300,6 +300,21 @@ class ModelLoadError(_Phrased, RuntimeError):
     The message names the model or file and says how to fix it (for a name
     that needs a download, how to work offline).
 
+    Parameters
+    ----------
+    message : str
+        What could not be loaded and what to do; the parameter values it
+        names are kept as parts, so the ``featx`` command can name its flags.
+    param : str or None, default=None
+        The parameter the error concerns.
+
+    Attributes
+    ----------
+    param : str or None
+        The parameter, for handlers.
+    parts : tuple
+        The message's parts: text, and the parameter values it names.
+
     Examples
     --------
     >>> from featx import PretrainedFeatureExtractor

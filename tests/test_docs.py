@@ -143,3 +143,40 @@ def test_the_performance_page_opens_with_charts_drawn_from_the_results(tmp_path)
     assert [p.name for p in written] == [f"{n}.png" for n in charts.CHARTS]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_api_names_in_the_guide_become_links():
+    """Inline code naming a documented object links to its API page (the guide had 2 links for about 24 names)."""
+    import apilinks  # docs/_ext/apilinks.py
+
+    import featx
+
+    names = apilinks.documented()
+    for short in ("PretrainedFeatureExtractor", "list_layers", "ParameterError", "trusted_types"):
+        assert apilinks.target(short, names) == f"featx.{short}" and short in featx.__all__
+    assert apilinks.target("featx.list_layers()", names) == "featx.list_layers"
+    assert apilinks.target("ray_transform", names) == "featx.distributed.ray_transform"
+    assert apilinks.target("featx.evaluate.evaluate_folder", names) == "featx.evaluate.evaluate_folder"
+    assert apilinks.target("transform", names) is None and apilinks.target("pooling='avg'", names) is None
+    public = set(featx.__all__)
+    assert {n for n, full in names.items() if full.startswith("featx.") and full.count(".") == 1
+            and "." not in n} <= public  # the API page lists only what featx exports
+
+
+def test_the_gallery_is_grouped_with_quickstart_first():
+    import gallery_order  # docs/_ext/gallery_order.py
+
+    examples = ROOT / "examples"
+    groups = [p.name for p in sorted(examples.iterdir()) if (p / "README.txt").is_file()]
+    conf = (ROOT / "docs" / "conf.py").read_text()
+    order = re.search(r'"subsection_order": \[([^\]]*)\]', conf).group(1)
+    assert [g.split("/")[-1].strip('" ') for g in order.split(",")] == ["basics", "pipelines", "beyond"]
+    assert sorted(groups) == sorted(["basics", "pipelines", "beyond"])
+    key = gallery_order.ExampleOrder(str(examples / "basics"))
+    scripts = sorted((p.name for p in (examples / "basics").glob("[a-z]*.py")), key=key)
+    assert scripts[0] == "quickstart.py"
+    every = {p.name for g in groups for p in (examples / g).glob("[a-z]*.py")}
+    assert every == set(gallery_order.FIRST)  # each example placed by name
+    for g in groups:  # each example draws its own figure: its own thumbnail, not the default picture
+        for script in (examples / g).glob("[a-z]*.py"):
+            assert "plt.show()" in script.read_text() or "savefig" in script.read_text(), script.name

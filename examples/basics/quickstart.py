@@ -8,7 +8,7 @@ default backbone, and tunes the setup that wins ``featx demo`` (logistic
 regression on the ``stage5`` features) with GridSearchCV. Offline, on the CPU.
 As a script::
 
-    python examples/quickstart.py [FOLDER]
+    python examples/basics/quickstart.py [FOLDER]
 
 With FOLDER (one sub-folder per class), your own photos are used instead.
 """

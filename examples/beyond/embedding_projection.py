@@ -14,11 +14,11 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.preprocessing import StandardScaler
 
-from _common import demo_data, scratch_dir
+from _common import demo_data, shared_cache
 from featx import PretrainedFeatureExtractor
 
 paths, y, class_names = demo_data()
-X = PretrainedFeatureExtractor(cache=scratch_dir()).fit_transform(paths)
+X = PretrainedFeatureExtractor(cache=shared_cache()).fit_transform(paths)
 X = StandardScaler().fit_transform(X)
 print(f"{X.shape[0]} images x {X.shape[1]} features")
 projections = {

@@ -14,14 +14,14 @@ import sys
 
 import matplotlib.pyplot as plt
 
-from _common import scratch_dir
-from featx import list_layers, make_demo_folder
+from _common import demo_folder, shared_cache
+from featx import list_layers
 from featx.evaluate import evaluate_folder, format_report
 
-folder = make_demo_folder(scratch_dir(), n_per_class=10)
+folder = demo_folder()
 layers = [r.alias for r in list_layers() if r.alias and r.alias.startswith("stage")] + ["pre_logits"]
 result = evaluate_folder(folder, layers=layers, classifiers=("logreg", "centroid"), cv=4,
-                         cache=scratch_dir(), log=lambda line: None)
+                         cache=shared_cache(), log=lambda line: None)
 
 # %%
 # One row per classifier and layer. Early stages see edges and textures,

@@ -14,7 +14,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from _common import demo_data, scratch_dir
+from _common import demo_data, shared_cache
 from featx import PretrainedFeatureExtractor
 
 
@@ -23,7 +23,7 @@ def raw_pixels(paths):
 
 
 paths, y, class_names = demo_data()
-cache = scratch_dir()
+cache = shared_cache()
 candidates = {
     "pretrained": PretrainedFeatureExtractor(cache=cache),
     "random-init": PretrainedFeatureExtractor(weights=None, cache=cache),

@@ -38,3 +38,17 @@ paths, y, _ = demo_data()
 ext = PretrainedFeatureExtractor(net, layers=["block1", "block2"], pooling="catavgmax", preprocess=prep)
 scores = cross_val_score(make_pipeline(ext, StandardScaler(), LogisticRegression(max_iter=3000)), paths, y, cv=4)
 print(f"SmallNet (random weights) block1+block2 catavgmax: accuracy {scores.mean():.3f}")
+
+# %%
+# What the two blocks give: the mean of each feature over the images, by class.
+import matplotlib.pyplot as plt
+import numpy as np
+
+X = ext.fit_transform(paths)
+fig, ax = plt.subplots(figsize=(6, 2.8))
+image = ax.imshow(np.stack([X[np.asarray(y) == c].mean(0) for c in np.unique(y)]), aspect="auto", cmap="viridis")
+ax.set_xlabel(f"feature ({X.shape[1]}: block1 then block2, average then max pooled)")
+ax.set_ylabel("class")
+fig.colorbar(image, ax=ax, label="mean value")
+fig.tight_layout()
+plt.show()
