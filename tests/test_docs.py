@@ -180,3 +180,4 @@ def test_the_gallery_is_grouped_with_quickstart_first():
     for g in groups:  # each example draws its own figure: its own thumbnail, not the default picture
         for script in (examples / g).glob("[a-z]*.py"):
             assert "plt.show()" in script.read_text() or "savefig" in script.read_text(), script.name
+

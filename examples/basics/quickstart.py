@@ -51,5 +51,7 @@ def main(folder=None):
     return search
 
 
+# %%
+# Run it: the demo images, or the folder given on the command line.
 search = main(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None)
 plt.show()
