@@ -1,4 +1,4 @@
-"""featx: pretrained CNN features for scikit-learn.
+"""featx: pretrained CNN and vision-transformer features for scikit-learn.
 
 >>> from featx import PretrainedFeatureExtractor, load_image_folder
 

@@ -1,4 +1,4 @@
-"""PretrainedFeatureExtractor: frozen pretrained CNN layers as a scikit-learn transformer."""
+"""PretrainedFeatureExtractor: the frozen layers of a pretrained network as a scikit-learn transformer."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _user_stacklevel() -> int:
 
 
 class PretrainedFeatureExtractor(DocLinkMixin, TransformerMixin, BaseEstimator):
-    """Embed images with the frozen layers of a pretrained CNN.
+    """Embed images with the frozen layers of a pretrained network (a CNN or a vision transformer).
 
     ``transform`` maps a sequence of images (file paths, PIL images, arrays or
     tensors) to a float32 matrix of shape ``(n_images, n_features_out_)``, ready

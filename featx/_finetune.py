@@ -27,7 +27,7 @@ __all__ = ["FineTunedClassifier"]
 
 
 class FineTunedClassifier(DocLinkMixin, ClassifierMixin, BaseEstimator):
-    """Fine-tune the top layers of a pretrained CNN on labelled images.
+    """Fine-tune the top layers of a pretrained network (a CNN or a vision transformer) on labelled images.
 
     The backbone's classifier head is replaced by a linear layer for the
     task's classes (fed by the ``pre_logits`` features); every layer below

@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     debug = _debug_parent(top=False)
-    parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN features for scikit-learn.",
+    parser = argparse.ArgumentParser(prog="featx", description="Pretrained CNN and vision-transformer features for scikit-learn.",
                                      parents=[_debug_parent(top=True)])
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
