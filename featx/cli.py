@@ -184,7 +184,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         args.model, weights=weights, layers=layers, pooling=args.pooling, device=args.device,
         precision=args.precision, batch_size=args.batch_size or "auto", cache=cache,
         progress=False if args.no_progress else None, backend=args.backend, tta=args.tta,
-        on_error="raise" if args.on_error == "raise" else "nan",
+        on_error="raise" if args.on_error == "raise" else "nan", in_chans=args.in_chans,
     )
     start = time.perf_counter()
     ext.fit(paths)
@@ -482,6 +482,9 @@ def _add_extract_command(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="how each layer's feature map becomes a vector (default: avg)")
     _add_compute_options(p)
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: automatic)")
+    p.add_argument("--in-chans", type=int, default=3,
+                   help="input channels (default 3, RGB): 1 reads images as grayscale, N reads every band of N-band "
+                        "TIFFs; the backbone's first convolution is adapted from its RGB weights")
     p.add_argument("--cache", action="store_true", help="use the default cache ($FEATX_CACHE_DIR or ~/.cache/featx)")
     p.add_argument("--cache-dir", help="use a cache in this directory, or in a shared store (s3://bucket/prefix, ...)")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),

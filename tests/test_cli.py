@@ -450,3 +450,17 @@ def test_every_argument_of_every_command_has_help_text():
     walk(build_parser(), "featx")
     assert len(seen) >= 6  # layers, extract, evaluate, demo, cache and its sub-commands
     assert missing == []
+
+
+def test_extract_reads_every_band_with_in_chans(tmp_path, capsys):
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"scene{i}.tif", rng.integers(0, 256, (40, 44, 5), dtype=np.uint8),
+                         photometric="minisblack")
+    out = tmp_path / "f.npz"
+    assert main(["extract", str(tmp_path), "-o", str(out), "--model", "resnet18", "--weights", "none",
+                 "--in-chans", "5", "--no-progress"]) == 0
+    assert np.load(out)["features"].shape == (3, 512)
+    assert main(["extract", str(tmp_path), "-o", str(out), "--in-chans", "0"]) == 1
+    assert "--in-chans 0 is invalid" in capsys.readouterr().err
