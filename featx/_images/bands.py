@@ -18,20 +18,16 @@ floats in [0, 1].
 from __future__ import annotations
 
 import io
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import (_BadItem, _array_to_hwc, _check_float, _is_path, _open_image, _to_rgb_pil, max_pixels,
-                         read_source, to_uint8)
-from .remote import Unreadable
+from .preprocess import (TIFF_MAGIC, _BadItem, _array_to_hwc, _open_image, _to_rgb_pil, item_bytes, max_pixels,
+                         to_uint8, unit_pixels)
 
 __all__ = ["load_bands"]
-
-_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
 def load_bands(item: Any, draft_size: int | None = None, decode_device: torch.device | None = None, *,
@@ -55,15 +51,9 @@ def load_bands(item: Any, draft_size: int | None = None, decode_device: torch.de
 
 def _read(item: Any, channels: int) -> np.ndarray:
     """The item's pixels as an ``H x W`` or ``H x W x C`` array, every band kept."""
-    if item is None:
-        raise _BadItem("item is None")
-    if isinstance(item, Unreadable):
-        raise _BadItem(item.reason)
-    if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
-        data = read_source(os.fspath(item)) if _is_path(item) else bytes(item)
-        if not data:
-            raise _BadItem("empty file (0 bytes)" if _is_path(item) else "empty bytes (0 bytes)")
-        if data[:4] in _TIFF_MAGIC:
+    data = item_bytes(item)
+    if data is not None:
+        if data[:4] in TIFF_MAGIC:
             return _read_tiff(data, channels)
         return _open_image(io.BytesIO(data), None)  # RGB by featx's rules; grayscale below for in_chans=1
     if isinstance(item, Image.Image):
@@ -103,10 +93,5 @@ def _read_tiff(data: bytes, channels: int) -> np.ndarray:
 
 
 def _as_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.uint16:
-        return to_uint8(arr.astype(np.float32) / 65535.0)
-    if arr.dtype.kind == "f":
-        return to_uint8(_check_float(np.asarray(arr, dtype=np.float32)))
-    raise _BadItem(f"unsupported pixel dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    unit = unit_pixels(arr)
+    return arr if unit is None else to_uint8(unit)

@@ -52,7 +52,8 @@ from .._exceptions import ChannelsWarning, ImageLoadError
 from .containers import ArrowColumn, arrow_column
 from .remote import Unreadable, URLError, is_url, local_path, read_url
 
-__all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path"]
+__all__ = ["as_items", "Items", "ImageDataset", "collate", "load_error", "normalize_batch", "item_path", "item_bytes",
+           "unit_pixels", "TIFF_MAGIC"]
 
 _INTERP = {
     "nearest": InterpolationMode.NEAREST,
@@ -438,10 +439,14 @@ def _open_image(src: io.BytesIO, draft_size: int | None) -> np.ndarray:
         raise _BadItem(f"corrupt or truncated image data ({exc})") from None
 
 
+#: The first four bytes of a TIFF (little- and big-endian; classic and BigTIFF).
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
 def _tiff_layout(data: bytes) -> str | None:
     """How a TIFF holds its bands ("12 samples per pixel", "20 pages of 30 x 12 ..."), None if not a TIFF
     or tifffile (installed with scikit-image; ``pip install tifffile``) is missing."""
-    if data[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+    if data[:4] not in TIFF_MAGIC:
         return None
     try:
         import tifffile
@@ -470,6 +475,17 @@ def _check_tiff_bands(src: io.BytesIO, img: Image.Image) -> None:
                       "use them all.", ChannelsWarning, stacklevel=2)
 
 
+def unit_pixels(arr: np.ndarray) -> np.ndarray | None:
+    """featx's pixel rule: None for uint8 (kept as it is), else float32 in [0, 1] (uint16 / 65535, floats checked)."""
+    if arr.dtype == np.uint8:
+        return None
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype.kind == "f":
+        return _check_float(np.asarray(arr, dtype=np.float32))
+    raise _BadItem(f"unsupported pixel dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+
+
 def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -488,14 +504,7 @@ def _array_to_hwc(arr: np.ndarray) -> np.ndarray:
         warnings.warn("a 4-channel image array is read as RGBA: its fourth channel is taken as transparency and "
                       "composited onto white. If it is a fourth band (near-infrared, say), pass in_chans=4 to use "
                       "it, or arr[..., :3] for RGB.", ChannelsWarning, stacklevel=2)
-    if arr.dtype == np.uint8:
-        unit = None
-    elif arr.dtype == np.uint16:
-        unit = arr.astype(np.float32) / 65535.0
-    elif arr.dtype.kind == "f":
-        unit = _check_float(np.asarray(arr, dtype=np.float32))
-    else:
-        raise _BadItem(f"unsupported pixel dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    unit = unit_pixels(arr)
     if c == 4:  # RGBA: composite onto white, like images read from files
         if unit is None:
             unit = arr.astype(np.float32) / 255.0
@@ -563,23 +572,29 @@ def read_source(path: str) -> bytes:
         raise _BadItem(str(exc)) from None
 
 
+def item_bytes(item: Any) -> bytes | None:
+    """The file bytes of a path, URL or bytes item (None for a decoded item: PIL image, array, tensor);
+    a missing, unreadable or empty one is a per-item error."""
+    if item is None:
+        raise _BadItem("item is None")
+    if isinstance(item, Unreadable):  # a URL whose read failed while it was keyed for the cache
+        raise _BadItem(item.reason)
+    if not (_is_path(item) or isinstance(item, (bytes, bytearray, memoryview))):
+        return None
+    data = read_source(os.fspath(item)) if _is_path(item) else bytes(item)
+    if not data:
+        raise _BadItem("empty file (0 bytes)" if _is_path(item) else "empty bytes (0 bytes)")
+    return data
+
+
 def load_item(item: Any, draft_size: int | None = None, decode_device: torch.device | None = None) -> torch.Tensor:
     """One item -> a C x H x W uint8 RGB tensor.
 
     With ``decode_device``, plain JPEGs are decoded there (the result lives on
     that device); everything else is decoded on the CPU.
     """
-    if item is None:
-        raise _BadItem("item is None")
-    if isinstance(item, Unreadable):  # a URL whose read failed while it was keyed for the cache
-        raise _BadItem(item.reason)
-    if _is_path(item) or isinstance(item, (bytes, bytearray, memoryview)):
-        if _is_path(item):
-            data = read_source(os.fspath(item))
-        else:
-            data = bytes(item)
-        if not data:
-            raise _BadItem("empty file (0 bytes)" if _is_path(item) else "empty bytes (0 bytes)")
+    data = item_bytes(item)
+    if data is not None:
         if _is_heif(data):
             _heif_opener()
         fast = _device_jpeg(data, decode_device) if decode_device is not None else _fast_jpeg(data, draft_size)

@@ -77,8 +77,7 @@ def adapt_stem(backbone: Backbone, in_chans: int) -> Backbone:
     _check_forward(module, backbone, in_chans, name)
     prep = dict(backbone.preprocess)
     prep["mean"], prep["std"] = channel_stats(prep["mean"], in_chans), channel_stats(prep["std"], in_chans)
-    return dataclasses.replace(backbone, module=module, preprocess=prep, probes={}, digest="", shared=False,
-                               identity=backbone.identity)
+    return dataclasses.replace(backbone, module=module, preprocess=prep, probes={}, digest="", shared=False)
 
 
 def _check_forward(module: nn.Module, backbone: Backbone, in_chans: int, stem: str) -> None:
