@@ -9,6 +9,7 @@ figures are written into it as text, from the same references the docs use.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -56,7 +57,9 @@ def main(argv: list[str]) -> int:
         if stale:
             print(f"{README}: the figures block is stale; run python docs/_ext/readme.py", file=sys.stderr)
         return int(stale)
-    README.write_text(readme.replace(old, block()))
+    tmp = README.with_name(README.name + ".tmp")  # whole or not at all: written beside it, then renamed
+    tmp.write_text(readme.replace(old, block()))
+    os.replace(tmp, README)
     print(f"wrote the figures block of {README}")
     return 0
 
