@@ -53,7 +53,8 @@ def test_int8_features_are_close_to_fp32_and_the_package_is_kept(first, store):
     assert ext.precision_ == "int8" and ext.backend_ == "torch.compile" and ext.batch_size_ == 8
     assert isinstance(ext._runner.engine, quantized.QuantizedEngine) and ext._runner.engine.compiled_batches == 2
     assert np.median(_cosines(X, ref)) > 0.95 and not np.array_equal(X, ref)  # int8: close, not equal
-    assert [p.suffix for p in (store / "compiled").iterdir()] == [".pt2"]  # no lock or temporary left
+    # the package and its outputs on the calibration batch; no lock or temporary left
+    assert sorted(p.name.split(".", 1)[1] for p in (store / "compiled").iterdir()) == ["check.pt", "pt2"]
 
 
 def test_a_package_on_disk_is_loaded_not_rebuilt_and_gives_the_same_features(first, store, tmp_path):
@@ -69,6 +70,102 @@ def test_a_package_on_disk_is_loaded_not_rebuilt_and_gives_the_same_features(fir
         warnings.simplefilter("error")
         np.testing.assert_array_equal(ext.transform(_images()), X)
     assert quantized.compilations == before and ext.last_run_.computed == 10
+
+
+def _copied_store(store, tmp_path, suffixes=(".pt2",)):
+    fresh = tmp_path / "cache"
+    (fresh / "compiled").mkdir(parents=True)
+    for p in (store / "compiled").iterdir():
+        if "".join(p.suffixes[-2:]) in suffixes or p.suffix in suffixes:
+            (fresh / "compiled" / p.name).write_bytes(p.read_bytes())
+    return fresh
+
+
+def _count_fp32_checks(monkeypatch) -> list:
+    seen = []
+    real = quantized._median_cosine
+    monkeypatch.setattr(quantized, "_median_cosine", lambda want, got: seen.append(real(want, got)) or seen[-1])
+    return seen
+
+
+def test_a_new_process_checks_a_package_against_its_kept_outputs_not_fp32(first, store, tmp_path, monkeypatch):
+    _, X, _ = first
+    network.clear()
+    quantized.forget_loaded()  # as in a fresh process
+    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    fp32_checks = _count_fp32_checks(monkeypatch)
+    before, loads = quantized.compilations, quantized.loads
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(ext.transform(_images()), X)
+    assert quantized.compilations == before and quantized.loads == loads + 1 and fp32_checks == []
+
+
+def test_extractors_of_one_process_share_the_checked_package(first, store, monkeypatch):
+    """A grid search fits a clone per candidate and fold: the package is loaded and checked once per process."""
+    _, X, _ = first
+    fp32_checks = _count_fp32_checks(monkeypatch)
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(store)).fit()
+    ext.transform(_images(2, seed=3))  # loaded here, or by an earlier test of this process
+    loads = quantized.loads
+    calls = []
+    real_load = quantized.load_package
+    monkeypatch.setattr(quantized, "load_package", lambda path: calls.append(path) or real_load(path))
+    for seed in (10, 11, 12):  # new images each time: computed, not read from the cache
+        clone = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(store)).fit()
+        clone.transform(_images(4, seed=seed))
+        assert clone.last_run_.computed == 4 and clone._runner.engine.compiled_batches == 1
+    assert calls == [] and quantized.loads == loads and fp32_checks == []
+
+
+def test_a_rebuilt_package_is_not_mistaken_for_the_one_kept_loaded(first, store, tmp_path):
+    ext, X, _ = first
+    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    one = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit()
+    one.transform(_images(2, seed=6))
+    package = one._runner.settings.compiled_file
+    data = package.read_bytes()
+    package.unlink()
+    package.write_bytes(data[:len(data) // 2])  # another file at the same path: it must be loaded (and fail)
+    with pytest.warns(BackendWarning, match="unusable.*building it again"):
+        PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images(2, seed=7))
+
+
+def test_kept_outputs_that_disagree_fall_back_to_the_fp32_check_and_are_rewritten(first, store, tmp_path,
+                                                                                   monkeypatch):
+    _, X, _ = first
+    quantized.forget_loaded()
+    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    (check,) = (fresh / "compiled").glob("*.check.pt")
+    kept = torch.load(check, weights_only=True)
+    torch.save([torch.randn_like(t) for t in kept], check)  # another package's outputs
+    fp32_checks = _count_fp32_checks(monkeypatch)
+    before = quantized.compilations
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images())
+    np.testing.assert_array_equal(got, X)
+    assert quantized.compilations == before and len(fp32_checks) == 1  # kept: it passed against fp32
+    for a, b in zip(torch.load(check, weights_only=True), kept):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)  # its own outputs again
+
+
+def test_the_int8_package_takes_pixels_and_normalises_them_itself(first, store, monkeypatch):
+    """The normalisation is compiled into the package (fused with the quantisation of its input)."""
+    _, X, _ = first
+    from featx._runtime import runner
+
+    def no_normalizing(*args):
+        raise AssertionError("an int8 batch was normalised outside the package")
+
+    images = _images(6, seed=20)
+    ref = PretrainedFeatureExtractor(**KW, precision="fp32").fit().transform(images)
+    monkeypatch.setattr(runner, "normalize_batch", no_normalizing)
+    ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(store)).fit()
+    got = ext.transform(images)
+    assert ext.last_run_.computed == 6 and ext._runner.engine.compiled_batches == 1
+    assert np.median(_cosines(got, ref)) > 0.95
 
 
 def test_the_load_check_feeds_the_package_the_layout_it_was_compiled_for(first, store, tmp_path, monkeypatch):
@@ -205,3 +302,11 @@ def test_depthwise_convolutions_stay_in_float_the_others_are_int8():
 def test_the_int8_scheme_is_in_the_cache_key(first):
     ext, _, _ = first
     assert quantized.SCHEME in ext._settled.namespace[1]["precision"]
+
+
+def test_pruning_a_package_removes_its_kept_outputs(first, store, tmp_path):
+    from featx._runtime.engines import artifacts, clear_artifacts
+
+    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    assert len(artifacts(fresh)) == 1 and list((fresh / "compiled").glob("*.check.pt"))
+    assert clear_artifacts(fresh) == 1 and list((fresh / "compiled").iterdir()) == []

@@ -119,11 +119,12 @@ def load_package(path: Path) -> Callable[[torch.Tensor], list]:
     return lambda x: list(fn(x))
 
 
-def publish_package(ep, path: Path) -> None:
+def publish_package(ep, path: Path, verify: Callable[[Path], None] | None = None) -> None:
     """Compile an exported program with AOTInductor (freezing on) and publish the package at ``path`` atomically.
 
     It is written under a temporary name beside ``path`` and renamed onto it,
-    so readers see no package or a whole one.
+    so readers see no package or a whole one. ``verify`` is called with the
+    temporary file before the rename; an exception from it publishes nothing.
     """
     import torch._inductor.config as inductor_config
 
@@ -132,6 +133,8 @@ def publish_package(ep, path: Path) -> None:
     try:
         with inductor_config.patch(freezing=True):
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+        if verify is not None:
+            verify(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

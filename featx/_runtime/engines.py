@@ -143,7 +143,7 @@ def prune_artifacts(root: Path, max_bytes: int, other_bytes: int) -> tuple[int, 
     """
     paths, removed = artifacts(root), 0
     while paths and other_bytes + artifact_bytes(paths) > max_bytes:
-        paths.pop(0).unlink(missing_ok=True)
+        _remove_artifact(paths.pop(0))
         removed += 1
     return removed, artifact_bytes(paths)
 
@@ -152,8 +152,19 @@ def clear_artifacts(root: Path) -> int:
     """Remove every artifact; return how many."""
     paths = artifacts(root)
     for p in paths:
-        p.unlink(missing_ok=True)
+        _remove_artifact(p)
     return len(paths)
+
+
+#: Files kept beside a compiled package that describe it: its check outputs (int8) and its timing verdict.
+SIDECARS = (".check.pt",)
+
+
+def _remove_artifact(path: Path) -> None:
+    """Remove an artifact and the files that describe it (a rebuilt package gets its own)."""
+    path.unlink(missing_ok=True)
+    for suffix in SIDECARS:
+        path.with_suffix(suffix).unlink(missing_ok=True)
 
 
 class Truncated(nn.Module):

@@ -14,33 +14,50 @@ while it compiles), then loaded in milliseconds by every later extractor and
 process. Concurrent processes build it once (the lock file of
 :mod:`featx._runtime.compiled`).
 
+The package takes 8-bit pixels (:data:`PACKAGE_INPUT`): featx's
+normalisation is compiled into it, fused with the quantisation of its input,
+so a batch is read once instead of being converted to float, normalised and
+then quantised in three passes.
+
 Checks: a freshly compiled package is compared with the quantised network it
-was compiled from (run by PyTorch itself, :data:`REFERENCE_COSINE`); a
-package loaded from disk is compared with fp32 on a calibration batch
-(:data:`FP32_COSINE`, a damaged package fails it). A package that fails,
-does not load, or cannot be compiled (no C++ compiler) is removed with one
-:class:`featx.BackendWarning`, and the quantised network runs in PyTorch
-instead: the same int8 arithmetic, slower.
+was compiled from (run by PyTorch itself, :data:`REFERENCE_COSINE`), and its
+outputs on the calibration batch are kept beside it (``<digest>.check.pt``,
+written before the package is published). A package loaded from disk runs
+that batch once per process and must give those outputs again
+(:data:`REFERENCE_COSINE`); without them (an older store, a lost file) it is
+compared with fp32 on calibration crops instead (:data:`FP32_COSINE`; a
+damaged package fails either). A checked package is kept loaded for the
+process (:data:`KEEP_LOADED`), so the extractors of a grid search or of a
+cross-validation share it and none loads or checks it again. A package that
+fails, does not load, or cannot be compiled (no C++ compiler) is removed
+with one :class:`featx.BackendWarning`, and the quantised network runs in
+PyTorch instead: the same int8 arithmetic, slower.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .._exceptions import BackendWarning
 from .._images.calibration import calibration_images
+from .._images.preprocess import normalize_batch
 from .._models.layers import LayerCapture
+from .._outputs import written
 from .compiled import _lock, load_package, publish_package, strip_metadata_asserts
 from .device import require_torchao
 from .engines import Truncated
 
-__all__ = ["QuantizedEngine", "require_torchao", "REFERENCE_COSINE", "FP32_COSINE"]
+__all__ = ["QuantizedEngine", "require_torchao", "REFERENCE_COSINE", "FP32_COSINE", "PACKAGE_INPUT", "Pixels",
+           "check_path"]
 
 #: Smallest per-image cosine between a compiled package and the quantised network it was compiled from.
 REFERENCE_COSINE = 0.99
@@ -54,13 +71,88 @@ CHECK_IMAGES = 2
 #: How featx quantises, part of the cache key: depthwise convolutions stay in float (see :func:`_depthwise`).
 SCHEME = "dwfloat"
 
-#: Packages this process has compiled (observability for tests and benchmarks).
+#: What a package takes, part of its key: ``(N, 3, H, W)`` uint8 pixels, channels-last (see :class:`Pixels`).
+PACKAGE_INPUT = "uint8-pixels"
+
+#: Checked packages kept loaded per process, most recently used last (a package of resnet50 is about 26 MB).
+KEEP_LOADED = 4
+
+#: Packages this process has compiled, and loaded from disk (observability for tests and benchmarks).
 compilations = 0
+loads = 0
+
+_LOADED: "OrderedDict[tuple, Callable]" = OrderedDict()
+_LOADED_LOCK = threading.Lock()
 
 
-def _exported(cap: LayerCapture, x: torch.Tensor) -> torch.fx.GraphModule:
-    """The capture as an FX graph the quantizer can annotate."""
-    ep = torch.export.export(Truncated(cap, stop=False).eval(), (x,))
+class Pixels(nn.Module):
+    """``module`` behind featx's normalisation: a function of 8-bit pixels.
+
+    The same operations, in the same order, as
+    :func:`featx._images.preprocess.normalize_batch` (``x / 255``, minus the
+    mean, over the standard deviation, in float32), so the package sees the
+    values eager PyTorch would, and the compiler fuses them with the
+    quantisation of the input.
+    """
+
+    def __init__(self, module: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", mean.detach().float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("std", std.detach().float().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor):
+        return self.module(x.float().div(255.0).sub(self.mean).div(self.std))
+
+
+def check_path(path: Path) -> Path:
+    """Where the outputs a package gave on the calibration batch when it was built are kept."""
+    return Path(path).with_suffix(".check.pt")
+
+
+def _identity(path: Path) -> tuple | None:
+    """The file at ``path`` as this process last saw it (a rebuilt package is another file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _loaded(path: Path) -> Callable | None:
+    """The checked package loaded from ``path`` earlier in this process, if the file is still that one."""
+    ident = _identity(path)
+    with _LOADED_LOCK:
+        fn = _LOADED.get(ident) if ident is not None else None
+        if fn is not None:
+            _LOADED.move_to_end(ident)
+        return fn
+
+
+def _keep_loaded(path: Path, fn: Callable) -> None:
+    ident = _identity(path)
+    if ident is None:
+        return
+    with _LOADED_LOCK:
+        _LOADED[ident] = fn
+        _LOADED.move_to_end(ident)
+        while len(_LOADED) > KEEP_LOADED:
+            _LOADED.popitem(last=False)
+
+
+def forget_loaded() -> None:
+    """Drop the packages this process keeps loaded (as a fresh process would start)."""
+    with _LOADED_LOCK:
+        _LOADED.clear()
+
+
+def _exported(cap: LayerCapture, x: torch.Tensor, mean: torch.Tensor | None = None,
+              std: torch.Tensor | None = None) -> torch.fx.GraphModule:
+    """The capture as an FX graph the quantizer can annotate (of pixels, :class:`Pixels`, with ``mean``/``std``)."""
+    module = Truncated(cap, stop=False)
+    if mean is not None:
+        module = Pixels(module, mean, std)
+    ep = torch.export.export(module.eval(), (x,))
     gm = ep.module()
     strip_metadata_asserts(gm)
     graph = gm.graph
@@ -77,14 +169,20 @@ def _exported(cap: LayerCapture, x: torch.Tensor) -> torch.fx.GraphModule:
     return gm
 
 
-def quantize(cap: LayerCapture, calibration: torch.Tensor, batch_size: int) -> torch.fx.GraphModule:
-    """The capture quantised to int8, calibrated on ``calibration`` (normalised, channels-last)."""
+def quantize(cap: LayerCapture, calibration: torch.Tensor, batch_size: int, mean: torch.Tensor | None = None,
+             std: torch.Tensor | None = None) -> torch.fx.GraphModule:
+    """The capture quantised to int8, calibrated on ``calibration`` (channels-last).
+
+    With ``mean`` and ``std`` the network takes uint8 pixels and normalises
+    them itself (:class:`Pixels`), and ``calibration`` is pixels; without, it
+    takes normalised float batches.
+    """
     require_torchao()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     with torch.no_grad():
-        gm = _exported(cap, calibration[:batch_size])
+        gm = _exported(cap, calibration[:batch_size], mean, std)
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
         for fqn in _depthwise(gm):
@@ -122,12 +220,44 @@ def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> None:
-    """Compile the quantised network with AOTInductor (freezing on) and publish the package atomically."""
+def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> Callable:
+    """Compile the quantised network with AOTInductor (freezing on) and publish the package atomically.
+
+    Before it is published, the package is compared with ``reference`` on
+    ``x`` (:data:`REFERENCE_COSINE`) and its outputs on ``x`` are written to
+    :func:`check_path`, so a process that finds the package finds them too.
+    Returns the loaded package.
+    """
     global compilations
+    loaded: list[Callable] = []
+
+    def verify(tmp: Path) -> None:
+        fn = load_package(tmp)
+        with torch.no_grad():
+            got = tuple(fn(x))
+            cosine = _min_cosine(tuple(reference(x)), got)
+        if not cosine >= REFERENCE_COSINE:
+            raise ValueError(f"it disagrees with the quantised network (cosine {cosine:.4f})")
+        _write_check(path, got)
+        loaded.append(fn)
+
     with torch.no_grad():
-        publish_package(torch.export.export(reference, (x,)), path)
+        publish_package(torch.export.export(reference, (x,)), path, verify=verify)
     compilations += 1
+    return loaded[0]
+
+
+def _write_check(path: Path, outputs: tuple) -> None:
+    with written(check_path(path)) as tmp:
+        torch.save([o[:CHECK_IMAGES].detach().float().clone() for o in outputs], tmp)
+
+
+def _read_check(path: Path) -> list | None:
+    try:
+        kept = torch.load(check_path(path), weights_only=True)
+    except Exception:  # missing, half-written by an older featx, or damaged: the fp32 check decides
+        return None
+    return kept if isinstance(kept, list) and all(isinstance(t, torch.Tensor) for t in kept) else None
 
 
 def _min_cosine(want: tuple, got: tuple) -> float:
@@ -141,7 +271,14 @@ def _median_cosine(want: tuple, got: tuple) -> float:
 
 
 class QuantizedEngine:
-    """The int8 package (built on first use when missing), or the quantised network in PyTorch after a fallback."""
+    """The int8 package (built on first use when missing), or the quantised network in PyTorch after a fallback.
+
+    It takes batches of 8-bit pixels (:data:`takes_pixels`): the runner
+    hands them over unnormalised, channels-last.
+    """
+
+    #: The runner passes uint8 pixels, not normalised batches (the package normalises, :class:`Pixels`).
+    takes_pixels = True
 
     def __init__(self, cap: LayerCapture, path: Path, batch_size: int, cfg: dict, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -151,25 +288,43 @@ class QuantizedEngine:
         self.compiled_batches = 0
 
     def _calibration(self) -> torch.Tensor:
-        x = calibration_images(self._cfg).float().div_(255.0).sub_(self._mean).div_(self._std)
-        return x.contiguous(memory_format=torch.channels_last)
+        """The calibration crops as the package takes them: uint8 pixels, channels-last."""
+        return calibration_images(self._cfg).contiguous(memory_format=torch.channels_last)
+
+    def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(pixels, self._mean, self._std).contiguous(memory_format=torch.channels_last)
 
     def _give_up(self, why: str, reference: Any) -> None:
         warnings.warn(f"the compiled int8 graph cannot be used ({why}); running the quantised network in PyTorch "
                       "instead (the same int8 arithmetic, slower).", BackendWarning, stacklevel=5)
         self._fn = reference
 
+    def _checked(self, fn: Callable, calibration: torch.Tensor) -> None:
+        """Raise unless the package ``fn`` gives the outputs kept beside it (or, without them, int8's features)."""
+        x = calibration[:CHECK_IMAGES]
+        with torch.no_grad():
+            got = tuple(o[:CHECK_IMAGES] for o in fn(_padded(x, self.batch_size)))
+        kept = _read_check(self.path)
+        if kept is not None and len(kept) == len(got) and all(k.shape == g.shape for k, g in zip(kept, got)):
+            if _min_cosine(tuple(kept), got) >= REFERENCE_COSINE:
+                return
+        with torch.no_grad():  # no record of its outputs, or another one: compare with fp32
+            want = Truncated(self.cap, stop=False)(self._normalized(x))
+        cosine = _median_cosine(want, got)
+        if not cosine >= FP32_COSINE:
+            raise ValueError(f"its features are not int8's (median cosine {cosine:.3f} to fp32)")
+        try:
+            _write_check(self.path, got)  # its outputs, for the next process
+        except OSError:
+            pass  # a read-only store: the next process checks against fp32 again
+
     def _load(self, calibration: torch.Tensor) -> bool:
-        """Load the package from disk and check it against fp32; False (and removed) when it fails."""
+        """Load the package from disk and check it; False (and removed) when it fails."""
+        global loads
         try:
             fn = load_package(self.path)
-            x = calibration[:CHECK_IMAGES]  # a few images: fp32 on a whole batch would cost a first call dearly
-            with torch.no_grad():
-                got = tuple(o[:CHECK_IMAGES] for o in fn(_padded(x, self.batch_size)))
-                want = Truncated(self.cap, stop=False)(x)
-            cosine = _median_cosine(want, got)
-            if not cosine >= FP32_COSINE:
-                raise ValueError(f"its features are not int8's (median cosine {cosine:.3f} to fp32)")
+            loads += 1
+            self._checked(fn, calibration)
         except Exception as exc:
             warnings.warn(f"the int8 package {self.path.name} is unusable ({type(exc).__name__}: {str(exc)[:200]}); "
                           "building it again.", BackendWarning, stacklevel=5)
@@ -180,9 +335,13 @@ class QuantizedEngine:
         except OSError:
             pass
         self._fn = fn
+        _keep_loaded(self.path, fn)
         return True
 
     def _build(self) -> None:
+        self._fn = _loaded(self.path)  # checked by an earlier extractor of this process
+        if self._fn is not None:
+            return
         calibration = self._calibration()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:  # another process may be building it: wait for its package (or its stale lock)
@@ -194,17 +353,10 @@ class QuantizedEngine:
         try:
             if self.path.exists() and self._load(calibration):  # published between the look and the lock
                 return
-            reference = quantize(self.cap, calibration, self.batch_size)
-            x = calibration[:self.batch_size]
+            reference = quantize(self.cap, calibration, self.batch_size, self._mean, self._std)
             try:
-                _compile(reference, x, self.path)
-                fn = load_package(self.path)
-                with torch.no_grad():
-                    cosine = _min_cosine(tuple(reference(x)), tuple(fn(x)))
-                if not cosine >= REFERENCE_COSINE:
-                    self.path.unlink(missing_ok=True)
-                    raise ValueError(f"it disagrees with the quantised network (cosine {cosine:.4f})")
-                self._fn = fn
+                self._fn = _compile(reference, _padded(calibration[:self.batch_size], self.batch_size), self.path)
+                _keep_loaded(self.path, self._fn)
             except Exception as exc:  # no C++ compiler, an op AOTInductor cannot lower, a disagreement
                 self._give_up(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}",
                               reference)
@@ -214,6 +366,8 @@ class QuantizedEngine:
     def __call__(self, x: torch.Tensor) -> list:
         if self._fn is None:
             self._build()
+        if x.dtype != torch.uint8:  # featx's images are 8-bit (its one pixel rule): this is their exact value
+            x = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
         size, n = self.batch_size, x.shape[0]
         outs = []
         with torch.no_grad():

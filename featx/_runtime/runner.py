@@ -189,7 +189,8 @@ class Runner:
         rows, full = x.shape[0], self.settings.batch_size * max(views, 1)
         if 0 < rows < full and not self.max_chunk:
             x = torch.cat([x, x[-1:].expand(full - rows, *x.shape[1:])])
-        x = normalize_batch(x, self.mean, self.std)
+        if not getattr(self.engine, "takes_pixels", False):  # the int8 package normalises its pixels itself
+            x = normalize_batch(x, self.mean, self.std)
         if self.backend != "onnxruntime":
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.max_chunk or x.shape[0]

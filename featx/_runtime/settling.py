@@ -159,6 +159,16 @@ def _precision_key(dtype: torch.dtype | None, cfg: dict) -> str:
     return str(dtype or "fp32")
 
 
+def _package_precision(dtype: torch.dtype | None) -> str:
+    """The precision as a compiled package's key names it; int8's names what its input is (see
+    :data:`featx._runtime.quantized.PACKAGE_INPUT`): packages that took other inputs are never loaded."""
+    if dtype == torch.int8:
+        from .quantized import PACKAGE_INPUT
+
+        return f"int8:{PACKAGE_INPUT}"
+    return precision_name(dtype)
+
+
 def _check_device(params: Mapping[str, Any], device: torch.device) -> None:
     if params["gpu_decode"] and device.type != "cuda":
         raise ValueError(
@@ -223,7 +233,7 @@ def settle(params: Mapping[str, Any], *, fitted: Mapping[str, Any] | None = None
     if backend == "torch.compile" and device.type == "cpu" and dtype in (None, torch.int8, torch.bfloat16):
         compiled_file = artifact_path(work_dir, artifact_key(namespace[0], plan.fields(store_all),
                                                              tuple(cfg["input_size"]), batch_size,
-                                                             torch.get_num_threads(), precision_name(dtype)))
+                                                             torch.get_num_threads(), _package_precision(dtype)))
     schedule = _schedule(device, dtype, backend, batch_size, template, cfg, plan, work_dir)
     settings = RunSettings(
         batch_size=batch_size, num_workers=params["num_workers"], on_error=params["on_error"], backend=backend,
