@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import warnings
 
@@ -53,8 +54,8 @@ def test_int8_features_are_close_to_fp32_and_the_package_is_kept(first, store):
     assert ext.precision_ == "int8" and ext.backend_ == "torch.compile" and ext.batch_size_ == 8
     assert isinstance(ext._runner.engine, quantized.QuantizedEngine) and ext._runner.engine.compiled_batches == 2
     assert np.median(_cosines(X, ref)) > 0.95 and not np.array_equal(X, ref)  # int8: close, not equal
-    # the package and its outputs on the calibration batch; no lock or temporary left
-    assert sorted(p.name.split(".", 1)[1] for p in (store / "compiled").iterdir()) == ["check.pt", "pt2"]
+    # the package and the digest of its checked bytes; no lock or temporary left
+    assert sorted(p.name.split(".", 1)[1] for p in (store / "compiled").iterdir()) == ["pt2", "sha256"]
 
 
 def test_a_package_on_disk_is_loaded_not_rebuilt_and_gives_the_same_features(first, store, tmp_path):
@@ -76,7 +77,7 @@ def _copied_store(store, tmp_path, suffixes=(".pt2",)):
     fresh = tmp_path / "cache"
     (fresh / "compiled").mkdir(parents=True)
     for p in (store / "compiled").iterdir():
-        if "".join(p.suffixes[-2:]) in suffixes or p.suffix in suffixes:
+        if p.suffix in suffixes:
             (fresh / "compiled" / p.name).write_bytes(p.read_bytes())
     return fresh
 
@@ -88,11 +89,11 @@ def _count_fp32_checks(monkeypatch) -> list:
     return seen
 
 
-def test_a_new_process_checks_a_package_against_its_kept_outputs_not_fp32(first, store, tmp_path, monkeypatch):
+def test_a_new_process_checks_a_package_by_the_digest_of_its_bytes_not_fp32(first, store, tmp_path, monkeypatch):
     _, X, _ = first
     network.clear()
     quantized.forget_loaded()  # as in a fresh process
-    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    fresh = _copied_store(store, tmp_path, (".pt2", ".sha256"))
     fp32_checks = _count_fp32_checks(monkeypatch)
     before, loads = quantized.compilations, quantized.loads
     ext = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit()
@@ -121,7 +122,7 @@ def test_extractors_of_one_process_share_the_checked_package(first, store, monke
 
 def test_a_rebuilt_package_is_not_mistaken_for_the_one_kept_loaded(first, store, tmp_path):
     ext, X, _ = first
-    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
+    fresh = _copied_store(store, tmp_path, (".pt2", ".sha256"))
     one = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit()
     one.transform(_images(2, seed=6))
     package = one._runner.settings.compiled_file
@@ -132,14 +133,15 @@ def test_a_rebuilt_package_is_not_mistaken_for_the_one_kept_loaded(first, store,
         PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images(2, seed=7))
 
 
-def test_kept_outputs_that_disagree_fall_back_to_the_fp32_check_and_are_rewritten(first, store, tmp_path,
-                                                                                   monkeypatch):
+def test_a_package_whose_bytes_differ_from_the_record_is_checked_against_fp32_and_recorded(first, store, tmp_path,
+                                                                                            monkeypatch):
     _, X, _ = first
     quantized.forget_loaded()
-    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
-    (check,) = (fresh / "compiled").glob("*.check.pt")
-    kept = torch.load(check, weights_only=True)
-    torch.save([torch.randn_like(t) for t in kept], check)  # another package's outputs
+    fresh = _copied_store(store, tmp_path, (".pt2", ".sha256"))
+    (record,) = (fresh / "compiled").glob("*.sha256")
+    (package,) = (fresh / "compiled").glob("*.pt2")
+    real = record.read_text().strip()
+    record.write_text("0" * 64 + "\n")  # another build's digest
     fp32_checks = _count_fp32_checks(monkeypatch)
     before = quantized.compilations
     with warnings.catch_warnings():
@@ -147,8 +149,17 @@ def test_kept_outputs_that_disagree_fall_back_to_the_fp32_check_and_are_rewritte
         got = PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images())
     np.testing.assert_array_equal(got, X)
     assert quantized.compilations == before and len(fp32_checks) == 1  # kept: it passed against fp32
-    for a, b in zip(torch.load(check, weights_only=True), kept):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)  # its own outputs again
+    assert record.read_text().strip() == real == hashlib.sha256(package.read_bytes()).hexdigest()
+
+
+def test_a_package_without_a_record_is_checked_against_fp32_once(first, store, tmp_path, monkeypatch):
+    quantized.forget_loaded()
+    fresh = _copied_store(store, tmp_path)  # an older store: the package alone
+    fp32_checks = _count_fp32_checks(monkeypatch)
+    PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images(2, seed=30))
+    quantized.forget_loaded()  # the next process
+    PretrainedFeatureExtractor(**KW, precision="int8", cache=str(fresh)).fit().transform(_images(2, seed=31))
+    assert len(fp32_checks) == 1 and list((fresh / "compiled").glob("*.sha256"))
 
 
 def test_the_int8_package_takes_pixels_and_normalises_them_itself(first, store, monkeypatch):
@@ -307,6 +318,6 @@ def test_the_int8_scheme_is_in_the_cache_key(first):
 def test_pruning_a_package_removes_its_kept_outputs(first, store, tmp_path):
     from featx._runtime.engines import artifacts, clear_artifacts
 
-    fresh = _copied_store(store, tmp_path, (".pt2", ".check.pt"))
-    assert len(artifacts(fresh)) == 1 and list((fresh / "compiled").glob("*.check.pt"))
+    fresh = _copied_store(store, tmp_path, (".pt2", ".sha256"))
+    assert len(artifacts(fresh)) == 1 and list((fresh / "compiled").glob("*.sha256"))
     assert clear_artifacts(fresh) == 1 and list((fresh / "compiled").iterdir()) == []

@@ -156,8 +156,8 @@ def clear_artifacts(root: Path) -> int:
     return len(paths)
 
 
-#: Files kept beside a compiled package that describe it: its check outputs (int8) and its timing verdict.
-SIDECARS = (".check.pt",)
+#: Files kept beside a compiled package that describe it: the digest of its checked bytes (int8).
+SIDECARS = (".sha256",)
 
 
 def _remove_artifact(path: Path) -> None:

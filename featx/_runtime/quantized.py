@@ -20,14 +20,15 @@ so a batch is read once instead of being converted to float, normalised and
 then quantised in three passes.
 
 Checks: a freshly compiled package is compared with the quantised network it
-was compiled from (run by PyTorch itself, :data:`REFERENCE_COSINE`), and its
-outputs on the calibration batch are kept beside it (``<digest>.check.pt``,
-written before the package is published). A package loaded from disk runs
-that batch once per process and must give those outputs again
-(:data:`REFERENCE_COSINE`); without them (an older store, a lost file) it is
-compared with fp32 on calibration crops instead (:data:`FP32_COSINE`; a
-damaged package fails either). A checked package is kept loaded for the
-process (:data:`KEEP_LOADED`), so the extractors of a grid search or of a
+was compiled from (run by PyTorch itself, :data:`REFERENCE_COSINE`) before
+it is published, and the SHA-256 digest of those bytes is kept beside it
+(``<digest>.sha256``). A process that loads the package checks that its
+bytes are still those (a few milliseconds: hashing, no forward pass); a
+package without that record (an older store, a lost file) or with other
+bytes is compared with fp32 on calibration crops instead
+(:data:`FP32_COSINE`; a damaged package fails it) and, if it passes, its
+digest is recorded. A checked package is kept loaded for the process
+(:data:`KEEP_LOADED`), so the extractors of a grid search or of a
 cross-validation share it and none loads or checks it again. A package that
 fails, does not load, or cannot be compiled (no C++ compiler) is removed
 with one :class:`featx.BackendWarning`, and the quantised network runs in
@@ -36,6 +37,7 @@ PyTorch instead: the same int8 arithmetic, slower.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -57,7 +59,7 @@ from .device import require_torchao
 from .engines import Truncated
 
 __all__ = ["QuantizedEngine", "require_torchao", "REFERENCE_COSINE", "FP32_COSINE", "PACKAGE_INPUT", "Pixels",
-           "check_path"]
+           "digest_path"]
 
 #: Smallest per-image cosine between a compiled package and the quantised network it was compiled from.
 REFERENCE_COSINE = 0.99
@@ -105,9 +107,29 @@ class Pixels(nn.Module):
         return self.module(x.float().div(255.0).sub(self.mean).div(self.std))
 
 
-def check_path(path: Path) -> Path:
-    """Where the outputs a package gave on the calibration batch when it was built are kept."""
-    return Path(path).with_suffix(".check.pt")
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 digest of a package's checked bytes is kept."""
+    return Path(path).with_suffix(".sha256")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _recorded_digest(path: Path) -> str | None:
+    try:
+        return digest_path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _record_digest(path: Path, digest: str) -> None:
+    with written(digest_path(path)) as tmp:
+        tmp.write_text(digest + "\n")
 
 
 def _identity(path: Path) -> tuple | None:
@@ -224,9 +246,9 @@ def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> Ca
     """Compile the quantised network with AOTInductor (freezing on) and publish the package atomically.
 
     Before it is published, the package is compared with ``reference`` on
-    ``x`` (:data:`REFERENCE_COSINE`) and its outputs on ``x`` are written to
-    :func:`check_path`, so a process that finds the package finds them too.
-    Returns the loaded package.
+    ``x`` (:data:`REFERENCE_COSINE`) and the digest of its bytes is recorded
+    (:func:`digest_path`), so a process that finds the package finds the
+    record too. Returns the loaded package.
     """
     global compilations
     loaded: list[Callable] = []
@@ -234,30 +256,16 @@ def _compile(reference: torch.fx.GraphModule, x: torch.Tensor, path: Path) -> Ca
     def verify(tmp: Path) -> None:
         fn = load_package(tmp)
         with torch.no_grad():
-            got = tuple(fn(x))
-            cosine = _min_cosine(tuple(reference(x)), got)
+            cosine = _min_cosine(tuple(reference(x)), tuple(fn(x)))
         if not cosine >= REFERENCE_COSINE:
             raise ValueError(f"it disagrees with the quantised network (cosine {cosine:.4f})")
-        _write_check(path, got)
+        _record_digest(path, _digest(tmp))
         loaded.append(fn)
 
     with torch.no_grad():
         publish_package(torch.export.export(reference, (x,)), path, verify=verify)
     compilations += 1
     return loaded[0]
-
-
-def _write_check(path: Path, outputs: tuple) -> None:
-    with written(check_path(path)) as tmp:
-        torch.save([o[:CHECK_IMAGES].detach().float().clone() for o in outputs], tmp)
-
-
-def _read_check(path: Path) -> list | None:
-    try:
-        kept = torch.load(check_path(path), weights_only=True)
-    except Exception:  # missing, half-written by an older featx, or damaged: the fp32 check decides
-        return None
-    return kept if isinstance(kept, list) and all(isinstance(t, torch.Tensor) for t in kept) else None
 
 
 def _min_cosine(want: tuple, got: tuple) -> float:
@@ -299,22 +307,20 @@ class QuantizedEngine:
                       "instead (the same int8 arithmetic, slower).", BackendWarning, stacklevel=5)
         self._fn = reference
 
-    def _checked(self, fn: Callable, calibration: torch.Tensor) -> None:
-        """Raise unless the package ``fn`` gives the outputs kept beside it (or, without them, int8's features)."""
+    def _checked(self, fn: Callable, digest: str, calibration: torch.Tensor) -> None:
+        """Raise unless the package ``fn``, whose bytes have ``digest``, is the one checked when it was built (or,
+        without that record, gives int8's features: then its digest is recorded)."""
+        if digest == _recorded_digest(self.path):
+            return
         x = calibration[:CHECK_IMAGES]
         with torch.no_grad():
             got = tuple(o[:CHECK_IMAGES] for o in fn(_padded(x, self.batch_size)))
-        kept = _read_check(self.path)
-        if kept is not None and len(kept) == len(got) and all(k.shape == g.shape for k, g in zip(kept, got)):
-            if _min_cosine(tuple(kept), got) >= REFERENCE_COSINE:
-                return
-        with torch.no_grad():  # no record of its outputs, or another one: compare with fp32
             want = Truncated(self.cap, stop=False)(self._normalized(x))
         cosine = _median_cosine(want, got)
         if not cosine >= FP32_COSINE:
             raise ValueError(f"its features are not int8's (median cosine {cosine:.3f} to fp32)")
         try:
-            _write_check(self.path, got)  # its outputs, for the next process
+            _record_digest(self.path, digest)  # for the next process
         except OSError:
             pass  # a read-only store: the next process checks against fp32 again
 
@@ -322,9 +328,10 @@ class QuantizedEngine:
         """Load the package from disk and check it; False (and removed) when it fails."""
         global loads
         try:
+            digest = _digest(self.path)  # before loading: a file replaced meanwhile fails the check
             fn = load_package(self.path)
             loads += 1
-            self._checked(fn, calibration)
+            self._checked(fn, digest, calibration)
         except Exception as exc:
             warnings.warn(f"the int8 package {self.path.name} is unusable ({type(exc).__name__}: {str(exc)[:200]}); "
                           "building it again.", BackendWarning, stacklevel=5)
