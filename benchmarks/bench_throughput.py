@@ -252,14 +252,20 @@ _RATES_CHILD = textwrap.dedent("""
 """)
 
 
-def _fresh_process_rates(model: str, paths: list[str], device: str, precision: str) -> tuple[float, float]:
-    """images/s of the first and second ``transform`` of ``paths`` in a new process (import and fit not timed)."""
+def _child(script: str, paths: list[str], *args: str):
+    """Run ``script`` in a new Python process with ``paths`` (a JSON file) and ``args``; its last line, as JSON."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(paths, f)
-    res = subprocess.run([sys.executable, "-c", _RATES_CHILD, f.name, model, device, precision],
-                         capture_output=True, text=True, check=True)
-    os.unlink(f.name)
-    first, second = json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        res = subprocess.run([sys.executable, "-c", script, f.name, *args], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _fresh_process_rates(model: str, paths: list[str], device: str, precision: str) -> tuple[float, float]:
+    """images/s of the first and second ``transform`` of ``paths`` in a new process (import and fit not timed)."""
+    first, second = _child(_RATES_CHILD, paths, model, device, precision)
     return first, second
 
 
@@ -282,12 +288,7 @@ _RSS_CHILD = textwrap.dedent("""
 
 
 def _peak_rss(model: str, paths: list[str], device: str, mode: str) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(paths, f)
-    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, f.name, model, device, mode], capture_output=True,
-                         text=True, check=True)
-    os.unlink(f.name)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return _child(_RSS_CHILD, paths, model, device, mode)
 
 
 def _rss_rows(model: str, data: str, n: int, device: str) -> dict:

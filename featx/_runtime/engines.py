@@ -156,8 +156,11 @@ def clear_artifacts(root: Path) -> int:
     return len(paths)
 
 
-#: Files kept beside a compiled package that describe it: the digest of its checked bytes (int8).
-SIDECARS = (".sha256",)
+#: Suffix of the file beside an int8 package that records the digest of its checked bytes
+#: (:func:`featx._runtime.quantized.digest_path`).
+DIGEST_SUFFIX = ".sha256"
+#: Files kept beside a compiled package that describe it, removed with it.
+SIDECARS = (DIGEST_SUFFIX,)
 
 
 def _remove_artifact(path: Path) -> None:

@@ -56,7 +56,7 @@ from .._models.layers import LayerCapture
 from .._outputs import written
 from .compiled import _lock, load_package, publish_package, strip_metadata_asserts
 from .device import require_torchao
-from .engines import Truncated
+from .engines import DIGEST_SUFFIX, Truncated
 
 __all__ = ["QuantizedEngine", "require_torchao", "REFERENCE_COSINE", "FP32_COSINE", "PACKAGE_INPUT", "Pixels",
            "digest_path"]
@@ -109,7 +109,7 @@ class Pixels(nn.Module):
 
 def digest_path(path: Path) -> Path:
     """Where the SHA-256 digest of a package's checked bytes is kept."""
-    return Path(path).with_suffix(".sha256")
+    return Path(path).with_suffix(DIGEST_SUFFIX)
 
 
 def _digest(path: Path) -> str:
